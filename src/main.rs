@@ -1,0 +1,156 @@
+use std::io::{BufReader, IsTerminal};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use rescorer::config::{Device, ModelSettings};
+use rescorer::metrics::Metrics;
+use rescorer::score::Scorer;
+
+/// Nearline rescoring worker: Kafka events in, fresh top-K Catch Up scores in Redis.
+#[derive(Parser)]
+#[command(name = "rescorer", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Score pairs given as JSON lines (stdin or a file) and print one score per line.
+    Score {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// JSON-lines input; `-` or absent reads stdin.
+        #[arg(long)]
+        input: Option<PathBuf>,
+        /// Pairs per model run.
+        #[arg(long, default_value_t = 1024)]
+        batch_size: usize,
+    },
+    /// Benchmarks.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Model rows/s and batch latency per batch size.
+    Model {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// Comma-separated batch sizes.
+        #[arg(long, value_delimiter = ',', default_value = "1,64,1024,8192")]
+        batch_sizes: Vec<usize>,
+        /// Seconds of measurement per batch size.
+        #[arg(long, default_value_t = 3.0)]
+        seconds: f64,
+        /// Write the report as JSON here (and the markdown table beside it, `.md`).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+}
+
+/// Model flags shared by the commands that load the model without a config file.
+#[derive(Args)]
+struct ModelArgs {
+    /// The feature spec (it names the ONNX file).
+    #[arg(long, default_value = "models/catchup-ranker.json")]
+    spec: PathBuf,
+    #[arg(long, value_enum, default_value_t = Device::Cpu)]
+    device: Device,
+    /// ONNX Runtime threads inside one operator.
+    #[arg(long, default_value_t = 1)]
+    intra_threads: usize,
+    /// Path to libonnxruntime.so (default: ORT_DYLIB_PATH).
+    #[arg(long)]
+    runtime_library: Option<PathBuf>,
+}
+
+impl ModelArgs {
+    fn settings(&self) -> anyhow::Result<ModelSettings> {
+        let s = ModelSettings {
+            spec: self.spec.clone(),
+            device: self.device,
+            runtime_library: self.runtime_library.clone(),
+            intra_threads: self.intra_threads,
+            ..ModelSettings::default()
+        };
+        s.validate(std::path::Path::new("(command line)"))?;
+        Ok(s)
+    }
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,ort=warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+}
+
+fn main() -> ExitCode {
+    init_tracing();
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Score {
+            model,
+            input,
+            batch_size,
+        } => {
+            anyhow::ensure!(batch_size > 0, "--batch-size must be at least 1");
+            let scorer = Scorer::load(&model.settings()?, Metrics::new())?;
+            let stdout = std::io::stdout().lock();
+            match input {
+                Some(p) if p.as_os_str() != "-" => {
+                    let f = std::fs::File::open(&p)
+                        .with_context(|| format!("opening {}", p.display()))?;
+                    rescorer::cli::score::run(&scorer, BufReader::new(f), stdout, batch_size)
+                }
+                _ => {
+                    rescorer::cli::score::run(&scorer, std::io::stdin().lock(), stdout, batch_size)
+                }
+            }
+        }
+        Command::Bench(BenchCommand::Model {
+            model,
+            batch_sizes,
+            seconds,
+            out,
+        }) => {
+            anyhow::ensure!(
+                batch_sizes.iter().all(|&b| b > 0),
+                "--batch-sizes must all be at least 1"
+            );
+            let settings = model.settings()?;
+            let scorer = Scorer::load(&settings, Metrics::new())?;
+            let report = rescorer::cli::bench_model::run(
+                &scorer,
+                &batch_sizes,
+                seconds,
+                settings.intra_threads,
+            )?;
+            println!("{}", report.markdown());
+            if let Some(out) = out {
+                std::fs::write(&out, serde_json::to_string_pretty(&report)? + "\n")
+                    .with_context(|| format!("writing {}", out.display()))?;
+                let md = out.with_extension("md");
+                std::fs::write(&md, report.markdown())
+                    .with_context(|| format!("writing {}", md.display()))?;
+            }
+            Ok(())
+        }
+    }
+}
