@@ -1,11 +1,42 @@
 #!/usr/bin/env bash
 # The full test suite on a fresh Debian/Ubuntu machine with the Rust toolchain: installs what the
 # tests need (each step says what it does and is skipped when already done), then runs them.
+# Tests start their own redis-server and Kafka-protocol broker (tansu) on free local ports;
+# RESCORER_TEST_KAFKA=host:port runs the same suite against an existing Kafka cluster instead.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+sudo_if_needed() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
+
+missing=()
+command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
+command -v pkg-config >/dev/null 2>&1 || missing+=(pkg-config)
+[ -f /usr/include/openssl/ssl.h ] || missing+=(libssl-dev)
+command -v python3 >/dev/null 2>&1 || missing+=(python3)
+python3 -m pip --version >/dev/null 2>&1 || missing+=(python3-pip)
+command -v make >/dev/null 2>&1 || missing+=(make)
+command -v cc >/dev/null 2>&1 || missing+=(gcc g++)
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "==> system packages: ${missing[*]} (redis-server for tests, promtool to check metrics, OpenSSL headers for TLS)"
+  sudo_if_needed apt-get update -qq
+  sudo_if_needed env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+else
+  echo "==> system packages: present"
+fi
+
 echo "==> ONNX Runtime shared library (PyPI wheel onnxruntime)"
 scripts/install-onnxruntime.sh
+
+if command -v tansu >/dev/null 2>&1 || [ -x "$HOME/.cargo/bin/tansu" ]; then
+  echo "==> Kafka-protocol broker for tests: tansu present"
+elif [ -n "${RESCORER_TEST_KAFKA:-}" ]; then
+  echo "==> Kafka-protocol broker for tests: external $RESCORER_TEST_KAFKA"
+else
+  echo "==> Kafka-protocol broker for tests: cargo install tansu 0.6.0 (one time, a few minutes)"
+  cargo install tansu --version 0.6.0 --locked --features dynostore --debug
+fi
+export PATH="$HOME/.cargo/bin:$PATH"
 
 echo "==> cargo test"
 cargo test --locked "$@"

@@ -1,11 +1,205 @@
-//! The typed settings tree: `rescorer.toml` < `RESCORER__SECTION__FIELD` environment < flags.
+//! The typed settings tree: `rescorer.toml` < `RESCORER__SECTION__FIELD` environment < `--set`.
 //!
 //! Every field has a default with a reason. Unknown keys are an error, and every error names the
-//! file and the field. Validation happens once, at start-up.
+//! file and the field. Validation happens once, at start-up. Secrets (SASL passwords, Redis
+//! passwords) live in `kafka.options` and `redis.url`; [`Settings::summary`] is what gets logged.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
+
+/// The whole settings tree.
+#[derive(Debug, Clone, PartialEq, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct Settings {
+    pub kafka: KafkaSettings,
+    pub topics: TopicSettings,
+    pub redis: RedisSettings,
+    pub model: ModelSettings,
+    pub batch: BatchSettings,
+    pub decay: DecaySettings,
+    pub output: OutputSettings,
+    pub http: HttpSettings,
+}
+
+/// `[kafka]`: the consumer group and any librdkafka option.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KafkaSettings {
+    /// `bootstrap.servers`.
+    pub bootstrap_servers: String,
+    /// The consumer group every worker of one deployment shares.
+    pub group_id: String,
+    /// Passed to librdkafka untouched (SASL, TLS, timeouts, ...), e.g.
+    /// `"security.protocol" = "SASL_SSL"`. Overrides the worker's own defaults.
+    pub options: BTreeMap<String, String>,
+}
+
+impl Default for KafkaSettings {
+    fn default() -> Self {
+        Self {
+            bootstrap_servers: "localhost:9092".into(),
+            group_id: "rescorer".into(),
+            options: BTreeMap::new(),
+        }
+    }
+}
+
+/// `[topics]`: names of the four topics.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TopicSettings {
+    pub feature_updates: String,
+    pub new_candidates: String,
+    pub decay_ticks: String,
+    /// Where undecodable or invalid events go, with the reason in headers.
+    pub dlq: String,
+}
+
+impl Default for TopicSettings {
+    fn default() -> Self {
+        Self {
+            feature_updates: "catchup.feature-updates".into(),
+            new_candidates: "catchup.new-candidates".into(),
+            decay_ticks: "catchup.decay-ticks".into(),
+            dlq: "catchup.rescorer-dlq".into(),
+        }
+    }
+}
+
+/// `[redis]`: the shared store.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RedisSettings {
+    /// `redis://[:password@]host:port[/db]` or `rediss://` for TLS. With `cluster`, a
+    /// comma-separated list of seed nodes.
+    pub url: String,
+    /// Redis Cluster (all keys carry hash tags).
+    pub cluster: bool,
+    /// Connect and response timeout; a slower reply counts as an outage and is retried.
+    pub timeout_ms: u64,
+}
+
+impl Default for RedisSettings {
+    fn default() -> Self {
+        Self {
+            url: "redis://127.0.0.1:6379".into(),
+            cluster: false,
+            timeout_ms: 2000,
+        }
+    }
+}
+
+/// `[batch]`: how triggers become model runs.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BatchSettings {
+    /// Flush a batch at this many pairs; also the most rows in one model run. 1024 amortises the
+    /// per-run overhead (see perf/) while keeping a batch's Redis round trips small.
+    pub max_pairs: usize,
+    /// Flush a batch this long after its first trigger, full or not: the freshness bound at low
+    /// load. 20 ms is well inside the freshness target while still coalescing bursts.
+    pub max_wait_ms: u64,
+    /// Members scanned per chunk of a candidate's fan-out (interleaved with other work).
+    pub fanout_chunk: usize,
+    /// Fan-outs and decay ticks in progress at once; beyond it the worker stops taking input.
+    pub max_jobs: usize,
+}
+
+impl Default for BatchSettings {
+    fn default() -> Self {
+        Self {
+            max_pairs: 1024,
+            max_wait_ms: 20,
+            fanout_chunk: 500,
+            max_jobs: 64,
+        }
+    }
+}
+
+/// `[decay]`: when scored pairs are due for rescoring.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DecaySettings {
+    /// A pair is due again after `age_fraction` × its moment's age (young moments decay fast),
+    /// clamped to [`min_interval_secs`, `max_interval_secs`].
+    pub age_fraction: f64,
+    /// Floor of the interval: 15 minutes keeps a burst of young moments from rescoring constantly.
+    pub min_interval_secs: u64,
+    /// Every scored pair is due again at most this long after it was scored (24 h).
+    pub max_interval_secs: u64,
+    /// Shards of the decay schedule; a tick on partition p of the ticks topic handles the shards
+    /// s with s mod (partitions) = p. Fixed for the life of a deployment's Redis data.
+    pub shards: u32,
+    /// Due pairs fetched per chunk of a tick.
+    pub chunk: usize,
+    /// Publish a tick to every partition of the ticks topic this often. Off (0) by default so a
+    /// replay stays deterministic; `rescorer tick` from a scheduler is the usual source.
+    pub ticker_interval_secs: u64,
+}
+
+impl Default for DecaySettings {
+    fn default() -> Self {
+        Self {
+            age_fraction: 0.25,
+            min_interval_secs: 900,
+            max_interval_secs: 86_400,
+            shards: 16,
+            chunk: 1000,
+            ticker_interval_secs: 0,
+        }
+    }
+}
+
+impl DecaySettings {
+    /// When a pair scored as of `as_of_ms` whose moment was at `moment_ts_ms` is due again.
+    pub fn next_due(&self, as_of_ms: i64, moment_ts_ms: i64) -> i64 {
+        let age_ms = (as_of_ms - moment_ts_ms).max(0) as f64;
+        let min = (self.min_interval_secs * 1000) as f64;
+        let max = (self.max_interval_secs * 1000) as f64;
+        as_of_ms + (age_ms * self.age_fraction).clamp(min, max) as i64
+    }
+}
+
+/// `[output]`: what the Catch Up service reads.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OutputSettings {
+    /// Prefix of every key, output and state; tenants and tests use their own.
+    pub key_prefix: String,
+    /// Candidates kept in `<prefix>:scores:{member}`; the rest stay in state and come back when
+    /// their scores rise.
+    pub top_n: usize,
+    /// TTL of the output keys, refreshed on every write (7 days: members who do not come back
+    /// stop costing memory).
+    pub ttl_secs: u64,
+}
+
+impl Default for OutputSettings {
+    fn default() -> Self {
+        Self {
+            key_prefix: "catchup".into(),
+            top_n: 100,
+            ttl_secs: 7 * 86_400,
+        }
+    }
+}
+
+/// `[http]`: `/metrics`, `/healthz`, `/readyz`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpSettings {
+    pub listen: String,
+}
+
+impl Default for HttpSettings {
+    fn default() -> Self {
+        Self {
+            listen: "0.0.0.0:9464".into(),
+        }
+    }
+}
 
 /// Where the model runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, clap::ValueEnum)]
@@ -56,7 +250,7 @@ impl Default for ModelSettings {
     }
 }
 
-/// A settings file that cannot be used; the message names the file and the field.
+/// Settings that cannot be used; the message names the file and the field.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("config {path}: cannot read file: {source}")]
@@ -92,5 +286,262 @@ impl ModelSettings {
             return Err(invalid("cuda_device_id", "must not be negative"));
         }
         Ok(())
+    }
+}
+
+/// Splits a dotted `--set` key; librdkafka option names keep their dots (`kafka.options.sasl.username`).
+fn dotted(key: &str) -> Vec<String> {
+    let parts: Vec<&str> = key.split('.').collect();
+    if parts.len() > 3 && parts[0] == "kafka" && parts[1] == "options" {
+        vec!["kafka".into(), "options".into(), parts[2..].join(".")]
+    } else {
+        parts.into_iter().map(str::to_owned).collect()
+    }
+}
+
+/// Sets the value at `parts` in `table` to `raw`, parsed as a TOML value when it is one, else a
+/// string.
+fn set_path(table: &mut toml::Table, parts: &[String], raw: &str) -> Result<(), String> {
+    let value = toml::from_str::<toml::Table>(&format!("v = {raw}"))
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(raw.to_owned()));
+    let (last, parents) = parts.split_last().ok_or("empty key")?;
+    let mut cur = table;
+    for p in parents {
+        let entry = cur
+            .entry((*p).to_owned())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        cur = entry
+            .as_table_mut()
+            .ok_or_else(|| format!("`{p}` is not a section"))?;
+    }
+    cur.insert((*last).to_owned(), value);
+    Ok(())
+}
+
+impl Settings {
+    /// Reads `path` (if given), applies `RESCORER__SECTION__FIELD` variables from `env`, then
+    /// `overrides` (`section.field=value`), and validates the result.
+    pub fn load(
+        path: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+        overrides: &[String],
+    ) -> Result<Self, ConfigError> {
+        let shown = path
+            .map(Path::to_owned)
+            .unwrap_or_else(|| PathBuf::from("(defaults)"));
+        let mut table = match path {
+            Some(p) => {
+                let text = std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+                    path: p.to_owned(),
+                    source,
+                })?;
+                toml::from_str::<toml::Table>(&text).map_err(|e| ConfigError::Parse {
+                    path: p.to_owned(),
+                    message: e.to_string(),
+                })?
+            }
+            None => toml::Table::new(),
+        };
+        let parse_err = |message: String| ConfigError::Parse {
+            path: shown.clone(),
+            message,
+        };
+        for (k, v) in env {
+            if let Some(rest) = k.strip_prefix("RESCORER__") {
+                let parts: Vec<String> = rest.split("__").map(str::to_lowercase).collect();
+                set_path(&mut table, &parts, &v)
+                    .map_err(|e| parse_err(format!("environment {k}: {e}")))?;
+            }
+        }
+        for o in overrides {
+            let (k, v) = o
+                .split_once('=')
+                .ok_or_else(|| parse_err(format!("--set {o}: expected section.field=value")))?;
+            set_path(&mut table, &dotted(k.trim()), v.trim())
+                .map_err(|e| parse_err(format!("--set {o}: {e}")))?;
+        }
+        let settings: Settings = serde_path_to_error::deserialize(toml::Value::Table(table))
+            .map_err(|e| ConfigError::Invalid {
+                path: shown.clone(),
+                field: e.path().to_string(),
+                problem: e.inner().to_string(),
+            })?;
+        settings.validate(&shown)?;
+        Ok(settings)
+    }
+
+    /// Checks what serde cannot, naming the field.
+    pub fn validate(&self, path: &Path) -> Result<(), ConfigError> {
+        self.model.validate(path)?;
+        let invalid = |field: &str, problem: &str| ConfigError::Invalid {
+            path: path.to_owned(),
+            field: field.to_owned(),
+            problem: problem.to_owned(),
+        };
+        let nonempty = [
+            ("kafka.bootstrap_servers", &self.kafka.bootstrap_servers),
+            ("kafka.group_id", &self.kafka.group_id),
+            ("topics.feature_updates", &self.topics.feature_updates),
+            ("topics.new_candidates", &self.topics.new_candidates),
+            ("topics.decay_ticks", &self.topics.decay_ticks),
+            ("topics.dlq", &self.topics.dlq),
+            ("redis.url", &self.redis.url),
+            ("output.key_prefix", &self.output.key_prefix),
+        ];
+        for (field, v) in nonempty {
+            if v.trim().is_empty() {
+                return Err(invalid(field, "must not be empty"));
+            }
+        }
+        let positive = [
+            ("batch.max_pairs", self.batch.max_pairs as u64),
+            ("batch.fanout_chunk", self.batch.fanout_chunk as u64),
+            ("batch.max_jobs", self.batch.max_jobs as u64),
+            ("decay.shards", u64::from(self.decay.shards)),
+            ("decay.chunk", self.decay.chunk as u64),
+            ("decay.max_interval_secs", self.decay.max_interval_secs),
+            ("output.top_n", self.output.top_n as u64),
+            ("output.ttl_secs", self.output.ttl_secs),
+            ("redis.timeout_ms", self.redis.timeout_ms),
+        ];
+        for (field, v) in positive {
+            if v == 0 {
+                return Err(invalid(field, "must be at least 1"));
+            }
+        }
+        if self.decay.min_interval_secs > self.decay.max_interval_secs {
+            return Err(invalid(
+                "decay.min_interval_secs",
+                "must not exceed decay.max_interval_secs",
+            ));
+        }
+        if !(self.decay.age_fraction > 0.0 && self.decay.age_fraction.is_finite()) {
+            return Err(invalid("decay.age_fraction", "must be a positive number"));
+        }
+        if self.http.listen.parse::<std::net::SocketAddr>().is_err() {
+            return Err(invalid(
+                "http.listen",
+                "must be an address like 0.0.0.0:9464",
+            ));
+        }
+        Ok(())
+    }
+
+    /// What is safe to log: no passwords, no librdkafka option values.
+    pub fn summary(&self) -> String {
+        let redis = match self.redis.url.split_once('@') {
+            Some((scheme_auth, host)) => {
+                let scheme = scheme_auth.split("://").next().unwrap_or("redis");
+                format!("{scheme}://***@{host}")
+            }
+            None => self.redis.url.clone(),
+        };
+        format!(
+            "kafka={} group={} options=[{}] redis={} cluster={} model={} device={:?} batch={}/{}ms top_n={} prefix={}",
+            self.kafka.bootstrap_servers,
+            self.kafka.group_id,
+            self.kafka.options.keys().cloned().collect::<Vec<_>>().join(","),
+            redis,
+            self.redis.cluster,
+            self.model.spec.display(),
+            self.model.device,
+            self.batch.max_pairs,
+            self.batch.max_wait_ms,
+            self.output.top_n,
+            self.output.key_prefix,
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(text: &str) -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("rescorer.toml");
+        std::fs::write(&p, text).unwrap();
+        (dir, p)
+    }
+
+    #[test]
+    fn file_then_environment_then_flags() {
+        let (_d, p) = write(
+            "[kafka]\nbootstrap_servers = \"file:9092\"\ngroup_id = \"g\"\n[output]\ntop_n = 5\n",
+        );
+        let env = vec![
+            (
+                "RESCORER__KAFKA__GROUP_ID".to_string(),
+                "from-env".to_string(),
+            ),
+            ("RESCORER__OUTPUT__TOP_N".to_string(), "7".to_string()),
+            (
+                "RESCORER__KAFKA__OPTIONS__SASL.USERNAME".to_string(),
+                "u".to_string(),
+            ),
+            ("UNRELATED".to_string(), "x".to_string()),
+        ];
+        let s = Settings::load(Some(&p), env, &["output.top_n=9".into()]).unwrap();
+        assert_eq!(s.kafka.bootstrap_servers, "file:9092");
+        assert_eq!(s.kafka.group_id, "from-env");
+        assert_eq!(s.output.top_n, 9);
+        assert_eq!(s.kafka.options["sasl.username"], "u");
+        assert_eq!(s.batch, BatchSettings::default());
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_name_file_and_field() {
+        let (_d, p) = write("[batch]\nmax_pair = 3\n");
+        let err = Settings::load(Some(&p), vec![], &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("rescorer.toml") && err.contains("batch") && err.contains("max_pair"),
+            "{err}"
+        );
+
+        let (_d, p) = write("[output]\ntop_n = \"many\"\n");
+        let err = Settings::load(Some(&p), vec![], &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("output.top_n"), "{err}");
+
+        let (_d, p) = write("[decay]\nshards = 0\n");
+        let err = Settings::load(Some(&p), vec![], &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("decay.shards") && err.contains("at least 1"),
+            "{err}"
+        );
+
+        let (_d, p) = write("[kafka\n");
+        let err = Settings::load(Some(&p), vec![], &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("rescorer.toml"), "{err}");
+    }
+
+    #[test]
+    fn summary_hides_secrets() {
+        let mut s = Settings::default();
+        s.redis.url = "rediss://:hunter2@redis:6380".into();
+        s.kafka
+            .options
+            .insert("sasl.password".into(), "hunter2".into());
+        let text = s.summary();
+        assert!(!text.contains("hunter2"), "{text}");
+        assert!(text.contains("sasl.password"));
+    }
+
+    #[test]
+    fn young_pairs_are_due_sooner_and_never_later_than_the_max() {
+        let d = DecaySettings::default();
+        let h = 3_600_000;
+        assert_eq!(d.next_due(10 * h, 10 * h), 10 * h + 900_000);
+        assert_eq!(d.next_due(48 * h, 0), 48 * h + 12 * h);
+        assert_eq!(d.next_due(1000 * h, 0), 1000 * h + 24 * h);
     }
 }

@@ -54,3 +54,80 @@ impl BatchScored {
         );
     }
 }
+
+/// An input event was handled; `outcome` is applied, stale or dead_lettered.
+pub struct EventHandled<'a> {
+    pub topic: &'static str,
+    pub outcome: &'static str,
+    pub partition: i32,
+    pub offset: i64,
+    /// Why it was dead-lettered.
+    pub reason: Option<&'a str>,
+}
+
+impl EventHandled<'_> {
+    pub fn emit(&self, metrics: &Metrics) {
+        metrics
+            .events_total
+            .with_label_values(&[self.topic, self.outcome])
+            .inc();
+        match self.reason {
+            Some(reason) => warn!(
+                topic = self.topic,
+                partition = self.partition,
+                offset = self.offset,
+                reason,
+                "invalid event dead-lettered"
+            ),
+            None => tracing::debug!(
+                topic = self.topic,
+                outcome = self.outcome,
+                partition = self.partition,
+                offset = self.offset,
+                "event handled"
+            ),
+        }
+    }
+}
+
+/// A batch window's scores are acknowledged by Redis.
+pub struct ScoresWritten<'a> {
+    pub stats: &'a crate::flush::FlushStats,
+    pub messages: usize,
+}
+
+impl ScoresWritten<'_> {
+    pub fn emit(&self, metrics: &Metrics) {
+        let s = self.stats;
+        if s.pairs_scored > 0 {
+            metrics.redis_write_seconds.observe(s.redis_write_seconds);
+        }
+        metrics.scores_superseded_total.inc_by(s.superseded as u64);
+        tracing::debug!(
+            members = s.members,
+            pairs = s.pairs_scored,
+            written = s.written,
+            superseded = s.superseded,
+            gone = s.gone,
+            messages = self.messages,
+            "scores written"
+        );
+    }
+}
+
+/// A Redis operation failed and will be retried; the worker is not ready meanwhile.
+pub struct RedisUnavailable<'a> {
+    pub operation: &'a str,
+    pub error: &'a dyn std::fmt::Display,
+    pub attempt: u32,
+    pub retry_in: Duration,
+}
+
+impl RedisUnavailable<'_> {
+    pub fn emit(&self, metrics: &Metrics) {
+        metrics.redis_errors_total.inc();
+        metrics.ready.set(0);
+        warn!(operation = self.operation, error = %self.error, attempt = self.attempt,
+            retry_in_ms = self.retry_in.as_millis() as u64, "redis unavailable; retrying");
+    }
+}

@@ -1,16 +1,34 @@
 //! `rescorer`: a nearline rescoring worker for Catch Up recommendations.
 //!
-//! The model side, in the order a batch passes through it:
-//! - [`model::spec`]: the feature spec, the contract with the model's owners;
-//! - [`model::features`]: pair state → one input row (non-finite values refused here);
-//! - [`score`]: a batch's matrix → scores, on a blocking thread ([`model::engine`] runs ONNX Runtime).
+//! The stages an event passes through, in order:
+//! 1. [`consume`]: the Kafka consumer group over the three input topics;
+//! 2. [`decode`]: message value → validated event, or a reason for the dead-letter topic ([`dlq`]);
+//! 3. [`store`]: the event's state change applied to Redis under event-time guards;
+//! 4. [`coalesce`]: triggers collapse per member and pair inside a batch window;
+//! 5. [`expand`]: candidate fan-outs and decay ticks, chunked and interleaved with other input;
+//! 6. [`flush`]: load features → build the batch ([`model::features`]) → [`score`] on a blocking
+//!    thread ([`model::engine`] runs ONNX Runtime) → guarded score writes to Redis;
+//! 7. [`offsets`]: a message's offset is stored once everything it caused is acknowledged.
 //!
-//! Around it: [`config`] (the typed settings tree), [`metrics`] and [`internal_events`]
-//! (what operators see), [`cli`] (the commands).
+//! [`worker`] is the loop that drives them; [`app`] wires it from [`config`]. Around it:
+//! [`metrics`], [`internal_events`] and [`http`] (what operators see), [`tick`] (decay ticks), and
+//! [`cli`] (the other commands).
 
+pub mod app;
 pub mod cli;
+pub mod coalesce;
 pub mod config;
+pub mod consume;
+pub mod decode;
+pub mod dlq;
+pub mod expand;
+pub mod flush;
+pub mod http;
 pub mod internal_events;
 pub mod metrics;
 pub mod model;
+pub mod offsets;
 pub mod score;
+pub mod store;
+pub mod tick;
+pub mod worker;

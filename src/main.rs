@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
-use rescorer::config::{Device, ModelSettings};
+use rescorer::config::{Device, ModelSettings, Settings};
 use rescorer::metrics::Metrics;
 use rescorer::score::Scorer;
 
@@ -18,6 +18,19 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the worker: consume the three topics, keep top-K scores in Redis fresh.
+    Run {
+        #[command(flatten)]
+        config: ConfigArgs,
+    },
+    /// Publish one decay tick (event time `--ts`, default now) to every partition of the ticks topic.
+    Tick {
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// Event time of the tick, ms since the epoch.
+        #[arg(long)]
+        ts: Option<i64>,
+    },
     /// Score pairs given as JSON lines (stdin or a file) and print one score per line.
     Score {
         #[command(flatten)]
@@ -50,6 +63,29 @@ enum BenchCommand {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+}
+
+/// The settings file and overrides.
+#[derive(Args)]
+struct ConfigArgs {
+    /// TOML settings file (see rescorer.example.toml); environment RESCORER__SECTION__FIELD
+    /// overrides it.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Override one setting, e.g. `--set batch.max_pairs=512` (repeatable; wins over the
+    /// environment).
+    #[arg(long = "set", value_name = "SECTION.FIELD=VALUE")]
+    set: Vec<String>,
+}
+
+impl ConfigArgs {
+    fn load(&self) -> anyhow::Result<Settings> {
+        Ok(Settings::load(
+            self.config.as_deref(),
+            std::env::vars(),
+            &self.set,
+        )?)
+    }
 }
 
 /// Model flags shared by the commands that load the model without a config file.
@@ -103,8 +139,36 @@ fn main() -> ExitCode {
     }
 }
 
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
+}
+
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
+        Command::Run { config } => {
+            let settings = config.load()?;
+            runtime()?.block_on(async {
+                let shutdown = tokio_util::sync::CancellationToken::new();
+                rescorer::app::cancel_on_signals(shutdown.clone());
+                rescorer::app::run_worker(settings, Metrics::new(), shutdown).await
+            })
+        }
+        Command::Tick { config, ts } => {
+            let settings = config.load()?;
+            let ts = ts.unwrap_or_else(rescorer::worker::chrono_now_ms);
+            anyhow::ensure!(ts >= 0, "--ts must be a non-negative time in ms");
+            runtime()?.block_on(async {
+                let producer = rescorer::app::producer(&settings)?;
+                let n = rescorer::tick::publish(&settings, &producer, ts).await?;
+                println!(
+                    "published tick ts={ts} to {n} partition(s) of {}",
+                    settings.topics.decay_ticks
+                );
+                Ok(())
+            })
+        }
         Command::Score {
             model,
             input,

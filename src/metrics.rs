@@ -4,7 +4,8 @@
 //! device), never member or candidate ids.
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounter, IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 /// Metric handles. Cloning is cheap: each handle is an `Arc` inside.
@@ -19,12 +20,35 @@ pub struct Metrics {
     pub batch_pairs: Histogram,
     /// Pairs scored by the model.
     pub pairs_scored_total: IntCounter,
+    /// Input events by topic and outcome (applied, stale, dead_lettered).
+    pub events_total: IntCounterVec,
+    /// Kafka message timestamp → Redis acknowledgement of the score it caused, by topic.
+    pub event_to_score_seconds: HistogramVec,
+    /// One batch's guarded score writes and schedule updates.
+    pub redis_write_seconds: Histogram,
+    /// Scores not written because a score as of a later time was already stored.
+    pub scores_superseded_total: IntCounter,
+    /// Redis operations that failed and are being retried.
+    pub redis_errors_total: IntCounter,
+    /// Messages between the partition's high watermark and this worker's position.
+    pub consumer_lag: IntGaugeVec,
+    /// How far behind in time this worker is on the partition (0 when caught up).
+    pub consumer_lag_seconds: prometheus::GaugeVec,
+    /// Partitions assigned to this worker.
+    pub assigned_partitions: IntGauge,
+    /// 1 when ready (model loaded, Redis reachable, partitions assigned).
+    pub ready: IntGauge,
 }
 
 /// Latency buckets from 100 µs to 10 s.
 const SECONDS_BUCKETS: &[f64] = &[
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
     5.0, 10.0,
+];
+
+/// Freshness buckets from 1 ms to 5 min.
+const FRESHNESS_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
 ];
 
 const PAIRS_BUCKETS: &[f64] = &[
@@ -60,11 +84,78 @@ impl Metrics {
             "Member-candidate pairs scored by the model",
         )
         .expect("static metric definition is valid");
+        let events_total = IntCounterVec::new(
+            Opts::new("rescorer_events_total", "Input events by topic and outcome"),
+            &["topic", "outcome"],
+        )
+        .expect("static metric definition is valid");
+        let event_to_score_seconds = HistogramVec::new(
+            HistogramOpts::new(
+                "rescorer_event_to_score_seconds",
+                "From the Kafka message timestamp to the Redis acknowledgement of the score it caused",
+            )
+            .buckets(FRESHNESS_BUCKETS.to_vec()),
+            &["topic"],
+        )
+        .expect("static metric definition is valid");
+        let redis_write_seconds = Histogram::with_opts(
+            HistogramOpts::new(
+                "rescorer_redis_write_seconds",
+                "Guarded score writes and schedule updates of one batch",
+            )
+            .buckets(SECONDS_BUCKETS.to_vec()),
+        )
+        .expect("static metric definition is valid");
+        let scores_superseded_total = IntCounter::new(
+            "rescorer_scores_superseded_total",
+            "Scores not written because one computed as of a later time was already stored",
+        )
+        .expect("static metric definition is valid");
+        let redis_errors_total = IntCounter::new(
+            "rescorer_redis_errors_total",
+            "Redis operations that failed and were retried",
+        )
+        .expect("static metric definition is valid");
+        let consumer_lag = IntGaugeVec::new(
+            Opts::new(
+                "rescorer_consumer_lag",
+                "Messages between the partition's high watermark and this worker's position",
+            ),
+            &["topic", "partition"],
+        )
+        .expect("static metric definition is valid");
+        let consumer_lag_seconds = prometheus::GaugeVec::new(
+            Opts::new(
+                "rescorer_consumer_lag_seconds",
+                "Age of the oldest message not yet fully processed on the partition (0 when caught up)",
+            ),
+            &["topic", "partition"],
+        )
+        .expect("static metric definition is valid");
+        let assigned_partitions = IntGauge::new(
+            "rescorer_assigned_partitions",
+            "Partitions assigned to this worker",
+        )
+        .expect("static metric definition is valid");
+        let ready = IntGauge::new(
+            "rescorer_ready",
+            "1 when the model is loaded, Redis is reachable and partitions are assigned",
+        )
+        .expect("static metric definition is valid");
         for m in [
             Box::new(model_info.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(model_seconds.clone()),
             Box::new(batch_pairs.clone()),
             Box::new(pairs_scored_total.clone()),
+            Box::new(events_total.clone()),
+            Box::new(event_to_score_seconds.clone()),
+            Box::new(redis_write_seconds.clone()),
+            Box::new(scores_superseded_total.clone()),
+            Box::new(redis_errors_total.clone()),
+            Box::new(consumer_lag.clone()),
+            Box::new(consumer_lag_seconds.clone()),
+            Box::new(assigned_partitions.clone()),
+            Box::new(ready.clone()),
         ] {
             registry
                 .register(m)
@@ -76,6 +167,15 @@ impl Metrics {
             model_seconds,
             batch_pairs,
             pairs_scored_total,
+            events_total,
+            event_to_score_seconds,
+            redis_write_seconds,
+            scores_superseded_total,
+            redis_errors_total,
+            consumer_lag,
+            consumer_lag_seconds,
+            assigned_partitions,
+            ready,
         }
     }
 

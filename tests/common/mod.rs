@@ -1,6 +1,9 @@
 //! Shared helpers for integration tests that start real parts.
 #![allow(dead_code)]
 
+pub mod harness;
+pub mod services;
+
 use std::path::PathBuf;
 
 use rescorer::config::ModelSettings;
@@ -28,4 +31,29 @@ pub fn model_settings() -> ModelSettings {
 /// The real model on real ONNX Runtime.
 pub fn scorer() -> Scorer {
     Scorer::load(&model_settings(), Metrics::new()).expect("the committed model loads")
+}
+
+/// The model's score for one pair's final state as of `as_of`, as the worker must store it.
+pub fn expected_score(
+    scorer: &Scorer,
+    member: &[(&str, f64)],
+    candidate: &[(&str, f64)],
+    pair: &[(&str, f64)],
+    reason: &str,
+    moment_ts: i64,
+    as_of: i64,
+) -> f64 {
+    let map = |kv: &[(&str, f64)]| -> rescorer::model::FeatureMap {
+        kv.iter().map(|(k, v)| (k.to_string(), *v)).collect()
+    };
+    let (m, c, p) = (map(member), map(candidate), map(pair));
+    let input = rescorer::model::PairInput {
+        member: &m,
+        candidate: &c,
+        pair: &p,
+        reason,
+        moment_ts_ms: moment_ts,
+        as_of_ms: as_of,
+    };
+    f64::from(scorer.engine().score_pairs(&[input]).expect("scores")[0])
 }

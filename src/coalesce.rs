@@ -1,0 +1,117 @@
+//! Coalesce stage: triggers inside one batch window collapse per member and per pair, keeping
+//! the largest event time, so a burst of updates for one member costs one rescoring.
+
+use std::collections::HashMap;
+
+use tokio::time::Instant;
+
+use crate::offsets::Tp;
+
+/// What a member needs rescored, and as of when.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct MemberWork {
+    /// Every pair of the member, as of at least this time (a member feature update).
+    pub all: Option<i64>,
+    /// Specific candidates, each as of at least its time.
+    pub pairs: HashMap<String, i64>,
+}
+
+/// A message whose work is in this window; it is done when the window is written.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MsgRef {
+    pub tp: Tp,
+    pub offset: i64,
+    /// Kafka message timestamp (ms), for event-to-score latency.
+    pub timestamp_ms: Option<i64>,
+    pub topic_label: &'static str,
+}
+
+/// One batch window.
+#[derive(Debug, Default)]
+pub struct Window {
+    pub members: HashMap<String, MemberWork>,
+    /// Triggers folded in so far (explicit pairs plus whole-member triggers), a size estimate.
+    triggers: usize,
+    /// Messages completed by writing this window.
+    pub messages: Vec<MsgRef>,
+    /// When the first trigger arrived: the flush deadline counts from here.
+    pub started: Option<Instant>,
+}
+
+impl Window {
+    /// Nothing to write and no deadline running.
+    pub fn is_empty(&self) -> bool {
+        self.members.is_empty() && self.messages.is_empty() && self.started.is_none()
+    }
+
+    /// Distinct pairs (or whole members) to rescore so far.
+    pub fn size(&self) -> usize {
+        self.triggers
+    }
+
+    /// Starts the flush deadline if it is not running.
+    pub fn touch_deadline(&mut self) {
+        if self.started.is_none() {
+            self.started = Some(Instant::now());
+        }
+    }
+
+    /// Rescore all of `member`'s pairs as of at least `as_of`.
+    pub fn member(&mut self, member: &str, as_of: i64) {
+        self.touch_deadline();
+        let w = self.members.entry(member.to_owned()).or_default();
+        match &mut w.all {
+            Some(t) => *t = (*t).max(as_of),
+            None => {
+                w.all = Some(as_of);
+                self.triggers += 1;
+            }
+        }
+    }
+
+    /// Rescore one pair as of at least `as_of`.
+    pub fn pair(&mut self, member: &str, candidate: &str, as_of: i64) {
+        self.touch_deadline();
+        let w = self.members.entry(member.to_owned()).or_default();
+        match w.pairs.get_mut(candidate) {
+            Some(t) => *t = (*t).max(as_of),
+            None => {
+                w.pairs.insert(candidate.to_owned(), as_of);
+                self.triggers += 1;
+            }
+        }
+    }
+
+    /// A message completed by this window's write.
+    pub fn message(&mut self, m: MsgRef) {
+        self.touch_deadline();
+        self.messages.push(m);
+    }
+
+    pub fn take(&mut self) -> Window {
+        std::mem::take(self)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn triggers_collapse_to_the_largest_event_time() {
+        let mut w = Window::default();
+        w.pair("m1", "c1", 5);
+        w.pair("m1", "c1", 9);
+        w.pair("m1", "c1", 7);
+        w.member("m1", 3);
+        w.member("m1", 4);
+        w.pair("m2", "c1", 1);
+        assert_eq!(w.size(), 3);
+        assert_eq!(w.members["m1"].pairs["c1"], 9);
+        assert_eq!(w.members["m1"].all, Some(4));
+        assert!(w.started.is_some());
+        let taken = w.take();
+        assert!(w.is_empty() && w.started.is_none());
+        assert_eq!(taken.members.len(), 2);
+    }
+}

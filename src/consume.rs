@@ -1,0 +1,141 @@
+//! Consume stage: the Kafka consumer group over the three input topics.
+//!
+//! Guarantee: offsets are never stored automatically (`enable.auto.offset.store=false`); the
+//! worker stores a partition's contiguous watermark (see [`crate::offsets`]) and librdkafka's
+//! auto-commit commits what was stored, so nothing is committed past the last acknowledged write.
+//! High watermarks come from librdkafka's statistics (fetch responses), which stay right on
+//! brokers whose ListOffsets answers differ. Limits: librdkafka prefetches up to
+//! `queued.max.messages.kbytes` per partition; when the worker stops polling (backpressure), the
+//! prefetch queue fills and fetching stops, so memory stays bounded.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, ConsumerContext, Rebalance, StreamConsumer};
+use rdkafka::error::KafkaResult;
+use rdkafka::statistics::Statistics;
+use rdkafka::ClientContext;
+use tokio::sync::mpsc;
+
+use crate::config::Settings;
+use crate::offsets::Tp;
+
+/// A rebalance, as the worker loop sees it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RebalanceEvent {
+    Assigned(Vec<Tp>),
+    Revoked(Vec<Tp>),
+}
+
+/// Shared between librdkafka's callbacks and the worker.
+#[derive(Default)]
+pub struct Shared {
+    /// High watermark per partition, from the latest statistics.
+    pub high_watermarks: Mutex<HashMap<Tp, i64>>,
+    /// Partitions currently assigned to this worker.
+    pub assigned: Mutex<Vec<Tp>>,
+}
+
+pub struct Ctx {
+    pub shared: Arc<Shared>,
+    rebalances: mpsc::Sender<RebalanceEvent>,
+}
+
+impl ClientContext for Ctx {
+    fn stats(&self, stats: Statistics) {
+        let mut hw = self
+            .shared
+            .high_watermarks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        for (topic, t) in stats.topics {
+            for (p, part) in t.partitions {
+                if p >= 0 && part.hi_offset >= 0 {
+                    hw.insert((topic.clone(), p), part.hi_offset);
+                }
+            }
+        }
+    }
+}
+
+fn tps(list: &rdkafka::TopicPartitionList) -> Vec<Tp> {
+    list.elements()
+        .iter()
+        .map(|e| (e.topic().to_owned(), e.partition()))
+        .collect()
+}
+
+impl ConsumerContext for Ctx {
+    fn post_rebalance(&self, _c: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        let mut assigned = self
+            .shared
+            .assigned
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let ev = match rebalance {
+            Rebalance::Assign(list) => {
+                let new = tps(list);
+                for tp in &new {
+                    if !assigned.contains(tp) {
+                        assigned.push(tp.clone());
+                    }
+                }
+                RebalanceEvent::Assigned(new)
+            }
+            Rebalance::Revoke(list) => {
+                let gone = tps(list);
+                assigned.retain(|tp| !gone.contains(tp));
+                RebalanceEvent::Revoked(gone)
+            }
+            Rebalance::Error(e) => {
+                tracing::warn!(error = %e, "rebalance error");
+                return;
+            }
+        };
+        tracing::info!(event = ?ev, "rebalance");
+        // Bounded: rebalances are rare; if the worker is far behind, it re-reads `assigned`.
+        let _ = self.rebalances.try_send(ev);
+    }
+}
+
+/// Client config shared by the consumer and producers: bootstrap plus the pass-through options.
+pub fn base_config(settings: &Settings) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &settings.kafka.bootstrap_servers);
+    for (k, v) in &settings.kafka.options {
+        c.set(k, v);
+    }
+    c
+}
+
+/// Creates the consumer (not yet subscribed) and the receiver of its rebalance events.
+pub fn consumer(
+    settings: &Settings,
+) -> KafkaResult<(
+    Arc<StreamConsumer<Ctx>>,
+    Arc<Shared>,
+    mpsc::Receiver<RebalanceEvent>,
+)> {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &settings.kafka.bootstrap_servers)
+        .set("group.id", &settings.kafka.group_id)
+        .set("enable.auto.commit", "true")
+        .set("auto.commit.interval.ms", "1000")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("statistics.interval.ms", "1000")
+        .set("queued.max.messages.kbytes", "16384")
+        .set("enable.partition.eof", "false");
+    // The operator's options win over the worker's defaults.
+    for (k, v) in &settings.kafka.options {
+        c.set(k, v);
+    }
+    let shared = Arc::new(Shared::default());
+    let (tx, rx) = mpsc::channel(64);
+    let consumer: StreamConsumer<Ctx> = c.create_with_context(Ctx {
+        shared: shared.clone(),
+        rebalances: tx,
+    })?;
+    Ok((Arc::new(consumer), shared, rx))
+}

@@ -1,0 +1,147 @@
+//! Redis: the worker's state (features, pairs, reverse index, decay schedule) and its output (top-N
+//! scores and meta per member), so that any worker can take over any partition.
+//!
+//! Guarantee: every write is guarded by event time inside a Lua script (per-feature and per-pair
+//! last-writer-wins by `(ts, offset)`, per-score `as_of`), so replays and two workers writing the
+//! same member during a rebalance cannot move state or scores backwards. All keys of one member
+//! share the hash tag `{member_id}` (and of one candidate `{candidate_id}`), so each script touches
+//! one slot and everything works on Redis Cluster. Limits: removal tombstones are kept forever (an
+//! older upsert must never resurrect a pair); a pair's decay schedule entry is written after its
+//! score, so a crash between the two is repaired by the replay that the uncommitted offset causes.
+
+mod keys;
+mod state;
+
+use std::time::Duration;
+
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::cluster_async::ClusterConnection;
+use redis::{Cmd, Pipeline, RedisFuture, Value};
+
+pub use keys::Keys;
+pub use state::{FeatureOutcome, LoadedMember, PairState, ScoreWrite, WriteFlag};
+
+/// A Redis operation failed; the caller retries (it is never a reason to skip data).
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    #[error("redis returned unexpected data: {0}")]
+    Protocol(String),
+}
+
+/// One connection to a single Redis or a Redis Cluster.
+#[derive(Clone)]
+pub enum Conn {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Conn::Single(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        cmd: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Conn::Single(c) => c.req_packed_commands(cmd, offset, count),
+            Conn::Cluster(c) => c.req_packed_commands(cmd, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Single(c) => c.get_db(),
+            Conn::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+/// Connects to `url` (`redis://` or `rediss://`); with `cluster`, `url` is a comma-separated list
+/// of seed nodes. Fails fast if the first connection cannot be made.
+pub async fn connect(url: &str, cluster: bool, timeout: Duration) -> Result<Conn, StoreError> {
+    if cluster {
+        let nodes: Vec<&str> = url.split(',').map(str::trim).collect();
+        let client = redis::cluster::ClusterClientBuilder::new(nodes)
+            .connection_timeout(timeout)
+            .response_timeout(timeout)
+            .build()?;
+        Ok(Conn::Cluster(client.get_async_connection().await?))
+    } else {
+        let client = redis::Client::open(url)?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(timeout)
+            .set_response_timeout(timeout)
+            .set_number_of_retries(1);
+        Ok(Conn::Single(
+            ConnectionManager::new_with_config(client, config).await?,
+        ))
+    }
+}
+
+/// The store: connection, key layout and the scripts.
+#[derive(Clone)]
+pub struct Store {
+    conn: Conn,
+    keys: Keys,
+    scripts: state::Scripts,
+}
+
+impl Store {
+    pub fn new(conn: Conn, keys: Keys) -> Self {
+        Self {
+            conn,
+            keys,
+            scripts: state::Scripts::new(),
+        }
+    }
+
+    pub fn keys(&self) -> &Keys {
+        &self.keys
+    }
+
+    /// A connection handle for callers that read output keys directly (tests, the demo).
+    pub fn conn(&self) -> Conn {
+        self.conn.clone()
+    }
+
+    /// Round trip to check Redis is reachable.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        let mut c = self.conn.clone();
+        redis::cmd("PING").query_async::<String>(&mut c).await?;
+        Ok(())
+    }
+
+    /// Runs commands that may touch different slots: one pipeline on a single Redis, concurrent
+    /// commands on a cluster (a cluster pipeline must stay within one node).
+    async fn multi(&self, cmds: Vec<Cmd>) -> Result<Vec<Value>, StoreError> {
+        if cmds.is_empty() {
+            return Ok(Vec::new());
+        }
+        match &self.conn {
+            Conn::Single(_) => {
+                let mut p = redis::pipe();
+                for c in cmds {
+                    p.add_command(c);
+                }
+                let mut c = self.conn.clone();
+                Ok(p.query_async(&mut c).await?)
+            }
+            Conn::Cluster(_) => {
+                let futs = cmds.into_iter().map(|cmd| {
+                    let mut c = self.conn.clone();
+                    async move { cmd.query_async::<Value>(&mut c).await }
+                });
+                Ok(futures::future::try_join_all(futs).await?)
+            }
+        }
+    }
+}

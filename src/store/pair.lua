@@ -1,0 +1,24 @@
+-- Upsert or remove one pair, last-writer-wins by (ts, offset); a removal leaves a tombstone so an
+-- older upsert arriving later cannot bring the pair back.
+-- KEYS[1] pairs hash, KEYS[2] scored-as_of hash, KEYS[3] all-scores zset, KEYS[4] top-N zset
+-- ARGV[1] candidate, ARGV[2] ts, ARGV[3] offset, ARGV[4] state JSON, ARGV[5] "remove"|"upsert",
+-- ARGV[6] top N.  Returns 1 applied, 0 stale.
+local cand = ARGV[1]
+local ts = tonumber(ARGV[2])
+local off = tonumber(ARGV[3])
+local cur = redis.call('HGET', KEYS[1], cand)
+if cur then
+  local st = cjson.decode(cur)
+  if st.ts > ts or (st.ts == ts and st.o > off) then return 0 end
+end
+redis.call('HSET', KEYS[1], cand, ARGV[4])
+if ARGV[5] == 'remove' then
+  redis.call('HDEL', KEYS[2], cand)
+  redis.call('ZREM', KEYS[3], cand)
+  if redis.call('ZREM', KEYS[4], cand) == 1 then
+    local ttl = redis.call('PTTL', KEYS[4])
+    redis.call('ZRANGESTORE', KEYS[4], KEYS[3], 0, tonumber(ARGV[6]) - 1, 'REV')
+    if ttl > 0 then redis.call('PEXPIRE', KEYS[4], ttl) end
+  end
+end
+return 1

@@ -1,0 +1,40 @@
+-- Write a member's new scores, each guarded by event time: a score computed as of an earlier time
+-- never replaces one computed as of a later time. Then refresh the top-N set, its TTL and meta.
+-- KEYS[1] pairs hash, KEYS[2] scored-as_of hash, KEYS[3] all-scores zset, KEYS[4] top-N zset,
+-- KEYS[5] meta hash
+-- ARGV[1] model, ARGV[2] top N, ARGV[3] ttl ms, ARGV[4] now ms, then candidate, score, as_of...
+-- Returns one {flag, as_of} per candidate: {1, as_of} written, {0, stored as_of} a later score is
+-- already there, {-1, '0'} the pair is gone (removed or never stored).
+local flags = {}
+local written = 0
+local max_asof = -1
+local max_asof_str = nil
+for i = 5, #ARGV, 3 do
+  local cand, score, asof = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2])
+  local cur = redis.call('HGET', KEYS[1], cand)
+  if (not cur) or cjson.decode(cur).rm then
+    flags[#flags + 1] = {-1, '0'}
+  else
+    local sa_str = redis.call('HGET', KEYS[2], cand)
+    local sa = tonumber(sa_str or '-1')
+    if asof >= sa then
+      redis.call('HSET', KEYS[2], cand, ARGV[i + 2])
+      redis.call('ZADD', KEYS[3], score, cand)
+      written = written + 1
+      if asof > max_asof then max_asof = asof; max_asof_str = ARGV[i + 2] end
+      flags[#flags + 1] = {1, ARGV[i + 2]}
+    else
+      flags[#flags + 1] = {0, sa_str}
+    end
+  end
+end
+if written > 0 then
+  local ttl = tonumber(ARGV[3])
+  redis.call('ZRANGESTORE', KEYS[4], KEYS[3], 0, tonumber(ARGV[2]) - 1, 'REV')
+  redis.call('PEXPIRE', KEYS[4], ttl)
+  local cur_asof = tonumber(redis.call('HGET', KEYS[5], 'as_of') or '-1')
+  if max_asof > cur_asof then redis.call('HSET', KEYS[5], 'as_of', max_asof_str) end
+  redis.call('HSET', KEYS[5], 'model', ARGV[1], 'updated_at', ARGV[4])
+  redis.call('PEXPIRE', KEYS[5], ttl)
+end
+return flags

@@ -1,0 +1,488 @@
+//! The worker loop: consume → decode → apply → coalesce/expand → flush → acknowledge.
+//!
+//! Guarantee (at-least-once, event-time exact): a message's offset is stored only after
+//! everything it caused is acknowledged by Redis (see [`crate::offsets`]); Redis outages are
+//! retried with backoff while intake stops, so nothing is skipped and memory stays bounded; an
+//! invalid message is dead-lettered and committed. On SIGTERM/SIGINT the loop stops taking input,
+//! writes the current window, commits what was stored and returns. Limits: fan-outs and ticks
+//! still running at shutdown are abandoned; their messages were not stored and are replayed.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::message::BorrowedMessage;
+use rdkafka::producer::FutureProducer;
+use rdkafka::Message;
+use tokio::sync::mpsc;
+use tokio::time::{sleep, sleep_until, Instant};
+use tokio_util::sync::CancellationToken;
+
+use crate::coalesce::{MsgRef, Window};
+use crate::config::Settings;
+use crate::consume::{Ctx, RebalanceEvent, Shared};
+use crate::decode::{decode, Entity, Event, TopicKind};
+use crate::expand::Jobs;
+use crate::flush::Flusher;
+use crate::internal_events::{EventHandled, RedisUnavailable, ScoresWritten};
+use crate::metrics::Metrics;
+use crate::offsets::{OffsetTracker, Tp};
+use crate::score::Scorer;
+use crate::store::{Store, StoreError};
+
+/// What `/readyz` reports.
+#[derive(Debug, Default)]
+pub struct Health {
+    pub model_loaded: AtomicBool,
+    pub redis_ok: AtomicBool,
+    pub assigned: AtomicBool,
+}
+
+impl Health {
+    pub fn ready(&self) -> bool {
+        self.model_loaded.load(Ordering::Relaxed)
+            && self.redis_ok.load(Ordering::Relaxed)
+            && self.assigned.load(Ordering::Relaxed)
+    }
+}
+
+/// Everything the loop needs, wired by [`crate::app`].
+pub struct Worker {
+    pub settings: Settings,
+    pub scorer: Scorer,
+    pub store: Store,
+    pub metrics: Metrics,
+    pub health: Arc<Health>,
+    pub consumer: Arc<StreamConsumer<Ctx>>,
+    pub shared: Arc<Shared>,
+    pub rebalances: mpsc::Receiver<RebalanceEvent>,
+    pub producer: FutureProducer,
+}
+
+/// Records a failed Redis operation and waits before the next attempt; false once `cancel` fires.
+async fn backoff(
+    what: &str,
+    error: &str,
+    attempt: u32,
+    metrics: &Metrics,
+    health: &Health,
+    cancel: &CancellationToken,
+) -> bool {
+    let delay = (Duration::from_millis(100) * 2u32.saturating_pow(attempt.min(16) - 1))
+        .min(Duration::from_secs(5));
+    health.redis_ok.store(false, Ordering::Relaxed);
+    RedisUnavailable {
+        operation: what,
+        error: &error,
+        attempt,
+        retry_in: delay,
+    }
+    .emit(metrics);
+    tokio::select! {
+        _ = cancel.cancelled() => false,
+        _ = sleep(delay) => true,
+    }
+}
+
+/// Retries `op` with exponential backoff until it succeeds or `cancel` fires (then None).
+async fn retry<T, F, Fut>(
+    what: &str,
+    metrics: &Metrics,
+    health: &Health,
+    cancel: &CancellationToken,
+    mut op: F,
+) -> Option<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, StoreError>>,
+{
+    let mut attempt = 0;
+    loop {
+        match op().await {
+            Ok(v) => {
+                if !health.redis_ok.swap(true, Ordering::Relaxed) && attempt > 0 {
+                    tracing::info!(operation = what, "redis reachable again");
+                }
+                return Some(v);
+            }
+            Err(e) => {
+                attempt += 1;
+                if !backoff(what, &e.to_string(), attempt, metrics, health, cancel).await {
+                    return None;
+                }
+            }
+        }
+    }
+}
+
+/// Loop state that is not configuration.
+struct Run {
+    tracker: OffsetTracker,
+    window: Window,
+    jobs: Jobs,
+    kinds: HashMap<String, TopicKind>,
+    tick_partitions: Option<i32>,
+}
+
+impl Worker {
+    /// Runs until `shutdown` fires (then drains) or the consumer fails for good.
+    pub async fn run(mut self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let t = &self.settings.topics;
+        let kinds: HashMap<String, TopicKind> = [
+            (t.feature_updates.clone(), TopicKind::FeatureUpdates),
+            (t.new_candidates.clone(), TopicKind::NewCandidates),
+            (t.decay_ticks.clone(), TopicKind::DecayTicks),
+        ]
+        .into();
+        let topics: Vec<&str> = kinds.keys().map(String::as_str).collect();
+        self.consumer.subscribe(&topics)?;
+        tracing::info!(topics = ?topics, group = %self.settings.kafka.group_id, "subscribed");
+        let mut run = Run {
+            tracker: OffsetTracker::new(),
+            window: Window::default(),
+            jobs: Jobs::default(),
+            kinds,
+            tick_partitions: None,
+        };
+        // Redis retries stop at `hard_stop`: 10 s after shutdown, so a drain during an outage
+        // ends (leaving its messages uncommitted, to be replayed) instead of hanging.
+        let hard_stop = CancellationToken::new();
+        {
+            let (shutdown, hard_stop) = (shutdown.clone(), hard_stop.clone());
+            tokio::spawn(async move {
+                shutdown.cancelled().await;
+                sleep(Duration::from_secs(10)).await;
+                hard_stop.cancel();
+            });
+        }
+        let max_wait = Duration::from_millis(self.settings.batch.max_wait_ms);
+        let mut lag_timer = tokio::time::interval(Duration::from_secs(1));
+        lag_timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        let consumer = self.consumer.clone();
+        loop {
+            let full = run.window.size() >= self.settings.batch.max_pairs;
+            let deadline = run
+                .window
+                .started
+                .map(|s| s + max_wait)
+                .unwrap_or_else(Instant::now);
+            let intake = !full && run.jobs.len() < self.settings.batch.max_jobs;
+            let step_jobs = !full && run.jobs.runnable();
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break,
+                Some(ev) = self.rebalances.recv() => self.rebalanced(&mut run, ev),
+                _ = lag_timer.tick() => self.update_lag(&run.tracker),
+                _ = std::future::ready(()), if full => self.flush(&mut run, &hard_stop).await,
+                _ = sleep_until(deadline), if !run.window.is_empty() => self.flush(&mut run, &hard_stop).await,
+                msg = consumer.recv(), if intake => match msg {
+                    Ok(m) => self.handle(&mut run, &m, &hard_stop).await,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "consumer error; librdkafka retries");
+                        sleep(Duration::from_millis(200)).await;
+                    }
+                },
+                _ = std::future::ready(()), if step_jobs => {
+                    let (fc, tc) = (self.settings.batch.fanout_chunk, self.settings.decay.chunk);
+                    let mut attempt = 0;
+                    while let Err(e) = run.jobs.step(&self.store, &mut run.window, fc, tc).await {
+                        attempt += 1;
+                        if !backoff("expand", &e.to_string(), attempt, &self.metrics, &self.health, &hard_stop).await {
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+        tracing::info!("shutting down: writing the current batch, then committing");
+        if !run.window.is_empty() {
+            self.flush(&mut run, &hard_stop).await;
+        }
+        let abandoned = run.jobs.abandon();
+        if abandoned > 0 {
+            tracing::info!(
+                jobs = abandoned,
+                "unfinished fan-outs/ticks left for replay"
+            );
+        }
+        if let Err(e) = self.consumer.commit_consumer_state(CommitMode::Sync) {
+            tracing::warn!(error = %e, "final commit failed; the next owner replays from the last commit");
+        }
+        self.consumer.unsubscribe();
+        Ok(())
+    }
+
+    fn rebalanced(&self, run: &mut Run, ev: RebalanceEvent) {
+        if let RebalanceEvent::Revoked(tps) = &ev {
+            for tp in tps {
+                run.tracker.revoke(tp);
+                let p = tp.1.to_string();
+                let _ = self.metrics.consumer_lag.remove_label_values(&[&tp.0, &p]);
+                let _ = self
+                    .metrics
+                    .consumer_lag_seconds
+                    .remove_label_values(&[&tp.0, &p]);
+            }
+        }
+        let n = self.shared.assigned.lock().map(|a| a.len()).unwrap_or(0);
+        self.metrics.assigned_partitions.set(n as i64);
+        self.health.assigned.store(n > 0, Ordering::Relaxed);
+        self.metrics.ready.set(i64::from(self.health.ready()));
+    }
+
+    /// Lag per assigned partition: high watermark (from fetch statistics) minus position, and the
+    /// age of the oldest unfinished message when behind.
+    fn update_lag(&self, tracker: &OffsetTracker) {
+        let assigned = self
+            .shared
+            .assigned
+            .lock()
+            .map(|a| a.clone())
+            .unwrap_or_default();
+        let hw = self
+            .shared
+            .high_watermarks
+            .lock()
+            .map(|h| h.clone())
+            .unwrap_or_default();
+        let now = chrono_now_ms();
+        for tp in &assigned {
+            let Some(&high) = hw.get(tp) else { continue };
+            let p = tp.1.to_string();
+            let pos = tracker.position(tp).unwrap_or(high).min(high);
+            let lag = (high - pos).max(0);
+            self.metrics
+                .consumer_lag
+                .with_label_values(&[&tp.0, &p])
+                .set(lag);
+            let secs = if lag == 0 {
+                0.0
+            } else {
+                tracker
+                    .oldest_unfinished_ts(tp)
+                    .map(|ts| ((now - ts).max(0)) as f64 / 1000.0)
+                    .unwrap_or(0.0)
+            };
+            self.metrics
+                .consumer_lag_seconds
+                .with_label_values(&[&tp.0, &p])
+                .set(secs);
+        }
+        self.metrics.ready.set(i64::from(self.health.ready()));
+    }
+
+    /// Marks messages done and stores the advanced watermarks.
+    fn complete(&self, run: &mut Run, msgs: &[MsgRef], scored: bool) {
+        let now = chrono_now_ms();
+        for m in msgs {
+            if scored {
+                if let Some(ts) = m.timestamp_ms {
+                    self.metrics
+                        .event_to_score_seconds
+                        .with_label_values(&[m.topic_label])
+                        .observe(((now - ts).max(0)) as f64 / 1000.0);
+                }
+            }
+            if let Some(store_at) = run.tracker.done(&m.tp, m.offset) {
+                if let Err(e) = self.consumer.store_offset(&m.tp.0, m.tp.1, store_at) {
+                    tracing::debug!(error = %e, topic = %m.tp.0, partition = m.tp.1, "offset not stored (partition revoked?)");
+                }
+            }
+        }
+    }
+
+    async fn flush(&self, run: &mut Run, hard_stop: &CancellationToken) {
+        let window = run.window.take();
+        let flusher = Flusher {
+            store: &self.store,
+            scorer: &self.scorer,
+            output: &self.settings.output,
+            decay: &self.settings.decay,
+            max_pairs: self.settings.batch.max_pairs,
+        };
+        let stats = retry("flush", &self.metrics, &self.health, hard_stop, || async {
+            flusher
+                .flush(&window, chrono_now_ms())
+                .await
+                .map_err(|e| match e {
+                    crate::flush::FlushError::Store(s) => s,
+                    crate::flush::FlushError::Model(m) => {
+                        StoreError::Protocol(format!("model: {m}"))
+                    }
+                })
+        })
+        .await;
+        let Some(stats) = stats else { return };
+        let mut msgs = window.messages;
+        msgs.extend(run.jobs.window_written());
+        ScoresWritten {
+            stats: &stats,
+            messages: msgs.len(),
+        }
+        .emit(&self.metrics);
+        self.complete(run, &msgs, true);
+    }
+
+    async fn handle(
+        &self,
+        run: &mut Run,
+        msg: &BorrowedMessage<'_>,
+        hard_stop: &CancellationToken,
+    ) {
+        let tp: Tp = (msg.topic().to_owned(), msg.partition());
+        let Some(&kind) = run.kinds.get(msg.topic()) else {
+            return;
+        };
+        let offset = msg.offset();
+        let timestamp_ms = msg.timestamp().to_millis();
+        run.tracker.received(&tp, offset, timestamp_ms);
+        let mref = MsgRef {
+            tp,
+            offset,
+            timestamp_ms,
+            topic_label: kind.label(),
+        };
+        let (m, h, s) = (&self.metrics, &self.health, &self.store);
+        let handled = |outcome| EventHandled {
+            topic: kind.label(),
+            outcome,
+            partition: msg.partition(),
+            offset,
+            reason: None,
+        };
+        let event = match decode(kind, msg.payload()) {
+            Ok(ev) => ev,
+            Err(e) => {
+                if !self.dead_letter(msg, &e.0, hard_stop).await {
+                    return; // not acknowledged by the broker: stays uncommitted, replayed
+                }
+                EventHandled {
+                    reason: Some(&e.0),
+                    ..handled("dead_lettered")
+                }
+                .emit(m);
+                self.complete(run, &[mref], false);
+                return;
+            }
+        };
+        let top_n = self.settings.output.top_n;
+        match event {
+            Event::Features(u) => {
+                let Some(out) = retry("apply features", m, h, hard_stop, || {
+                    s.apply_features(u.entity, &u.id, u.ts, offset, &u.features)
+                })
+                .await
+                else {
+                    return;
+                };
+                if out.applied == 0 && !u.features.is_empty() {
+                    handled("stale").emit(m);
+                    self.complete(run, &[mref], false);
+                    return;
+                }
+                handled("applied").emit(m);
+                match u.entity {
+                    Entity::Member => {
+                        run.window.member(&u.id, u.ts);
+                        run.window.message(mref);
+                    }
+                    Entity::Candidate => run.jobs.fanout(&u.id, u.ts, mref),
+                }
+            }
+            Event::Upsert(u) => {
+                let Some(applied) = retry("upsert pair", m, h, hard_stop, || {
+                    s.upsert_pair(&u, offset, top_n)
+                })
+                .await
+                else {
+                    return;
+                };
+                if applied {
+                    handled("applied").emit(m);
+                    run.window.pair(&u.member_id, &u.candidate_id, u.ts);
+                    run.window.message(mref);
+                } else {
+                    handled("stale").emit(m);
+                    self.complete(run, &[mref], false);
+                }
+            }
+            Event::Remove(r) => {
+                let Some(applied) = retry("remove pair", m, h, hard_stop, || {
+                    s.remove_pair(&r, offset, top_n)
+                })
+                .await
+                else {
+                    return;
+                };
+                handled(if applied { "applied" } else { "stale" }).emit(m);
+                self.complete(run, &[mref], false);
+            }
+            Event::Tick(t) => {
+                let shards = self.tick_shards(run, msg.topic(), msg.partition()).await;
+                handled("applied").emit(m);
+                run.jobs.tick(shards, t.ts, mref);
+            }
+        }
+    }
+
+    /// The decay-schedule shards a tick on `partition` covers: s with s mod partitions = p.
+    async fn tick_shards(&self, run: &mut Run, topic: &str, partition: i32) -> Vec<u32> {
+        let known = run.tick_partitions.filter(|n| partition < *n);
+        let n = match known {
+            Some(n) => n,
+            None => {
+                let consumer = self.consumer.clone();
+                let topic = topic.to_owned();
+                let n = tokio::task::spawn_blocking(move || {
+                    consumer
+                        .fetch_metadata(Some(&topic), Duration::from_secs(10))
+                        .ok()
+                        .and_then(|md| md.topics().first().map(|t| t.partitions().len() as i32))
+                })
+                .await
+                .ok()
+                .flatten()
+                .filter(|n| *n > partition)
+                .unwrap_or(partition + 1);
+                run.tick_partitions = Some(n);
+                n
+            }
+        };
+        (0..self.store.keys().shards())
+            .filter(|s| (*s as i32) % n == partition)
+            .collect()
+    }
+
+    /// Sends to the DLQ until the broker acknowledges (true) or the hard stop fires (false).
+    async fn dead_letter(
+        &self,
+        msg: &BorrowedMessage<'_>,
+        reason: &str,
+        hard_stop: &CancellationToken,
+    ) -> bool {
+        let mut delay = Duration::from_millis(100);
+        loop {
+            match crate::dlq::send(&self.producer, &self.settings.topics.dlq, msg, reason).await {
+                Ok(()) => return true,
+                Err(e) => {
+                    tracing::warn!(error = %e, "dead-letter write failed; retrying");
+                    tokio::select! {
+                        _ = hard_stop.cancelled() => return false,
+                        _ = sleep(delay) => {}
+                    }
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+}
+
+/// Wall clock in ms (only for `updated_at`, freshness and lag; never for scoring).
+pub fn chrono_now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}

@@ -1,0 +1,314 @@
+//! One test's world: a broker, a `redis-server`, random topic names, group id and key prefix,
+//! a producer, and workers started in-process.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use rand::Rng;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::ClientConfig;
+use rdkafka::{Offset, TopicPartitionList};
+use redis::Commands;
+use rescorer::config::Settings;
+use rescorer::metrics::Metrics;
+use tokio_util::sync::CancellationToken;
+
+use super::services::{free_port, Broker, RedisServer};
+
+pub struct Harness {
+    pub broker: Broker,
+    pub redis: RedisServer,
+    pub settings: Settings,
+    pub producer: FutureProducer,
+    pub partitions: i32,
+    /// One past the highest offset produced, per (topic, partition).
+    produced: Mutex<HashMap<(String, i32), i64>>,
+}
+
+/// A worker running in this process.
+pub struct WorkerHandle {
+    pub token: CancellationToken,
+    pub join: tokio::task::JoinHandle<anyhow::Result<()>>,
+    pub metrics: Metrics,
+    pub http: SocketAddr,
+}
+
+impl WorkerHandle {
+    /// Graceful stop (as on SIGTERM); returns the worker's result.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        self.token.cancel();
+        tokio::time::timeout(Duration::from_secs(30), self.join)
+            .await
+            .expect("worker drains within 30 s")
+            .expect("worker task did not panic")
+    }
+
+    pub async fn http_get(&self, path: &str) -> (u16, String) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(self.http)
+            .await
+            .expect("http connects");
+        let req = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+        s.write_all(req.as_bytes()).await.unwrap();
+        let mut buf = String::new();
+        s.read_to_string(&mut buf).await.unwrap();
+        let status = buf[9..12].parse().unwrap();
+        let body = buf
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_owned())
+            .unwrap_or_default();
+        (status, body)
+    }
+}
+
+fn suffix() -> String {
+    let n: u64 = rand::rng().random();
+    format!("{n:x}")
+}
+
+impl Harness {
+    /// Starts the services and creates the four topics with `partitions` partitions each.
+    pub async fn new(partitions: i32) -> Self {
+        let broker = Broker::start();
+        let redis = RedisServer::start();
+        let id = suffix();
+        let mut settings = Settings::default();
+        settings.kafka.bootstrap_servers = broker.bootstrap.clone();
+        settings.kafka.group_id = format!("rescorer-test-{id}");
+        settings.topics.feature_updates = format!("features-{id}");
+        settings.topics.new_candidates = format!("candidates-{id}");
+        settings.topics.decay_ticks = format!("ticks-{id}");
+        settings.topics.dlq = format!("dlq-{id}");
+        settings.redis.url = redis.url();
+        settings.redis.timeout_ms = 500;
+        settings.output.key_prefix = format!("t{id}");
+        settings.model.spec = super::model_spec();
+        settings.batch.max_wait_ms = 10;
+        settings.decay.shards = 4;
+        let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+            .set("bootstrap.servers", &broker.bootstrap)
+            .create()
+            .expect("admin client");
+        let t = &settings.topics;
+        let names = [
+            &t.feature_updates,
+            &t.new_candidates,
+            &t.decay_ticks,
+            &t.dlq,
+        ];
+        let topics: Vec<NewTopic<'_>> = names
+            .iter()
+            .map(|n| NewTopic::new(n, partitions, TopicReplication::Fixed(1)))
+            .collect();
+        for r in admin
+            .create_topics(
+                &topics,
+                &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
+            )
+            .await
+            .expect("create topics")
+        {
+            r.expect("topic created");
+        }
+        let producer = ClientConfig::new()
+            .set("bootstrap.servers", &broker.bootstrap)
+            .set("linger.ms", "0")
+            .create()
+            .expect("producer");
+        Self {
+            broker,
+            redis,
+            settings,
+            producer,
+            partitions,
+            produced: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Produces one message (value and key as given) and waits for the broker's acknowledgement.
+    pub async fn send_raw(
+        &self,
+        topic: &str,
+        key: Option<&str>,
+        value: Option<&[u8]>,
+        partition: Option<i32>,
+    ) {
+        let mut rec: FutureRecord<'_, str, [u8]> = FutureRecord::to(topic);
+        if let Some(k) = key {
+            rec = rec.key(k);
+        }
+        if let Some(v) = value {
+            rec = rec.payload(v);
+        }
+        if let Some(p) = partition {
+            rec = rec.partition(p);
+        }
+        let delivery = self
+            .producer
+            .send(rec, Duration::from_secs(10))
+            .await
+            .expect("delivered");
+        let mut produced = self.produced.lock().unwrap();
+        let e = produced
+            .entry((topic.to_owned(), delivery.partition))
+            .or_insert(0);
+        *e = (*e).max(delivery.offset + 1);
+    }
+
+    pub async fn send(&self, topic: &str, key: &str, value: serde_json::Value) {
+        self.send_raw(topic, Some(key), Some(value.to_string().as_bytes()), None)
+            .await;
+    }
+
+    pub async fn feature(&self, entity: &str, id: &str, features: serde_json::Value, ts: i64) {
+        let v = serde_json::json!({"entity": entity, "id": id, "features": features, "ts": ts});
+        self.send(&self.settings.topics.feature_updates.clone(), id, v)
+            .await;
+    }
+
+    pub async fn upsert(
+        &self,
+        member: &str,
+        cand: &str,
+        reason: &str,
+        pf: serde_json::Value,
+        ts: i64,
+    ) {
+        let v = serde_json::json!({"member_id": member, "candidate_id": cand, "reason": reason,
+            "pair_features": pf, "ts": ts});
+        self.send(&self.settings.topics.new_candidates.clone(), member, v)
+            .await;
+    }
+
+    pub async fn remove(&self, member: &str, cand: &str, ts: i64) {
+        let v = serde_json::json!({"member_id": member, "candidate_id": cand, "op": "remove", "ts": ts});
+        self.send(&self.settings.topics.new_candidates.clone(), member, v)
+            .await;
+    }
+
+    /// One tick to every partition of the ticks topic (what `rescorer tick` does).
+    pub async fn tick(&self, ts: i64) {
+        for p in 0..self.partitions {
+            let v = serde_json::json!({"ts": ts}).to_string();
+            self.send_raw(
+                &self.settings.topics.decay_ticks.clone(),
+                None,
+                Some(v.as_bytes()),
+                Some(p),
+            )
+            .await;
+        }
+    }
+
+    /// Starts a worker with these settings.
+    pub async fn start_worker_with(&self, mut settings: Settings) -> WorkerHandle {
+        let port = free_port();
+        settings.http.listen = format!("127.0.0.1:{port}");
+        let metrics = Metrics::new();
+        let token = CancellationToken::new();
+        let join = tokio::spawn(rescorer::app::run_worker(
+            settings,
+            metrics.clone(),
+            token.clone(),
+        ));
+        let http: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let until = Instant::now() + Duration::from_secs(20);
+        while tokio::net::TcpStream::connect(http).await.is_err() {
+            assert!(Instant::now() < until, "worker http did not come up");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        WorkerHandle {
+            token,
+            join,
+            metrics,
+            http,
+        }
+    }
+
+    pub async fn start_worker(&self) -> WorkerHandle {
+        self.start_worker_with(self.settings.clone()).await
+    }
+
+    /// Waits until the group has committed every message produced so far (everything consumed,
+    /// applied and acknowledged by Redis).
+    pub async fn wait_consumed(&self) {
+        let expected = self.produced.lock().unwrap().clone();
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &self.broker.bootstrap)
+            .set("group.id", &self.settings.kafka.group_id)
+            .create()
+            .expect("offset reader");
+        let mut tpl = TopicPartitionList::new();
+        for (t, p) in expected.keys() {
+            if *t != self.settings.topics.dlq {
+                tpl.add_partition(t, *p);
+            }
+        }
+        let until = Instant::now() + Duration::from_secs(60);
+        loop {
+            let committed = tokio::task::block_in_place(|| {
+                consumer.committed_offsets(tpl.clone(), Duration::from_secs(5))
+            });
+            let lagging: Vec<String> = match &committed {
+                Ok(c) => c
+                    .elements()
+                    .iter()
+                    .filter_map(|e| {
+                        let want = expected[&(e.topic().to_owned(), e.partition())];
+                        match e.offset() {
+                            Offset::Offset(o) if o >= want => None,
+                            other => Some(format!(
+                                "{}/{}: {:?} < {want}",
+                                e.topic(),
+                                e.partition(),
+                                other
+                            )),
+                        }
+                    })
+                    .collect(),
+                Err(e) => vec![e.to_string()],
+            };
+            if lagging.is_empty() {
+                return;
+            }
+            assert!(
+                Instant::now() < until,
+                "not consumed within 60 s: {lagging:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// The member's top-N scores, best first.
+    pub fn scores(&self, member: &str) -> Vec<(String, f64)> {
+        let key = format!("{}:scores:{{{member}}}", self.settings.output.key_prefix);
+        self.redis
+            .client()
+            .zrevrange_withscores(key, 0, -1)
+            .expect("zrange")
+    }
+
+    pub fn meta(&self, member: &str) -> HashMap<String, String> {
+        let key = format!("{}:meta:{{{member}}}", self.settings.output.key_prefix);
+        self.redis.client().hgetall(key).expect("hgetall")
+    }
+
+    /// Every output key (scores and meta), for replay comparisons.
+    pub fn output_snapshot(&self) -> Vec<(String, Vec<(String, f64)>)> {
+        let mut c = self.redis.client();
+        let pattern = format!("{}:scores:*", self.settings.output.key_prefix);
+        let mut keys: Vec<String> = c.keys(pattern).expect("keys");
+        keys.sort();
+        keys.into_iter()
+            .map(|k| {
+                let v: Vec<(String, f64)> = c.zrevrange_withscores(&k, 0, -1).expect("zrange");
+                (k, v)
+            })
+            .collect()
+    }
+}
