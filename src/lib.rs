@@ -11,8 +11,8 @@
 //! 7. [`offsets`]: a message's offset is stored once everything it caused is acknowledged.
 //!
 //! [`worker`] is the loop that drives them; [`app`] wires it from [`config`]. Around it:
-//! [`metrics`], [`internal_events`] and [`http`] (what operators see), [`tick`] (decay ticks), and
-//! [`cli`] (the other commands).
+//! [`metrics`], [`internal_events`] and [`http`] (what operators see), [`tick`] (decay ticks),
+//! [`traffic`] and [`demo`] (synthetic load, the zero-setup first run), and [`cli`].
 
 pub mod app;
 pub mod cli;
@@ -20,6 +20,7 @@ pub mod coalesce;
 pub mod config;
 pub mod consume;
 pub mod decode;
+pub mod demo;
 pub mod dlq;
 pub mod expand;
 pub mod flush;
@@ -31,4 +32,5 @@ pub mod offsets;
 pub mod score;
 pub mod store;
 pub mod tick;
+pub mod traffic;
 pub mod worker;

@@ -31,6 +31,21 @@ enum Command {
         #[arg(long)]
         ts: Option<i64>,
     },
+    /// Zero-setup first run: embedded broker, local redis-server, synthetic traffic, live progress.
+    Demo {
+        /// Seconds of traffic.
+        #[arg(long, default_value_t = 20)]
+        seconds: u64,
+        /// Events per second.
+        #[arg(long, default_value_t = 2000)]
+        rate: u64,
+        #[arg(long, default_value_t = 5000)]
+        members: usize,
+        #[arg(long, default_value_t = 5000)]
+        candidates: usize,
+        #[arg(long, default_value = "models/catchup-ranker.json")]
+        spec: PathBuf,
+    },
     /// Score pairs given as JSON lines (stdin or a file) and print one score per line.
     Score {
         #[command(flatten)]
@@ -118,9 +133,9 @@ impl ModelArgs {
     }
 }
 
-fn init_tracing() {
+fn init_tracing(default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,ort=warn"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -129,8 +144,13 @@ fn init_tracing() {
 }
 
 fn main() -> ExitCode {
-    init_tracing();
-    match run(Cli::parse()) {
+    let cli = Cli::parse();
+    // The demo prints its own progress; logs only for problems unless RUST_LOG says otherwise.
+    init_tracing(match cli.command {
+        Command::Demo { .. } => "warn,ort=warn",
+        _ => "info,ort=warn",
+    });
+    match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -155,6 +175,20 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 rescorer::app::run_worker(settings, Metrics::new(), shutdown).await
             })
         }
+        Command::Demo {
+            seconds,
+            rate,
+            members,
+            candidates,
+            spec,
+        } => runtime()?.block_on(rescorer::demo::run(rescorer::demo::DemoOptions {
+            seconds,
+            rate,
+            members,
+            candidates,
+            partitions: 4,
+            model_spec: spec,
+        })),
         Command::Tick { config, ts } => {
             let settings = config.load()?;
             let ts = ts.unwrap_or_else(rescorer::worker::chrono_now_ms);

@@ -237,10 +237,16 @@ impl Harness {
     /// Waits until the group has committed every message produced so far (everything consumed,
     /// applied and acknowledged by Redis).
     pub async fn wait_consumed(&self) {
+        self.wait_consumed_by(&self.settings.kafka.group_id.clone())
+            .await;
+    }
+
+    /// Same, for another consumer group.
+    pub async fn wait_consumed_by(&self, group: &str) {
         let expected = self.produced.lock().unwrap().clone();
         let consumer: BaseConsumer = ClientConfig::new()
             .set("bootstrap.servers", &self.broker.bootstrap)
-            .set("group.id", &self.settings.kafka.group_id)
+            .set("group.id", group)
             .create()
             .expect("offset reader");
         let mut tpl = TopicPartitionList::new();

@@ -1,0 +1,260 @@
+//! The guarantee users rely on, under replays, rebalances, outages and shutdown: once every
+//! event and then a tick at T that makes every pair due are consumed, every stored score equals
+//! the model's score of the final state as of T.
+
+mod common;
+
+use std::time::Duration;
+
+use common::harness::Harness;
+use common::scenario::Scenario;
+
+const T0: i64 = 1_764_000_000_000;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_into_an_empty_redis_reproduces_exactly_the_same_scores() {
+    let h = Harness::new(2).await;
+    let scorer = common::scorer();
+    let s = Scenario::generate(11, 300, 8, 10, T0);
+    let mut settings = h.settings.clone();
+    settings.batch.max_pairs = 16; // many small batches
+    let w = h.start_worker_with(settings.clone()).await;
+    s.send(&h, 0..s.events.len()).await;
+    h.wait_consumed().await;
+    let t = s.final_tick();
+    h.tick(t).await;
+    h.wait_consumed().await;
+    s.check(&h, &scorer, t);
+    let first = h.output_snapshot();
+    w.stop().await.unwrap();
+
+    redis::cmd("FLUSHALL")
+        .query::<()>(&mut h.redis.client())
+        .unwrap();
+    assert!(h.output_snapshot().is_empty());
+    settings.kafka.group_id = format!("{}-replay", settings.kafka.group_id);
+    settings.batch.max_pairs = 1024; // different batching, same result
+    let group = settings.kafka.group_id.clone();
+    let w = h.start_worker_with(settings).await;
+    h.wait_consumed_by(&group).await;
+    h.tick(t).await;
+    h.wait_consumed_by(&group).await;
+    assert_eq!(
+        h.output_snapshot(),
+        first,
+        "replay must reproduce the scores exactly"
+    );
+    w.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_workers_split_the_partitions_and_one_finishes_after_the_other_stops() {
+    let h = Harness::new(4).await;
+    let scorer = common::scorer();
+    let s = Scenario::generate(12, 300, 12, 10, T0);
+    let a = h.start_worker().await;
+    let b = h.start_worker().await;
+    let assigned = |w: &common::harness::WorkerHandle| {
+        let text = w.metrics.render();
+        text.lines()
+            .find(|l| l.starts_with("rescorer_assigned_partitions "))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<i64>().ok())
+            .unwrap_or(0)
+    };
+    // The group settles with both members holding part of the 3 topics × 4 partitions.
+    let until = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let (pa, pb) = (assigned(&a), assigned(&b));
+        if pa > 0 && pb > 0 && pa + pb == 12 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < until,
+            "group did not split: {pa} and {pb}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    s.send(&h, 0..150).await;
+    h.wait_consumed().await;
+    let scored = |w: &common::harness::WorkerHandle| w.metrics.pairs_scored_total.get();
+    assert!(
+        scored(&a) > 0 && scored(&b) > 0,
+        "both workers scored pairs: {} and {}",
+        scored(&a),
+        scored(&b)
+    );
+    a.stop().await.unwrap();
+    s.send(&h, 150..s.events.len()).await;
+    let t = s.final_tick();
+    h.tick(t).await;
+    h.wait_consumed().await;
+    s.check(&h, &scorer, t);
+    b.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_outage_pauses_the_worker_and_loses_nothing() {
+    let mut h = Harness::new(2).await;
+    let scorer = common::scorer();
+    let s = Scenario::generate(13, 200, 8, 8, T0);
+    let w = h.start_worker().await;
+    s.send(&h, 0..100).await;
+    h.wait_consumed().await;
+    assert_eq!(w.http_get("/readyz").await.0, 200);
+
+    h.redis.stop();
+    s.send(&h, 100..s.events.len()).await;
+    let until = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let (code, body) = w.http_get("/readyz").await;
+        if code == 503 {
+            assert!(body.contains("redis_reachable=false"), "{body}");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < until,
+            "readiness should drop while Redis is down"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(w.metrics.render().contains("rescorer_redis_errors_total"));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    h.redis.restart();
+
+    let t = s.final_tick();
+    h.tick(t).await;
+    h.wait_consumed().await;
+    s.check(&h, &scorer, t);
+    assert_eq!(w.http_get("/readyz").await.0, 200);
+    w.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_and_health_are_served_and_valid() {
+    let h = Harness::new(2).await;
+    let s = Scenario::generate(14, 60, 5, 5, T0);
+    let w = h.start_worker().await;
+    assert_eq!(w.http_get("/healthz").await.0, 200);
+    s.send(&h, 0..s.events.len()).await;
+    h.send_raw(
+        &h.settings.topics.feature_updates.clone(),
+        Some("x"),
+        Some(b"oops"),
+        None,
+    )
+    .await;
+    h.wait_consumed().await;
+    tokio::time::sleep(Duration::from_millis(1500)).await; // one lag refresh after the last commit
+    let (code, text) = w.http_get("/metrics").await;
+    assert_eq!(code, 200);
+    for name in [
+        "rescorer_consumer_lag{",
+        "rescorer_consumer_lag_seconds{",
+        "rescorer_event_to_score_seconds_bucket{",
+        "rescorer_events_total{outcome=\"applied\"",
+        "rescorer_events_total{outcome=\"dead_lettered\"",
+        "rescorer_pairs_scored_total",
+        "rescorer_batch_pairs_bucket",
+        "rescorer_model_seconds_bucket",
+        "rescorer_redis_write_seconds_bucket",
+        "rescorer_model_info{device=\"cpu\",model=\"catchup-ranker\",version=\"1\"} 1",
+    ] {
+        assert!(text.contains(name), "{name} missing from /metrics:\n{text}");
+    }
+    let fu = &h.settings.topics.feature_updates;
+    for p in 0..2 {
+        let lag = format!("rescorer_consumer_lag{{partition=\"{p}\",topic=\"{fu}\"}} 0");
+        assert!(text.contains(&lag), "caught up: {lag}\n{text}");
+    }
+    assert!(!text.contains("m1"), "labels never carry member ids");
+
+    let mut promtool = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("promtool (scripts/test.sh installs Debian's prometheus package)");
+    use std::io::Write;
+    promtool
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = promtool.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(w.http_get("/readyz").await.0, 200);
+    w.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_commits_and_exits_cleanly() {
+    let h = Harness::new(2).await;
+    let scorer = common::scorer();
+    let s = Scenario::generate(15, 240, 8, 8, T0);
+    let st = &h.settings;
+    let port = common::services::free_port();
+    let env = [
+        (
+            "RESCORER__KAFKA__BOOTSTRAP_SERVERS",
+            st.kafka.bootstrap_servers.clone(),
+        ),
+        ("RESCORER__KAFKA__GROUP_ID", st.kafka.group_id.clone()),
+        (
+            "RESCORER__TOPICS__FEATURE_UPDATES",
+            st.topics.feature_updates.clone(),
+        ),
+        (
+            "RESCORER__TOPICS__NEW_CANDIDATES",
+            st.topics.new_candidates.clone(),
+        ),
+        (
+            "RESCORER__TOPICS__DECAY_TICKS",
+            st.topics.decay_ticks.clone(),
+        ),
+        ("RESCORER__TOPICS__DLQ", st.topics.dlq.clone()),
+        ("RESCORER__REDIS__URL", st.redis.url.clone()),
+        ("RESCORER__OUTPUT__KEY_PREFIX", st.output.key_prefix.clone()),
+        ("RESCORER__DECAY__SHARDS", st.decay.shards.to_string()),
+        ("RESCORER__MODEL__SPEC", st.model.spec.display().to_string()),
+    ];
+    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_rescorer"))
+        .args(["run", "--set", &format!("http.listen=\"127.0.0.1:{port}\"")])
+        .envs(env)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    s.send(&h, 0..120).await;
+    h.wait_consumed().await;
+    s.send(&h, 120..s.events.len()).await;
+    let pid = child.id().unwrap().to_string();
+    let killed = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let out = tokio::time::timeout(Duration::from_secs(30), child.wait_with_output())
+        .await
+        .expect("exits within 30 s of SIGTERM")
+        .unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "clean exit after SIGTERM:\n{log}");
+    assert!(log.contains("signal received"), "{log}");
+    assert!(log.contains("shutting down"), "{log}");
+
+    // Whatever it did not finish is replayed by the next worker of the group: nothing lost.
+    let w = h.start_worker().await;
+    let t = s.final_tick();
+    h.tick(t).await;
+    h.wait_consumed().await;
+    s.check(&h, &scorer, t);
+    w.stop().await.unwrap();
+}
