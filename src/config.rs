@@ -544,4 +544,11 @@ mod tests {
         assert_eq!(d.next_due(48 * h, 0), 48 * h + 12 * h);
         assert_eq!(d.next_due(1000 * h, 0), 1000 * h + 24 * h);
     }
+
+    #[test]
+    fn the_example_file_parses_to_the_defaults() {
+        let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/rescorer.example.toml");
+        let s = Settings::load(Some(&p), vec![], &[]).unwrap();
+        assert_eq!(s, Settings::default());
+    }
 }

@@ -416,4 +416,25 @@ mod tests {
         )
         .is_ok());
     }
+
+    #[test]
+    fn the_documented_samples_decode_as_documented() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("topics/samples");
+        for (file, kind) in [
+            ("feature-updates", TopicKind::FeatureUpdates),
+            ("new-candidates", TopicKind::NewCandidates),
+            ("decay-ticks", TopicKind::DecayTicks),
+        ] {
+            let valid = std::fs::read_to_string(dir.join(format!("{file}.valid.jsonl"))).unwrap();
+            for line in valid.lines() {
+                assert!(d(kind, line).is_ok(), "{file}: {line}: {:?}", d(kind, line));
+            }
+            if let Ok(invalid) = std::fs::read_to_string(dir.join(format!("{file}.invalid.jsonl")))
+            {
+                for line in invalid.lines() {
+                    assert!(d(kind, line).is_err(), "{file}: {line} should be refused");
+                }
+            }
+        }
+    }
 }

@@ -201,9 +201,9 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
                 "  t={:>3}s  sent {:>7}  events/s {:>7.0}  pairs/s {:>7.0}  lag {:>6.0}  freshness p50 {}  p99 {}",
                 started.elapsed().as_secs(),
                 sent,
-                (events - last.1) / dt,
-                (pairs - last.2) / dt,
-                lag(&text),
+                ((events - last.1) / dt).max(0.0),
+                ((pairs - last.2) / dt).max(0.0),
+                lag(&text).max(0.0),
                 fmt_secs(quantile(&metrics, 0.5)),
                 fmt_secs(quantile(&metrics, 0.99)),
             );
@@ -255,6 +255,7 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
             }
         );
     }
+    drop(producer);
     drop(cluster);
     Ok(())
 }

@@ -61,7 +61,18 @@ impl Flusher<'_> {
             return Ok(stats);
         }
         let members: Vec<&str> = window.members.keys().map(String::as_str).collect();
-        let loaded = self.store.load_members(&members).await?;
+        let requests: Vec<(&str, Option<Vec<&str>>)> = members
+            .iter()
+            .map(|m| {
+                let w = &window.members[*m];
+                let only = w
+                    .all
+                    .is_none()
+                    .then(|| w.pairs.keys().map(String::as_str).collect());
+                (*m, only)
+            })
+            .collect();
+        let loaded = self.store.load_members(&requests).await?;
         stats.members = members.len();
 
         // Pairs to score, and pairs asked for that no longer exist (to unschedule).

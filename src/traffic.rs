@@ -41,6 +41,14 @@ impl Zipf {
         Self { cdf }
     }
 
+    pub fn len(&self) -> usize {
+        self.cdf.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.cdf.is_empty()
+    }
+
     pub fn sample(&self, rng: &mut impl Rng) -> usize {
         let u: f64 = rng.random();
         self.cdf.partition_point(|c| *c < u).min(self.cdf.len() - 1)
@@ -91,11 +99,18 @@ impl Traffic {
         }
     }
 
-    /// The next event, with event time `ts_ms`.
+    /// The next event, with event time `ts_ms`. Feature updates pick Zipf-hot members (active
+    /// members update often); new candidates pick members uniformly, so no member collects
+    /// thousands of candidates, and Zipf-hot candidates (popular people appear for many members).
     pub fn next(&mut self, ts_ms: i64) -> Generated {
-        let m = format!("m{}", self.members.sample(&mut self.rng));
-        let c = format!("c{}", self.candidates.sample(&mut self.rng));
         let roll = self.rng.random_range(0..100);
+        let member_rank = if roll < self.mix.member_updates {
+            self.members.sample(&mut self.rng)
+        } else {
+            self.rng.random_range(0..self.members.len())
+        };
+        let m = format!("m{member_rank}");
+        let c = format!("c{}", self.candidates.sample(&mut self.rng));
         let r = &mut self.rng;
         if roll < self.mix.member_updates {
             let v = json!({"entity": "member", "id": m, "ts": ts_ms, "features": {

@@ -207,8 +207,15 @@ impl Worker {
                 "unfinished fan-outs/ticks left for replay"
             );
         }
-        if let Err(e) = self.consumer.commit_consumer_state(CommitMode::Sync) {
-            tracing::warn!(error = %e, "final commit failed; the next owner replays from the last commit");
+        match self.consumer.commit_consumer_state(CommitMode::Sync) {
+            Ok(()) => tracing::info!("offsets committed"),
+            // Nothing stored since the last auto-commit: nothing to do.
+            Err(rdkafka::error::KafkaError::ConsumerCommit(
+                rdkafka::types::RDKafkaErrorCode::NoOffset,
+            )) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "final commit failed; the next owner replays from the last commit")
+            }
         }
         self.consumer.unsubscribe();
         Ok(())

@@ -255,25 +255,63 @@ impl Store {
         Ok(applied == 1)
     }
 
-    /// Loads pairs, score times and features of each member (one round trip on a single Redis).
-    pub async fn load_members(&self, members: &[&str]) -> Result<Vec<LoadedMember>, StoreError> {
+    /// Loads features and pairs of each member: every pair (`None`) or only the listed candidates
+    /// (a hot member's other pairs are not read for a single new candidate). One round trip on a
+    /// single Redis.
+    pub async fn load_members(
+        &self,
+        members: &[(&str, Option<Vec<&str>>)],
+    ) -> Result<Vec<LoadedMember>, StoreError> {
         let mut cmds = Vec::with_capacity(members.len() * 3);
-        for m in members {
-            for key in [
-                self.keys.pairs(m),
-                self.keys.scored_as_of(m),
-                self.keys.member_features(m),
-            ] {
-                let mut c = redis::cmd("HGETALL");
+        for (m, only) in members {
+            for key in [self.keys.pairs(m), self.keys.scored_as_of(m)] {
+                let mut c = match only {
+                    None => redis::cmd("HGETALL"),
+                    Some(_) => redis::cmd("HMGET"),
+                };
                 c.arg(key);
+                if let Some(cands) = only {
+                    c.arg(cands);
+                }
                 cmds.push(c);
             }
+            let mut c = redis::cmd("HGETALL");
+            c.arg(self.keys.member_features(m));
+            cmds.push(c);
         }
         let vals = self.multi(cmds).await?;
         let mut out = Vec::with_capacity(members.len());
         let mut it = vals.into_iter();
-        while let (Some(pairs), Some(asof), Some(feats)) = (it.next(), it.next(), it.next()) {
-            let raw: HashMap<String, String> = FromRedisValue::from_redis_value(&pairs)?;
+        for (_, only) in members {
+            let (Some(pairs), Some(asof), Some(feats)) = (it.next(), it.next(), it.next()) else {
+                return Err(protocol("load members", "short reply"));
+            };
+            let (raw, asof_raw): (Vec<(String, String)>, Vec<(String, i64)>) = match only {
+                None => (
+                    HashMap::<String, String>::from_redis_value(&pairs)?
+                        .into_iter()
+                        .collect(),
+                    HashMap::<String, i64>::from_redis_value(&asof)?
+                        .into_iter()
+                        .collect(),
+                ),
+                Some(cands) => {
+                    let p: Vec<Option<String>> = FromRedisValue::from_redis_value(&pairs)?;
+                    let a: Vec<Option<i64>> = FromRedisValue::from_redis_value(&asof)?;
+                    (
+                        cands
+                            .iter()
+                            .zip(p)
+                            .filter_map(|(c, v)| v.map(|v| (c.to_string(), v)))
+                            .collect(),
+                        cands
+                            .iter()
+                            .zip(a)
+                            .filter_map(|(c, v)| v.map(|v| (c.to_string(), v)))
+                            .collect(),
+                    )
+                }
+            };
             let mut live = HashMap::with_capacity(raw.len());
             for (cand, json) in raw {
                 let st: PairState =
@@ -282,11 +320,10 @@ impl Store {
                     live.insert(cand, st);
                 }
             }
-            let asof_raw: HashMap<String, i64> = FromRedisValue::from_redis_value(&asof)?;
             out.push(LoadedMember {
                 features: parse_map(feats, "member features")?,
                 pairs: live,
-                scored_as_of: asof_raw,
+                scored_as_of: asof_raw.into_iter().collect(),
             });
         }
         Ok(out)
