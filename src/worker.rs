@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::FutureExt;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::message::BorrowedMessage;
 use rdkafka::producer::FutureProducer;
@@ -30,7 +31,10 @@ use crate::internal_events::{EventHandled, RedisUnavailable, ScoresWritten};
 use crate::metrics::Metrics;
 use crate::offsets::{OffsetTracker, Tp};
 use crate::score::Scorer;
-use crate::store::{Store, StoreError};
+use crate::store::{Applied, Store, StoreError};
+
+/// Most messages taken from the consumer in one go.
+const MAX_INTAKE: usize = 512;
 
 /// What `/readyz` reports.
 #[derive(Debug, Default)]
@@ -178,7 +182,19 @@ impl Worker {
                 _ = std::future::ready(()), if full => self.flush(&mut run, &hard_stop).await,
                 _ = sleep_until(deadline), if !run.window.is_empty() => self.flush(&mut run, &hard_stop).await,
                 msg = consumer.recv(), if intake => match msg {
-                    Ok(m) => self.handle(&mut run, &m, &hard_stop).await,
+                    Ok(first) => {
+                        // Take what is already fetched too, so one Redis round trip applies a run
+                        // of events (bounded by the window's room).
+                        let room = self.settings.batch.max_pairs.saturating_sub(run.window.size()).clamp(1, MAX_INTAKE);
+                        let mut batch = vec![first];
+                        while batch.len() < room {
+                            match consumer.recv().now_or_never() {
+                                Some(Ok(m)) => batch.push(m),
+                                _ => break,
+                            }
+                        }
+                        self.handle_batch(&mut run, &batch, &hard_stop).await;
+                    }
                     Err(e) => {
                         tracing::warn!(error = %e, "consumer error; librdkafka retries");
                         sleep(Duration::from_millis(200)).await;
@@ -332,104 +348,106 @@ impl Worker {
         self.complete(run, &msgs, true);
     }
 
-    async fn handle(
+    /// Decodes a run of messages, dead-letters the invalid ones, applies the rest to Redis in one
+    /// round trip (in order), then folds their triggers into the window or the jobs.
+    async fn handle_batch(
         &self,
         run: &mut Run,
-        msg: &BorrowedMessage<'_>,
+        msgs: &[BorrowedMessage<'_>],
         hard_stop: &CancellationToken,
     ) {
-        let tp: Tp = (msg.topic().to_owned(), msg.partition());
-        let Some(&kind) = run.kinds.get(msg.topic()) else {
-            return;
-        };
-        let offset = msg.offset();
-        let timestamp_ms = msg.timestamp().to_millis();
-        run.tracker.received(&tp, offset, timestamp_ms);
-        let mref = MsgRef {
-            tp,
-            offset,
-            timestamp_ms,
-            topic_label: kind.label(),
-        };
-        let (m, h, s) = (&self.metrics, &self.health, &self.store);
-        let handled = |outcome| EventHandled {
-            topic: kind.label(),
-            outcome,
-            partition: msg.partition(),
-            offset,
-            reason: None,
-        };
-        let event = match decode(kind, msg.payload()) {
-            Ok(ev) => ev,
-            Err(e) => {
-                if !self.dead_letter(msg, &e.0, hard_stop).await {
-                    return; // not acknowledged by the broker: stays uncommitted, replayed
-                }
-                EventHandled {
-                    reason: Some(&e.0),
-                    ..handled("dead_lettered")
-                }
-                .emit(m);
-                self.complete(run, &[mref], false);
-                return;
-            }
-        };
-        let top_n = self.settings.output.top_n;
-        match event {
-            Event::Features(u) => {
-                let Some(out) = retry("apply features", m, h, hard_stop, || {
-                    s.apply_features(u.entity, &u.id, u.ts, offset, &u.features)
-                })
-                .await
-                else {
-                    return;
-                };
-                if out.applied == 0 && !u.features.is_empty() {
-                    handled("stale").emit(m);
-                    self.complete(run, &[mref], false);
-                    return;
-                }
-                handled("applied").emit(m);
-                match u.entity {
-                    Entity::Member => {
-                        run.window.member(&u.id, u.ts);
-                        run.window.message(mref);
+        let mut valid: Vec<(Event, MsgRef)> = Vec::with_capacity(msgs.len());
+        for msg in msgs {
+            let tp: Tp = (msg.topic().to_owned(), msg.partition());
+            let Some(&kind) = run.kinds.get(msg.topic()) else {
+                continue;
+            };
+            let timestamp_ms = msg.timestamp().to_millis();
+            run.tracker.received(&tp, msg.offset(), timestamp_ms);
+            let mref = MsgRef {
+                tp,
+                offset: msg.offset(),
+                timestamp_ms,
+                topic_label: kind.label(),
+            };
+            match decode(kind, msg.payload()) {
+                Ok(ev) => valid.push((ev, mref)),
+                Err(e) => {
+                    if !self.dead_letter(msg, &e.0, hard_stop).await {
+                        return; // not acknowledged by the broker: stays uncommitted, replayed
                     }
-                    Entity::Candidate => run.jobs.fanout(&u.id, u.ts, mref),
+                    EventHandled {
+                        topic: kind.label(),
+                        outcome: "dead_lettered",
+                        partition: msg.partition(),
+                        offset: msg.offset(),
+                        reason: Some(&e.0),
+                    }
+                    .emit(&self.metrics);
+                    self.complete(run, &[mref], false);
                 }
             }
-            Event::Upsert(u) => {
-                let Some(applied) = retry("upsert pair", m, h, hard_stop, || {
-                    s.upsert_pair(&u, offset, top_n)
-                })
-                .await
-                else {
-                    return;
-                };
-                if applied {
-                    handled("applied").emit(m);
+        }
+        if valid.is_empty() {
+            return;
+        }
+        let refs: Vec<(&Event, i64)> = valid.iter().map(|(e, m)| (e, m.offset)).collect();
+        let top_n = self.settings.output.top_n;
+        let Some(applied) = retry("apply", &self.metrics, &self.health, hard_stop, || {
+            self.store.apply(&refs, top_n)
+        })
+        .await
+        else {
+            return; // hard stop during an outage: nothing acknowledged, replayed later
+        };
+        for ((event, mref), applied) in valid.into_iter().zip(applied) {
+            let handled = |outcome| EventHandled {
+                topic: mref.topic_label,
+                outcome,
+                partition: mref.tp.1,
+                offset: mref.offset,
+                reason: None,
+            };
+            match (event, applied) {
+                (Event::Features(u), Applied::Features(out)) => {
+                    if out.applied == 0 && !u.features.is_empty() {
+                        handled("stale").emit(&self.metrics);
+                        self.complete(run, &[mref], false);
+                        continue;
+                    }
+                    handled("applied").emit(&self.metrics);
+                    match u.entity {
+                        Entity::Member => {
+                            run.window.member(&u.id, u.ts);
+                            run.window.message(mref);
+                        }
+                        Entity::Candidate => run.jobs.fanout(&u.id, u.ts, mref),
+                    }
+                }
+                (Event::Upsert(u), Applied::Pair(true)) => {
+                    handled("applied").emit(&self.metrics);
                     run.window.pair(&u.member_id, &u.candidate_id, u.ts);
                     run.window.message(mref);
-                } else {
-                    handled("stale").emit(m);
+                }
+                (Event::Remove(_), Applied::Pair(true)) => {
+                    handled("applied").emit(&self.metrics);
                     self.complete(run, &[mref], false);
                 }
-            }
-            Event::Remove(r) => {
-                let Some(applied) = retry("remove pair", m, h, hard_stop, || {
-                    s.remove_pair(&r, offset, top_n)
-                })
-                .await
-                else {
-                    return;
-                };
-                handled(if applied { "applied" } else { "stale" }).emit(m);
-                self.complete(run, &[mref], false);
-            }
-            Event::Tick(t) => {
-                let shards = self.tick_shards(run, msg.topic(), msg.partition()).await;
-                handled("applied").emit(m);
-                run.jobs.tick(shards, t.ts, mref);
+                (Event::Upsert(_) | Event::Remove(_), _) => {
+                    handled("stale").emit(&self.metrics);
+                    self.complete(run, &[mref], false);
+                }
+                (Event::Tick(t), _) => {
+                    let shards = self.tick_shards(run, &mref.tp.0, mref.tp.1).await;
+                    handled("applied").emit(&self.metrics);
+                    run.jobs.tick(shards, t.ts, mref);
+                }
+                (Event::Features(_), other) => {
+                    tracing::error!(
+                        ?other,
+                        "broken invariant: a feature update applied as something else"
+                    );
+                }
             }
         }
     }

@@ -86,6 +86,7 @@ async fn two_workers_split_the_partitions_and_one_finishes_after_the_other_stops
     );
     a.stop().await.unwrap();
     s.send(&h, 150..s.events.len()).await;
+    h.wait_consumed().await;
     let t = s.final_tick();
     h.tick(t).await;
     h.wait_consumed().await;
@@ -121,6 +122,7 @@ async fn a_redis_outage_pauses_the_worker_and_loses_nothing() {
     assert!(w.metrics.render().contains("rescorer_redis_errors_total"));
     tokio::time::sleep(Duration::from_secs(1)).await;
     h.redis.restart();
+    h.wait_consumed().await;
 
     let t = s.final_tick();
     h.tick(t).await;
@@ -252,6 +254,7 @@ async fn sigterm_drains_commits_and_exits_cleanly() {
 
     // Whatever it did not finish is replayed by the next worker of the group: nothing lost.
     let w = h.start_worker().await;
+    h.wait_consumed().await;
     let t = s.final_tick();
     h.tick(t).await;
     h.wait_consumed().await;

@@ -9,6 +9,7 @@
 //! older upsert must never resurrect a pair); a pair's decay schedule entry is written after its
 //! score, so a crash between the two is repaired by the replay that the uncommitted offset causes.
 
+mod apply;
 mod keys;
 mod state;
 
@@ -18,6 +19,7 @@ use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster_async::ClusterConnection;
 use redis::{Cmd, Pipeline, RedisFuture, Value};
 
+pub use apply::Applied;
 pub use keys::Keys;
 pub use state::{FeatureOutcome, LoadedMember, PairState, ScoreWrite, WriteFlag};
 

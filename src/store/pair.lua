@@ -13,7 +13,7 @@ if cur then
 end
 redis.call('HSET', KEYS[1], cand, ARGV[4])
 if ARGV[5] == 'remove' then
-  redis.call('HDEL', KEYS[2], cand)
+  -- KEYS[2] keeps the pair's as_of: a pair added again later never scores as of an earlier time.
   redis.call('ZREM', KEYS[3], cand)
   if redis.call('ZREM', KEYS[4], cand) == 1 then
     local ttl = redis.call('PTTL', KEYS[4])

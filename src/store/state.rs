@@ -6,14 +6,13 @@ use redis::{Cmd, FromRedisValue, Script, Value};
 use serde::{Deserialize, Serialize};
 
 use super::{Store, StoreError};
-use crate::decode::{Entity, PairRemove, PairUpsert};
 use crate::model::FeatureMap;
 
 #[derive(Clone)]
 pub(super) struct Scripts {
-    features: Script,
-    pair: Script,
-    scores: Script,
+    pub(super) features: Script,
+    pub(super) pair: Script,
+    pub(super) scores: Script,
 }
 
 impl Scripts {
@@ -76,7 +75,7 @@ pub enum WriteFlag {
     Gone,
 }
 
-fn protocol(what: &str, e: impl std::fmt::Display) -> StoreError {
+pub(super) fn protocol(what: &str, e: impl std::fmt::Display) -> StoreError {
     StoreError::Protocol(format!("{what}: {e}"))
 }
 
@@ -97,17 +96,16 @@ pub(crate) fn due_member(member: &str, candidate: &str) -> String {
 }
 
 impl Store {
-    /// Runs script invocations; on a single Redis they go in one pipeline (EVALSHA, loading the
-    /// scripts once if Redis lost them, e.g. after a restart).
-    async fn eval_many(
+    /// Runs script invocations in order; on a single Redis they go in one pipeline (EVALSHA,
+    /// loading the scripts once if Redis lost them, e.g. after a restart).
+    pub(super) async fn eval_calls(
         &self,
-        script: &Script,
-        calls: Vec<(Vec<String>, Vec<String>)>,
+        calls: &[(&Script, Vec<String>, Vec<String>)],
     ) -> Result<Vec<Value>, StoreError> {
         let build = || {
             calls
                 .iter()
-                .map(|(keys, args)| {
+                .map(|(script, keys, args)| {
                     let mut c = redis::cmd("EVALSHA");
                     c.arg(script.get_hash()).arg(keys.len()).arg(keys).arg(args);
                     c
@@ -123,6 +121,15 @@ impl Store {
         }
     }
 
+    async fn eval_many(
+        &self,
+        script: &Script,
+        calls: Vec<(Vec<String>, Vec<String>)>,
+    ) -> Result<Vec<Value>, StoreError> {
+        let calls: Vec<_> = calls.into_iter().map(|(k, a)| (script, k, a)).collect();
+        self.eval_calls(&calls).await
+    }
+
     /// Loads every script (on every primary, for a cluster).
     pub async fn load_scripts(&self) -> Result<(), StoreError> {
         let mut c = self.conn.clone();
@@ -134,125 +141,6 @@ impl Store {
             s.prepare_invoke().load_async(&mut c).await?;
         }
         Ok(())
-    }
-
-    /// Merges a partial feature update, per feature last-writer-wins by `(ts, offset)`.
-    pub async fn apply_features(
-        &self,
-        entity: Entity,
-        id: &str,
-        ts: i64,
-        offset: i64,
-        features: &[(String, Option<f64>)],
-    ) -> Result<FeatureOutcome, StoreError> {
-        let keys = match entity {
-            Entity::Member => vec![self.keys.member_features(id), self.keys.member_versions(id)],
-            Entity::Candidate => vec![
-                self.keys.candidate_features(id),
-                self.keys.candidate_versions(id),
-            ],
-        };
-        let mut args = vec![ts.to_string(), offset.to_string()];
-        for (name, v) in features {
-            args.push(name.clone());
-            args.push(v.map(|x| x.to_string()).unwrap_or_default());
-        }
-        let out = self
-            .eval_many(&self.scripts.features, vec![(keys, args)])
-            .await?;
-        let (applied, stale): (usize, usize) = FromRedisValue::from_redis_value(&out[0])?;
-        Ok(FeatureOutcome { applied, stale })
-    }
-
-    fn pair_keys(&self, member: &str) -> Vec<String> {
-        vec![
-            self.keys.pairs(member),
-            self.keys.scored_as_of(member),
-            self.keys.all_scores(member),
-            self.keys.scores(member),
-        ]
-    }
-
-    /// Upserts a pair (last-writer-wins by `(ts, offset)`), then indexes it under its candidate.
-    /// Returns false when a newer state (or removal) is already stored.
-    pub async fn upsert_pair(
-        &self,
-        u: &PairUpsert,
-        offset: i64,
-        top_n: usize,
-    ) -> Result<bool, StoreError> {
-        let state = PairState {
-            reason: u.reason.clone(),
-            pair_features: u.pair_features.clone(),
-            ts: u.ts,
-            o: offset,
-            rm: false,
-        };
-        let json = serde_json::to_string(&state).map_err(|e| protocol("pair state", e))?;
-        let args = vec![
-            u.candidate_id.clone(),
-            u.ts.to_string(),
-            offset.to_string(),
-            json,
-            "upsert".into(),
-            top_n.to_string(),
-        ];
-        let out = self
-            .eval_many(
-                &self.scripts.pair,
-                vec![(self.pair_keys(&u.member_id), args)],
-            )
-            .await?;
-        let applied: i64 = FromRedisValue::from_redis_value(&out[0])?;
-        if applied == 1 {
-            let mut sadd = redis::cmd("SADD");
-            sadd.arg(self.keys.reverse(&u.candidate_id))
-                .arg(&u.member_id);
-            self.multi(vec![sadd]).await?;
-        }
-        Ok(applied == 1)
-    }
-
-    /// Removes a pair and its score, leaving a tombstone; unindexes and unschedules it.
-    pub async fn remove_pair(
-        &self,
-        r: &PairRemove,
-        offset: i64,
-        top_n: usize,
-    ) -> Result<bool, StoreError> {
-        let state = PairState {
-            reason: String::new(),
-            pair_features: FeatureMap::new(),
-            ts: r.ts,
-            o: offset,
-            rm: true,
-        };
-        let json = serde_json::to_string(&state).map_err(|e| protocol("pair state", e))?;
-        let args = vec![
-            r.candidate_id.clone(),
-            r.ts.to_string(),
-            offset.to_string(),
-            json,
-            "remove".into(),
-            top_n.to_string(),
-        ];
-        let out = self
-            .eval_many(
-                &self.scripts.pair,
-                vec![(self.pair_keys(&r.member_id), args)],
-            )
-            .await?;
-        let applied: i64 = FromRedisValue::from_redis_value(&out[0])?;
-        if applied == 1 {
-            let mut srem = redis::cmd("SREM");
-            srem.arg(self.keys.reverse(&r.candidate_id))
-                .arg(&r.member_id);
-            let mut zrem = redis::cmd("ZREM");
-            zrem.arg(self.keys.due(self.keys.shard_of(&r.member_id)))
-                .arg(due_member(&r.member_id, &r.candidate_id));
-            self.multi(vec![srem, zrem]).await?;
-        }
-        Ok(applied == 1)
     }
 
     /// Loads features and pairs of each member: every pair (`None`) or only the listed candidates
