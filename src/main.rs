@@ -37,7 +37,7 @@ enum Command {
         #[arg(long, default_value_t = 20)]
         seconds: u64,
         /// Events per second.
-        #[arg(long, default_value_t = 2000)]
+        #[arg(long, default_value_t = 1000)]
         rate: u64,
         #[arg(long, default_value_t = 5000)]
         members: usize,
