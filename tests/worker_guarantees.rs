@@ -261,3 +261,37 @@ async fn sigterm_drains_commits_and_exits_cleanly() {
     s.check(&h, &scorer, t);
     w.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_guarantee_holds_on_redis_cluster() {
+    use redis::Commands;
+
+    let h = Harness::new(2).await;
+    let cluster = common::services::RedisCluster::start();
+    let scorer = common::scorer();
+    let s = Scenario::generate(16, 200, 8, 8, T0);
+    let mut settings = h.settings.clone();
+    settings.redis.url = cluster.url();
+    settings.redis.cluster = true;
+    let w = h.start_worker_with(settings).await;
+    s.send(&h, 0..s.events.len()).await;
+    h.wait_consumed().await;
+    let t = s.final_tick();
+    h.tick(t).await;
+    h.wait_consumed().await;
+    let prefix = h.settings.output.key_prefix.clone();
+    let mut c = cluster.client();
+    s.check_with(
+        &mut |m: &str| {
+            let scores: Vec<(String, f64)> = c
+                .zrevrange_withscores(format!("{prefix}:scores:{{{m}}}"), 0, -1)
+                .unwrap();
+            let meta: std::collections::HashMap<String, String> =
+                c.hgetall(format!("{prefix}:meta:{{{m}}}")).unwrap();
+            (scores, meta)
+        },
+        &scorer,
+        t,
+    );
+    w.stop().await.unwrap();
+}

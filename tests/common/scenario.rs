@@ -157,6 +157,16 @@ impl Scenario {
 
     /// Asserts Redis holds exactly the expected scores for every member.
     pub fn check(&self, h: &Harness, scorer: &rescorer::score::Scorer, t: i64) {
+        self.check_with(&mut |m: &str| (h.scores(m), h.meta(m)), scorer, t);
+    }
+
+    /// Same, reading each member's (scores, meta) through `read`.
+    pub fn check_with(
+        &self,
+        read: &mut dyn FnMut(&str) -> (Vec<(String, f64)>, HashMap<String, String>),
+        scorer: &rescorer::score::Scorer,
+        t: i64,
+    ) {
         let expected = self.expected(scorer, t);
         let members: std::collections::HashSet<String> = self
             .events
@@ -168,7 +178,7 @@ impl Scenario {
             .collect();
         let mut checked = 0;
         for m in members {
-            let mut got = h.scores(&m);
+            let (mut got, meta) = read(&m);
             got.sort_by(|a, b| a.0.cmp(&b.0));
             let mut want = expected.get(&m).cloned().unwrap_or_default();
             want.sort_by(|a, b| a.0.cmp(&b.0));
@@ -177,7 +187,7 @@ impl Scenario {
                 "member {m}: stored scores differ from the model's final-state scores"
             );
             if !want.is_empty() {
-                assert_eq!(h.meta(&m)["as_of"], t.to_string(), "member {m}");
+                assert_eq!(meta["as_of"], t.to_string(), "member {m}");
             }
             checked += want.len();
         }

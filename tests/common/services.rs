@@ -158,3 +158,100 @@ impl Drop for Broker {
         }
     }
 }
+
+/// A three-primary Redis Cluster on free local ports.
+pub struct RedisCluster {
+    nodes: Vec<Child>,
+    pub ports: Vec<u16>,
+    _dirs: Vec<tempfile::TempDir>,
+}
+
+impl RedisCluster {
+    pub fn start() -> Self {
+        let mut nodes = Vec::new();
+        let mut ports = Vec::new();
+        let mut dirs = Vec::new();
+        for _ in 0..3 {
+            let port = free_port();
+            let dir = tempfile::tempdir().expect("temp dir");
+            let child = Command::new(find_binary("redis-server"))
+                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+                .args([
+                    "--cluster-enabled",
+                    "yes",
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                ])
+                .arg("--dir")
+                .arg(dir.path())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("redis-server starts in cluster mode");
+            wait_for_port(port, "redis-server (cluster node)");
+            nodes.push(child);
+            ports.push(port);
+            dirs.push(dir);
+        }
+        let addrs: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+        let status = Command::new(find_binary("redis-cli"))
+            .args(["--cluster", "create"])
+            .args(&addrs)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .expect("redis-cli --cluster create runs");
+        assert!(status.success(), "cluster create failed");
+        let until = Instant::now() + Duration::from_secs(20);
+        for p in &ports {
+            loop {
+                let info: String = redis::Client::open(format!("redis://127.0.0.1:{p}"))
+                    .and_then(|c| c.get_connection())
+                    .and_then(|mut c| redis::cmd("CLUSTER").arg("INFO").query(&mut c))
+                    .unwrap_or_default();
+                if info.contains("cluster_state:ok") {
+                    break;
+                }
+                assert!(Instant::now() < until, "cluster not ok on {p}");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+        Self {
+            nodes,
+            ports,
+            _dirs: dirs,
+        }
+    }
+
+    /// Seed nodes in the worker's `redis.url` format for `redis.cluster = true`.
+    pub fn url(&self) -> String {
+        self.ports
+            .iter()
+            .map(|p| format!("redis://127.0.0.1:{p}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    pub fn client(&self) -> redis::cluster::ClusterConnection {
+        let nodes: Vec<String> = self
+            .ports
+            .iter()
+            .map(|p| format!("redis://127.0.0.1:{p}"))
+            .collect();
+        redis::cluster::ClusterClient::new(nodes)
+            .and_then(|c| c.get_connection())
+            .expect("cluster connection")
+    }
+}
+
+impl Drop for RedisCluster {
+    fn drop(&mut self) {
+        for c in &mut self.nodes {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
