@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, ConsumerContext, Rebalance, StreamConsumer};
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, StreamConsumer};
 use rdkafka::error::KafkaResult;
 use rdkafka::statistics::Statistics;
 use rdkafka::ClientContext;
@@ -67,6 +67,21 @@ fn tps(list: &rdkafka::TopicPartitionList) -> Vec<Tp> {
 }
 
 impl ConsumerContext for Ctx {
+    /// On revocation, commit what is already acknowledged before the partitions move, so the new
+    /// owner replays as little as possible. Messages not yet written are not committed; the new
+    /// owner replays them (every write is idempotent under the event-time guards).
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Revoke(_) = rebalance {
+            match consumer.commit_consumer_state(rdkafka::consumer::CommitMode::Sync) {
+                Ok(())
+                | Err(rdkafka::error::KafkaError::ConsumerCommit(
+                    rdkafka::types::RDKafkaErrorCode::NoOffset,
+                )) => {}
+                Err(e) => tracing::warn!(error = %e, "commit before revocation failed"),
+            }
+        }
+    }
+
     fn post_rebalance(&self, _c: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         let mut assigned = self
             .shared

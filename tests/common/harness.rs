@@ -191,17 +191,16 @@ impl Harness {
             .await;
     }
 
-    /// One tick to every partition of the ticks topic (what `rescorer tick` does).
+    /// One tick to every partition of the ticks topic, published by `rescorer tick`'s code.
     pub async fn tick(&self, ts: i64) {
+        let n = rescorer::tick::publish(&self.settings, &self.producer, ts)
+            .await
+            .expect("tick published");
+        assert_eq!(n as i32, self.partitions);
+        let topic = self.settings.topics.decay_ticks.clone();
+        let mut produced = self.produced.lock().unwrap();
         for p in 0..self.partitions {
-            let v = serde_json::json!({"ts": ts}).to_string();
-            self.send_raw(
-                &self.settings.topics.decay_ticks.clone(),
-                None,
-                Some(v.as_bytes()),
-                Some(p),
-            )
-            .await;
+            *produced.entry((topic.clone(), p)).or_insert(0) += 1;
         }
     }
 
