@@ -28,6 +28,27 @@ impl Store {
         ]
     }
 
+    /// One `pair.lua` call writing `state` (an upsert, or a removal tombstone).
+    fn pair_call(
+        &self,
+        member: &str,
+        candidate: &str,
+        state: &PairState,
+        top_n: usize,
+    ) -> Result<(&Script, Vec<String>, Vec<String>), StoreError> {
+        let json = serde_json::to_string(state).map_err(|e| protocol("pair state", e))?;
+        let op = if state.rm { "remove" } else { "upsert" };
+        let args = vec![
+            candidate.to_owned(),
+            state.ts.to_string(),
+            state.o.to_string(),
+            json,
+            op.into(),
+            top_n.to_string(),
+        ];
+        Ok((&self.scripts.pair, self.pair_keys(member), args))
+    }
+
     /// Applies `events` (each with its offset, for last-writer-wins ties) in order. Idempotent:
     /// replaying the same events leaves the same state.
     pub async fn apply(
@@ -37,7 +58,6 @@ impl Store {
     ) -> Result<Vec<Applied>, StoreError> {
         let mut calls: Vec<(&Script, Vec<String>, Vec<String>)> = Vec::with_capacity(events.len());
         for (ev, offset) in events {
-            let off = offset.to_string();
             match ev {
                 Event::Features(u) => {
                     let keys = match u.entity {
@@ -50,7 +70,7 @@ impl Store {
                             self.keys.candidate_versions(&u.id),
                         ],
                     };
-                    let mut args = vec![u.ts.to_string(), off];
+                    let mut args = vec![u.ts.to_string(), offset.to_string()];
                     for (name, v) in &u.features {
                         args.push(name.clone());
                         args.push(v.map(|x| x.to_string()).unwrap_or_default());
@@ -65,17 +85,7 @@ impl Store {
                         o: *offset,
                         rm: false,
                     };
-                    let json =
-                        serde_json::to_string(&state).map_err(|e| protocol("pair state", e))?;
-                    let args = vec![
-                        u.candidate_id.clone(),
-                        u.ts.to_string(),
-                        off,
-                        json,
-                        "upsert".into(),
-                        top_n.to_string(),
-                    ];
-                    calls.push((&self.scripts.pair, self.pair_keys(&u.member_id), args));
+                    calls.push(self.pair_call(&u.member_id, &u.candidate_id, &state, top_n)?);
                 }
                 Event::Remove(r) => {
                     let state = PairState {
@@ -85,17 +95,7 @@ impl Store {
                         o: *offset,
                         rm: true,
                     };
-                    let json =
-                        serde_json::to_string(&state).map_err(|e| protocol("pair state", e))?;
-                    let args = vec![
-                        r.candidate_id.clone(),
-                        r.ts.to_string(),
-                        off,
-                        json,
-                        "remove".into(),
-                        top_n.to_string(),
-                    ];
-                    calls.push((&self.scripts.pair, self.pair_keys(&r.member_id), args));
+                    calls.push(self.pair_call(&r.member_id, &r.candidate_id, &state, top_n)?);
                 }
                 Event::Tick(_) => {}
             }
