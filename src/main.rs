@@ -46,6 +46,41 @@ enum Command {
         #[arg(long, default_value = "models/catchup-ranker.json")]
         spec: PathBuf,
     },
+    /// Publish synthetic Catch Up traffic to the configured topics.
+    Loadgen {
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// Events per second; 0 publishes as fast as the broker takes them.
+        #[arg(long, default_value_t = 1000)]
+        rate: u64,
+        /// Stop after this many events (0: no limit). With --rate 0 this pre-loads a backlog.
+        #[arg(long, default_value_t = 0)]
+        count: u64,
+        /// Stop after this many seconds (0: no limit).
+        #[arg(long, default_value_t = 0)]
+        seconds: u64,
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+        #[arg(long, default_value_t = 100_000)]
+        members: usize,
+        #[arg(long, default_value_t = 100_000)]
+        candidates: usize,
+        /// Zipf exponent of who gets events (hot members and candidates).
+        #[arg(long, default_value_t = 1.1)]
+        zipf: f64,
+        /// Percent of member feature updates.
+        #[arg(long, default_value_t = 25)]
+        member_updates: u32,
+        /// Percent of candidate feature updates.
+        #[arg(long, default_value_t = 15)]
+        candidate_updates: u32,
+        /// Percent of removals (the rest are new candidates).
+        #[arg(long, default_value_t = 5)]
+        removals: u32,
+    },
+    /// Topic administration.
+    #[command(subcommand)]
+    Topics(TopicsCommand),
     /// Score pairs given as JSON lines (stdin or a file) and print one score per line.
     Score {
         #[command(flatten)]
@@ -60,6 +95,23 @@ enum Command {
     /// Benchmarks.
     #[command(subcommand)]
     Bench(BenchCommand),
+}
+
+#[derive(Subcommand)]
+enum TopicsCommand {
+    /// Create the topics in topics/topics.toml that are missing; report drift of the others.
+    Apply {
+        #[command(flatten)]
+        config: ConfigArgs,
+        #[arg(long, default_value = "topics/topics.toml")]
+        topics: PathBuf,
+        /// Replication factor for every topic created (e.g. 1 on a single-broker cluster).
+        #[arg(long)]
+        replication_factor: Option<i32>,
+        /// Exit with status 3 when an existing topic differs from its definition.
+        #[arg(long)]
+        fail_on_drift: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -189,6 +241,77 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             partitions: 4,
             model_spec: spec,
         })),
+        Command::Loadgen {
+            config,
+            rate,
+            count,
+            seconds,
+            seed,
+            members,
+            candidates,
+            zipf,
+            member_updates,
+            candidate_updates,
+            removals,
+        } => {
+            let settings = config.load()?;
+            anyhow::ensure!(
+                member_updates + candidate_updates + removals <= 100,
+                "the mix percentages exceed 100"
+            );
+            let opts = rescorer::cli::loadgen::LoadgenOptions {
+                rate,
+                count,
+                seconds,
+                seed,
+                members,
+                candidates,
+                zipf,
+                mix: rescorer::traffic::Mix {
+                    member_updates,
+                    candidate_updates,
+                    removals,
+                },
+                event_time: None,
+            };
+            let report = runtime()?.block_on(rescorer::cli::loadgen::run(&settings, &opts))?;
+            println!(
+                "published {} events in {:.1} s ({:.0} events/s)",
+                report.sent,
+                report.seconds,
+                report.sent as f64 / report.seconds.max(1e-9)
+            );
+            Ok(())
+        }
+        Command::Topics(TopicsCommand::Apply {
+            config,
+            topics,
+            replication_factor,
+            fail_on_drift,
+        }) => {
+            let settings = config.load()?;
+            let file = rescorer::cli::topics::TopicsFile::load(&topics)?;
+            let results = runtime()?.block_on(rescorer::cli::topics::apply(
+                &settings,
+                &file,
+                replication_factor,
+            ))?;
+            let mut drifted = false;
+            for (name, status) in results {
+                match status {
+                    rescorer::cli::topics::TopicStatus::Created => println!("{name}: created"),
+                    rescorer::cli::topics::TopicStatus::UpToDate => println!("{name}: up to date"),
+                    rescorer::cli::topics::TopicStatus::Drift(d) => {
+                        drifted = true;
+                        println!("{name}: DRIFT (left unchanged): {}", d.join("; "));
+                    }
+                }
+            }
+            if drifted && fail_on_drift {
+                std::process::exit(3);
+            }
+            Ok(())
+        }
         Command::Tick { config, ts } => {
             let settings = config.load()?;
             let ts = ts.unwrap_or_else(rescorer::worker::chrono_now_ms);
