@@ -11,14 +11,16 @@ sudo_if_needed() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
 missing=()
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
+command -v docker-compose >/dev/null 2>&1 || missing+=(docker-compose)
 command -v pkg-config >/dev/null 2>&1 || missing+=(pkg-config)
 [ -f /usr/include/openssl/ssl.h ] || missing+=(libssl-dev)
 command -v python3 >/dev/null 2>&1 || missing+=(python3)
 python3 -m pip --version >/dev/null 2>&1 || missing+=(python3-pip)
+python3 -c "import venv, ensurepip" >/dev/null 2>&1 || missing+=(python3-venv)
 command -v make >/dev/null 2>&1 || missing+=(make)
 command -v cc >/dev/null 2>&1 || missing+=(gcc g++)
 if [ ${#missing[@]} -gt 0 ]; then
-  echo "==> system packages: ${missing[*]} (redis-server for tests, promtool to check metrics, OpenSSL headers for TLS)"
+  echo "==> system packages: ${missing[*]} (redis-server for tests, promtool and docker-compose to check deploy/, OpenSSL headers for TLS)"
   sudo_if_needed apt-get update -qq
   sudo_if_needed env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 else
@@ -27,6 +29,14 @@ fi
 
 echo "==> ONNX Runtime shared library (PyPI wheel onnxruntime)"
 scripts/install-onnxruntime.sh
+
+if [ ! -x .tools/bin/kubernetes-validate ]; then
+  echo "==> kubernetes-validate (PyPI) in .tools/, to check deploy/k8s against the Kubernetes schemas"
+  python3 -m venv .tools
+  .tools/bin/pip install -q kubernetes-validate==1.37.0
+else
+  echo "==> kubernetes-validate present"
+fi
 
 if command -v tansu >/dev/null 2>&1 || [ -x "$HOME/.cargo/bin/tansu" ]; then
   echo "==> Kafka-protocol broker for tests: tansu present"

@@ -142,26 +142,7 @@ impl Metrics {
             "1 when the model is loaded, Redis is reachable and partitions are assigned",
         )
         .expect("static metric definition is valid");
-        for m in [
-            Box::new(model_info.clone()) as Box<dyn prometheus::core::Collector>,
-            Box::new(model_seconds.clone()),
-            Box::new(batch_pairs.clone()),
-            Box::new(pairs_scored_total.clone()),
-            Box::new(events_total.clone()),
-            Box::new(event_to_score_seconds.clone()),
-            Box::new(redis_write_seconds.clone()),
-            Box::new(scores_superseded_total.clone()),
-            Box::new(redis_errors_total.clone()),
-            Box::new(consumer_lag.clone()),
-            Box::new(consumer_lag_seconds.clone()),
-            Box::new(assigned_partitions.clone()),
-            Box::new(ready.clone()),
-        ] {
-            registry
-                .register(m)
-                .expect("each metric is registered once in a fresh registry");
-        }
-        Self {
+        let this = Self {
             registry,
             model_info,
             model_seconds,
@@ -176,7 +157,45 @@ impl Metrics {
             consumer_lag_seconds,
             assigned_partitions,
             ready,
+        };
+        for c in this.collectors() {
+            this.registry
+                .register(c)
+                .expect("each metric is registered once in a fresh registry");
         }
+        this
+    }
+
+    fn collectors(&self) -> Vec<Box<dyn prometheus::core::Collector>> {
+        vec![
+            Box::new(self.model_info.clone()),
+            Box::new(self.model_seconds.clone()),
+            Box::new(self.batch_pairs.clone()),
+            Box::new(self.pairs_scored_total.clone()),
+            Box::new(self.events_total.clone()),
+            Box::new(self.event_to_score_seconds.clone()),
+            Box::new(self.redis_write_seconds.clone()),
+            Box::new(self.scores_superseded_total.clone()),
+            Box::new(self.redis_errors_total.clone()),
+            Box::new(self.consumer_lag.clone()),
+            Box::new(self.consumer_lag_seconds.clone()),
+            Box::new(self.assigned_partitions.clone()),
+            Box::new(self.ready.clone()),
+        ]
+    }
+
+    /// Names of every metric family this worker exports (histograms also export `_bucket`,
+    /// `_sum` and `_count` series), whether or not it has samples yet.
+    pub fn names(&self) -> Vec<String> {
+        self.collectors()
+            .iter()
+            .flat_map(|c| {
+                c.desc()
+                    .into_iter()
+                    .map(|d| d.fq_name.clone())
+                    .collect::<Vec<_>>()
+            })
+            .collect()
     }
 
     /// The Prometheus text exposition of every metric.
