@@ -227,3 +227,34 @@ fn the_dockerfile_copies_what_exists_and_points_at_the_library_it_installs() {
     assert!(df.contains("ORT_DYLIB_PATH=/opt/rescorer/lib/libonnxruntime.so"));
     assert!(df.contains("cargo build --release --locked"));
 }
+
+#[test]
+fn the_image_install_step_puts_the_library_where_the_image_expects_it() {
+    // The Dockerfile runs `scripts/install-onnxruntime.sh $ORT_FLAVOUR /opt/rescorer/lib`; run the
+    // same script into another directory and load the model with what it installed.
+    let dir = tempfile::tempdir().unwrap();
+    run_ok(
+        Command::new(root().join("scripts/install-onnxruntime.sh")).arg(dir.path()),
+        "scripts/install-onnxruntime.sh DEST",
+    );
+    let lib = dir.path().join("libonnxruntime.so");
+    assert!(lib.exists(), "{} installed", lib.display());
+    let out = Command::new(env!("CARGO_BIN_EXE_rescorer"))
+        .current_dir(root())
+        .env_remove("ORT_DYLIB_PATH")
+        .args([
+            "score",
+            "--input",
+            "models/catchup-ranker.golden.jsonl",
+            "--runtime-library",
+        ])
+        .arg(&lib)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 300);
+}
