@@ -27,8 +27,13 @@ pub struct MsgRef {
 }
 
 /// One batch window.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Window {
+    /// Merge repeated triggers (the default). Off only to measure what coalescing buys: repeats
+    /// are then kept in `uncoalesced` and each is scored again.
+    coalesce: bool,
+    /// Triggers that would have merged, when `coalesce` is off: (member, candidate or all, as_of).
+    pub uncoalesced: Vec<(String, Option<String>, i64)>,
     pub members: HashMap<String, MemberWork>,
     /// Triggers folded in so far (explicit pairs plus whole-member triggers), a size estimate.
     triggers: usize,
@@ -38,7 +43,24 @@ pub struct Window {
     pub started: Option<Instant>,
 }
 
+impl Default for Window {
+    fn default() -> Self {
+        Self::new(true)
+    }
+}
+
 impl Window {
+    pub fn new(coalesce: bool) -> Self {
+        Self {
+            coalesce,
+            uncoalesced: Vec::new(),
+            members: HashMap::new(),
+            triggers: 0,
+            messages: Vec::new(),
+            started: None,
+        }
+    }
+
     /// Nothing to write and no deadline running.
     pub fn is_empty(&self) -> bool {
         self.members.is_empty() && self.messages.is_empty() && self.started.is_none()
@@ -61,6 +83,10 @@ impl Window {
         self.touch_deadline();
         let w = self.members.entry(member.to_owned()).or_default();
         match &mut w.all {
+            Some(_) if !self.coalesce => {
+                self.uncoalesced.push((member.to_owned(), None, as_of));
+                self.triggers += 1;
+            }
             Some(t) => *t = (*t).max(as_of),
             None => {
                 w.all = Some(as_of);
@@ -74,6 +100,11 @@ impl Window {
         self.touch_deadline();
         let w = self.members.entry(member.to_owned()).or_default();
         match w.pairs.get_mut(candidate) {
+            Some(_) if !self.coalesce => {
+                self.uncoalesced
+                    .push((member.to_owned(), Some(candidate.to_owned()), as_of));
+                self.triggers += 1;
+            }
             Some(t) => *t = (*t).max(as_of),
             None => {
                 w.pairs.insert(candidate.to_owned(), as_of);
@@ -89,7 +120,7 @@ impl Window {
     }
 
     pub fn take(&mut self) -> Window {
-        std::mem::take(self)
+        std::mem::replace(self, Window::new(self.coalesce))
     }
 }
 
@@ -113,5 +144,17 @@ mod tests {
         let taken = w.take();
         assert!(w.is_empty() && w.started.is_none());
         assert_eq!(taken.members.len(), 2);
+    }
+
+    #[test]
+    fn without_coalescing_every_repeat_is_kept() {
+        let mut w = Window::new(false);
+        w.pair("m1", "c1", 5);
+        w.pair("m1", "c1", 9);
+        w.member("m1", 3);
+        w.member("m1", 4);
+        assert_eq!(w.size(), 4);
+        assert_eq!(w.uncoalesced.len(), 2);
+        assert!(w.take().uncoalesced.len() == 2 && w.uncoalesced.is_empty());
     }
 }

@@ -32,8 +32,34 @@ pub struct KafkaSettings {
     /// The consumer group every worker of one deployment shares.
     pub group_id: String,
     /// Passed to librdkafka untouched (SASL, TLS, timeouts, ...), e.g.
-    /// `"security.protocol" = "SASL_SSL"`. Overrides the worker's own defaults.
+    /// `"security.protocol" = "SASL_SSL"`. Overrides the worker's own defaults. Numbers and
+    /// booleans are accepted and passed as their text.
+    #[serde(deserialize_with = "scalar_strings")]
     pub options: BTreeMap<String, String>,
+}
+
+/// A map whose values may be TOML strings, integers, floats or booleans, kept as text.
+fn scalar_strings<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<BTreeMap<String, String>, D::Error> {
+    let raw = BTreeMap::<String, toml::Value>::deserialize(d)?;
+    raw.into_iter()
+        .map(|(k, v)| {
+            let text = match v {
+                toml::Value::String(s) => s,
+                toml::Value::Integer(i) => i.to_string(),
+                toml::Value::Float(f) => f.to_string(),
+                toml::Value::Boolean(b) => b.to_string(),
+                other => {
+                    return Err(serde::de::Error::custom(format!(
+                        "option `{k}` must be a string, number or boolean, got {}",
+                        other.type_str()
+                    )));
+                }
+            };
+            Ok((k, text))
+        })
+        .collect()
 }
 
 impl Default for KafkaSettings {
@@ -105,6 +131,9 @@ pub struct BatchSettings {
     pub fanout_chunk: usize,
     /// Fan-outs and decay ticks in progress at once; beyond it the worker stops taking input.
     pub max_jobs: usize,
+    /// Merge repeated triggers for a member or pair inside a window. Only the benchmark's
+    /// ablation turns it off, to measure what it saves.
+    pub coalesce: bool,
 }
 
 impl Default for BatchSettings {
@@ -114,6 +143,7 @@ impl Default for BatchSettings {
             max_wait_ms: 20,
             fanout_chunk: 500,
             max_jobs: 64,
+            coalesce: true,
         }
     }
 }
@@ -481,6 +511,10 @@ mod tests {
                 "RESCORER__KAFKA__OPTIONS__SASL.USERNAME".to_string(),
                 "u".to_string(),
             ),
+            (
+                "RESCORER__KAFKA__OPTIONS__FETCH.WAIT.MAX.MS".to_string(),
+                "20".to_string(),
+            ),
             ("UNRELATED".to_string(), "x".to_string()),
         ];
         let s = Settings::load(Some(&p), env, &["output.top_n=9".into()]).unwrap();
@@ -488,6 +522,7 @@ mod tests {
         assert_eq!(s.kafka.group_id, "from-env");
         assert_eq!(s.output.top_n, 9);
         assert_eq!(s.kafka.options["sasl.username"], "u");
+        assert_eq!(s.kafka.options["fetch.wait.max.ms"], "20");
         assert_eq!(s.batch, BatchSettings::default());
     }
 

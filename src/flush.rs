@@ -109,6 +109,37 @@ impl Flusher<'_> {
             }
         }
 
+        // Coalescing switched off (a measurement mode): every repeated trigger is scored again.
+        for (m, cand, t) in &window.uncoalesced {
+            let Some(i) = members.iter().position(|x| x == m) else {
+                continue;
+            };
+            let state = &loaded[i];
+            let prev = |c: &str| state.scored_as_of.get(c).copied().unwrap_or(i64::MIN);
+            match cand {
+                None => {
+                    for (c, p) in &state.pairs {
+                        rows.push(Row {
+                            member: members[i],
+                            candidate: c,
+                            as_of: (*t).max(prev(c)),
+                            moment_ts: p.ts,
+                        });
+                    }
+                }
+                Some(c) => {
+                    if let Some((c, p)) = state.pairs.get_key_value(c.as_str()) {
+                        rows.push(Row {
+                            member: members[i],
+                            candidate: c,
+                            as_of: (*t).max(prev(c)),
+                            moment_ts: p.ts,
+                        });
+                    }
+                }
+            }
+        }
+
         let mut cands: Vec<&str> = rows.iter().map(|r| r.candidate).collect();
         cands.sort_unstable();
         cands.dedup();

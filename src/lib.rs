@@ -15,6 +15,7 @@
 //! [`traffic`] and [`demo`] (synthetic load, the zero-setup first run), and [`cli`].
 
 pub mod app;
+pub mod bench;
 pub mod cli;
 pub mod coalesce;
 pub mod config;

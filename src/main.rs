@@ -116,6 +116,30 @@ enum TopicsCommand {
 
 #[derive(Subcommand)]
 enum BenchCommand {
+    /// The worker end to end against the configured broker and Redis, with ceilings, drains,
+    /// ablations and open-loop freshness (scripts/bench.sh runs it on local services).
+    E2e {
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// Events pre-loaded for each drain.
+        #[arg(long, default_value_t = 100_000)]
+        backlog: u64,
+        /// Partitions per topic of the scratch topics.
+        #[arg(long, default_value_t = 4)]
+        partitions: i32,
+        /// Seconds of open-loop traffic per freshness level.
+        #[arg(long, default_value_t = 15)]
+        seconds: u64,
+        #[arg(long, default_value_t = 100_000)]
+        members: usize,
+        #[arg(long, default_value_t = 100_000)]
+        candidates: usize,
+        #[arg(long, default_value_t = 1.1)]
+        zipf: f64,
+        /// Write the report here as JSON, and as markdown beside it (`.md`).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// Model rows/s and batch latency per batch size.
     Model {
         #[command(flatten)]
@@ -344,6 +368,37 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     rescorer::cli::score::run(&scorer, std::io::stdin().lock(), stdout, batch_size)
                 }
             }
+        }
+        Command::Bench(BenchCommand::E2e {
+            config,
+            backlog,
+            partitions,
+            seconds,
+            members,
+            candidates,
+            zipf,
+            out,
+        }) => {
+            let settings = config.load()?;
+            let opts = rescorer::bench::BenchOptions {
+                backlog,
+                partitions,
+                freshness_seconds: seconds,
+                members,
+                candidates,
+                zipf,
+                out: out.clone(),
+            };
+            let report = runtime()?.block_on(rescorer::bench::run(&settings, &opts))?;
+            println!("{}", report.markdown());
+            if let Some(out) = out {
+                std::fs::write(&out, serde_json::to_string_pretty(&report)? + "\n")
+                    .with_context(|| format!("writing {}", out.display()))?;
+                let md = out.with_extension("md");
+                std::fs::write(&md, report.markdown())
+                    .with_context(|| format!("writing {}", md.display()))?;
+            }
+            Ok(())
         }
         Command::Bench(BenchCommand::Model {
             model,

@@ -145,7 +145,7 @@ impl Worker {
         tracing::info!(topics = ?topics, group = %self.settings.kafka.group_id, "subscribed");
         let mut run = Run {
             tracker: OffsetTracker::new(),
-            window: Window::default(),
+            window: Window::new(self.settings.batch.coalesce),
             jobs: Jobs::default(),
             kinds,
             tick_partitions: None,

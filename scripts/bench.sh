@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# The end-to-end benchmark on this machine: starts a Kafka-protocol broker (tansu, in memory) and a
+# redis-server on free local ports, builds the release binary, runs `rescorer bench e2e` against
+# them, and writes perf/e2e.json and perf/e2e.md. Arguments go to the benchmark, e.g.
+#   scripts/bench.sh --backlog 50000 --seconds 10
+# Set RESCORER_BENCH_SMOKE=1 for a tiny run that only proves the benchmark works end to end.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PATH="$HOME/.cargo/bin:$PATH"
+command -v tansu >/dev/null || { echo "tansu missing: run scripts/test.sh once (it installs it)"; exit 1; }
+command -v redis-server >/dev/null || { echo "redis-server missing: apt-get install redis-server"; exit 1; }
+scripts/install-onnxruntime.sh >/dev/null
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+work="$(mktemp -d)"
+kport=$(free_port); rport=$(free_port)
+tansu broker --listener-url "tcp://127.0.0.1:$kport" --advertised-listener-url "tcp://127.0.0.1:$kport" \
+  --storage-engine memory://tansu/ > "$work/tansu.log" 2>&1 &
+kpid=$!
+redis-server --port "$rport" --bind 127.0.0.1 --save "" --appendonly no --dir "$work" > "$work/redis.log" 2>&1 &
+rpid=$!
+trap 'kill $kpid $rpid 2>/dev/null; rm -rf "$work"' EXIT
+cat > "$work/bench.toml" <<TOML
+[kafka]
+bootstrap_servers = "127.0.0.1:$kport"
+[redis]
+url = "redis://127.0.0.1:$rport"
+TOML
+sleep 1
+cargo build --release --locked -q
+out=perf/e2e.json
+extra=()
+if [ -n "${RESCORER_BENCH_SMOKE:-}" ]; then
+  out="$work/smoke.json"
+  extra=(--backlog 2000 --seconds 2 --members 1000 --candidates 1000)
+fi
+target/release/rescorer bench e2e --config "$work/bench.toml" --out "$out" "${extra[@]}" "$@"

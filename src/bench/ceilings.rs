@@ -1,0 +1,139 @@
+//! The limits the worker is measured against, taken in the same run on the same machine: raw
+//! consume rate from the broker, raw model rows/s at the worker's batch size, and raw pipelined
+//! Redis score writes in the worker's own pattern (its Lua script, members of 8 pairs).
+
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::Message;
+use serde::Serialize;
+
+use crate::config::Settings;
+use crate::decode::{Event, PairUpsert};
+use crate::model::FeatureMap;
+use crate::score::Scorer;
+use crate::store::{Keys, ScoreWrite, Store};
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Ceilings {
+    /// Messages/s a plain consumer reads from a pre-filled topic.
+    pub consume_msgs_per_s: f64,
+    /// Model rows/s at the worker's batch size.
+    pub model_rows_per_s: f64,
+    /// Scores/s through the worker's score script, pipelined like a flush.
+    pub redis_pairs_per_s: f64,
+}
+
+/// Fills `topic` with `n` messages like the worker's input, then consumes them all.
+pub async fn consume(settings: &Settings, topic: &str, n: u64) -> anyhow::Result<f64> {
+    let producer: FutureProducer = crate::consume::base_config(settings)
+        .set("linger.ms", "5")
+        .set("queue.buffering.max.messages", "500000")
+        .create()?;
+    let mut traffic = crate::traffic::Traffic::new(9, 100_000, 100_000, 1.1, Default::default());
+    for i in 0..n {
+        let ev = traffic.next(1_764_000_000_000 + i as i64);
+        let payload = ev.value.to_string();
+        loop {
+            let rec: FutureRecord<'_, str, str> = FutureRecord::to(topic)
+                .key(ev.key.as_str())
+                .payload(payload.as_str());
+            match producer.send_result(rec) {
+                Ok(_) => break,
+                Err(_) => producer.poll(Duration::from_millis(10)),
+            }
+        }
+    }
+    producer
+        .flush(Duration::from_secs(120))
+        .context("filling the consume-ceiling topic")?;
+    let consumer: StreamConsumer = crate::consume::base_config(settings)
+        .set("group.id", format!("{topic}-reader"))
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        .create()?;
+    consumer.subscribe(&[topic])?;
+    let first = consumer.recv().await?;
+    let _ = first.payload().map(<[u8]>::len);
+    drop(first);
+    let started = Instant::now();
+    let mut seen = 1u64;
+    while seen < n {
+        let m = tokio::time::timeout(Duration::from_secs(30), consumer.recv())
+            .await
+            .context("consume ceiling: the topic ran dry early")??;
+        let _ = m.payload().map(<[u8]>::len);
+        seen += 1;
+    }
+    Ok((seen - 1) as f64 / started.elapsed().as_secs_f64())
+}
+
+/// Rows/s of the model at `batch` rows per run.
+pub fn model(scorer: &Scorer, batch: usize, seconds: f64) -> anyhow::Result<f64> {
+    let r = crate::cli::bench_model::run(scorer, &[batch], seconds, 1)?;
+    Ok(r.results[0].rows_per_s)
+}
+
+/// Scores/s through the score script, 128 members × 8 pairs per pipeline (one flush of 1024).
+pub async fn redis(store: &Store, seconds: f64) -> anyhow::Result<f64> {
+    const MEMBERS: usize = 128;
+    const PAIRS: usize = 8;
+    let mut events = Vec::new();
+    for m in 0..MEMBERS {
+        for c in 0..PAIRS {
+            events.push(Event::Upsert(PairUpsert {
+                member_id: format!("bm{m}"),
+                candidate_id: format!("bc{c}"),
+                reason: "job_change".into(),
+                pair_features: FeatureMap::from([("affinity".to_string(), 0.5)]),
+                ts: 1,
+            }));
+        }
+    }
+    let refs: Vec<(&Event, i64)> = events
+        .iter()
+        .enumerate()
+        .map(|(i, e)| (e, i as i64))
+        .collect();
+    store.apply(&refs, 100).await?;
+    let members: Vec<String> = (0..MEMBERS).map(|m| format!("bm{m}")).collect();
+    let started = Instant::now();
+    let mut round: i64 = 0;
+    let mut written = 0usize;
+    while started.elapsed().as_secs_f64() < seconds {
+        round += 1;
+        let batches: Vec<(&str, Vec<ScoreWrite>)> = members
+            .iter()
+            .map(|m| {
+                let writes = (0..PAIRS)
+                    .map(|c| ScoreWrite {
+                        candidate: format!("bc{c}"),
+                        score: 0.5 + c as f32 / 100.0,
+                        as_of: round,
+                    })
+                    .collect();
+                (m.as_str(), writes)
+            })
+            .collect();
+        store
+            .write_scores("bench:1", 100, 60_000, round, &batches)
+            .await?;
+        written += MEMBERS * PAIRS;
+    }
+    Ok(written as f64 / started.elapsed().as_secs_f64())
+}
+
+/// A store on `settings.redis` under a scratch prefix.
+pub async fn scratch_store(settings: &Settings, prefix: &str) -> anyhow::Result<Store> {
+    let conn = crate::store::connect(
+        &settings.redis.url,
+        settings.redis.cluster,
+        Duration::from_secs(5),
+    )
+    .await?;
+    let store = Store::new(conn, Keys::new(prefix, settings.decay.shards));
+    store.load_scripts().await?;
+    Ok(store)
+}
