@@ -131,6 +131,11 @@ pub struct BatchSettings {
     pub fanout_chunk: usize,
     /// Fan-outs and decay ticks in progress at once; beyond it the worker stops taking input.
     pub max_jobs: usize,
+    /// A candidate's fan-out starts at most once per this interval; its updates in between merge
+    /// into the next run. A hot candidate (many members, frequent updates) would otherwise rescore
+    /// all of its pairs on every update; 1 s caps that cost at the price of at most 1 s of extra
+    /// staleness for those pairs.
+    pub fanout_min_interval_ms: u64,
     /// Merge repeated triggers for a member or pair inside a window. Only the benchmark's
     /// ablation turns it off, to measure what it saves.
     pub coalesce: bool,
@@ -143,6 +148,7 @@ impl Default for BatchSettings {
             max_wait_ms: 20,
             fanout_chunk: 500,
             max_jobs: 64,
+            fanout_min_interval_ms: 1000,
             coalesce: true,
         }
     }

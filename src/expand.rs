@@ -8,7 +8,10 @@
 //! already visited were scored with the older features. A tick chunk is fetched only after the
 //! previous chunk was written (written pairs are rescheduled past the tick, so the walk moves on).
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use crate::coalesce::{MsgRef, Window};
 use crate::store::{Store, StoreError};
@@ -34,15 +37,35 @@ struct Job {
     finishing: bool,
     /// A chunk is in the current window and must be written before the next is fetched.
     waiting: bool,
+    /// A candidate's next fan-out waits for its minimum interval to pass.
+    not_before: Option<Instant>,
+}
+
+impl Job {
+    fn ready(&self, now: Instant) -> bool {
+        !self.waiting && !self.finishing && self.not_before.is_none_or(|t| t <= now)
+    }
 }
 
 /// Jobs in progress, advanced round-robin.
 #[derive(Debug, Default)]
 pub struct Jobs {
     queue: VecDeque<Job>,
+    /// A candidate's fan-out starts at most once per this interval; updates in between merge
+    /// into the next run. Bounds the cost of a hot candidate updated many times a second.
+    min_fanout_interval: Duration,
+    /// When each recently fanned-out candidate's last run started.
+    last_fanout: HashMap<String, Instant>,
 }
 
 impl Jobs {
+    pub fn new(min_fanout_interval: Duration) -> Self {
+        Self {
+            min_fanout_interval,
+            ..Self::default()
+        }
+    }
+
     pub fn len(&self) -> usize {
         self.queue.len()
     }
@@ -53,7 +76,17 @@ impl Jobs {
 
     /// Whether any job can take a step now.
     pub fn runnable(&self) -> bool {
-        self.queue.iter().any(|j| !j.waiting && !j.finishing)
+        let now = Instant::now();
+        self.queue.iter().any(|j| j.ready(now))
+    }
+
+    /// When a job held back by its fan-out interval becomes runnable, if one is.
+    pub fn next_wake(&self) -> Option<Instant> {
+        self.queue
+            .iter()
+            .filter(|j| !j.waiting && !j.finishing)
+            .filter_map(|j| j.not_before)
+            .min()
     }
 
     /// Queues a fan-out over `candidate`'s members as of `as_of`, merging with a queued one.
@@ -72,6 +105,17 @@ impl Jobs {
                 }
             }
         }
+        let now = Instant::now();
+        if self.last_fanout.len() > 100_000 {
+            let keep = self.min_fanout_interval;
+            self.last_fanout
+                .retain(|_, t| now.duration_since(*t) < keep);
+        }
+        let not_before = self
+            .last_fanout
+            .get(candidate)
+            .map(|t| *t + self.min_fanout_interval)
+            .filter(|t| *t > now);
         self.queue.push_back(Job {
             kind: Kind::Fanout {
                 candidate: candidate.to_owned(),
@@ -82,6 +126,7 @@ impl Jobs {
             messages: vec![msg],
             finishing: false,
             waiting: false,
+            not_before,
         });
     }
 
@@ -93,6 +138,7 @@ impl Jobs {
             messages: vec![msg],
             finishing: false,
             waiting: false,
+            not_before: None,
         });
     }
 
@@ -104,7 +150,8 @@ impl Jobs {
         fanout_chunk: usize,
         tick_chunk: usize,
     ) -> Result<(), StoreError> {
-        let Some(idx) = self.queue.iter().position(|j| !j.waiting && !j.finishing) else {
+        let now = Instant::now();
+        let Some(idx) = self.queue.iter().position(|j| j.ready(now)) else {
             return Ok(());
         };
         let job = &mut self.queue[idx];
@@ -115,7 +162,10 @@ impl Jobs {
                 started,
             } => {
                 let (next, members) = store.scan_reverse(candidate, *cursor, fanout_chunk).await?;
-                *started = true;
+                if !*started {
+                    *started = true;
+                    self.last_fanout.insert(candidate.clone(), now);
+                }
                 for m in &members {
                     window.pair(m, candidate, job.as_of);
                 }
@@ -174,5 +224,46 @@ impl Jobs {
         let n = self.queue.len();
         self.queue.clear();
         n
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msg(offset: i64) -> MsgRef {
+        MsgRef {
+            tp: ("t".into(), 0),
+            offset,
+            timestamp_ms: None,
+            topic_label: "feature_updates",
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_hot_candidate_fans_out_at_most_once_per_interval_and_updates_merge() {
+        let mut jobs = Jobs::new(Duration::from_secs(1));
+        jobs.fanout("hot", 10, msg(0));
+        jobs.fanout("hot", 20, msg(1));
+        assert_eq!(jobs.len(), 1, "a queued fan-out absorbs the next update");
+        assert!(jobs.runnable());
+        // Pretend the first run started now (what `step` records) and finished.
+        jobs.last_fanout.insert("hot".into(), Instant::now());
+        if let Kind::Fanout { started, .. } = &mut jobs.queue[0].kind {
+            *started = true;
+        }
+        jobs.queue[0].finishing = true;
+        assert_eq!(jobs.window_written().len(), 2);
+
+        jobs.fanout("hot", 30, msg(2));
+        jobs.fanout("hot", 40, msg(3));
+        assert_eq!(jobs.len(), 1);
+        assert!(!jobs.runnable(), "held back until the interval has passed");
+        let wake = jobs.next_wake().expect("a wake-up time");
+        tokio::time::advance(Duration::from_millis(1001)).await;
+        assert!(Instant::now() >= wake && jobs.runnable());
+        assert_eq!(jobs.queue[0].as_of, 40);
+        jobs.fanout("cold", 5, msg(4));
+        assert_eq!(jobs.len(), 2, "other candidates are not held back");
     }
 }

@@ -146,7 +146,9 @@ impl Worker {
         let mut run = Run {
             tracker: OffsetTracker::new(),
             window: Window::new(self.settings.batch.coalesce),
-            jobs: Jobs::default(),
+            jobs: Jobs::new(Duration::from_millis(
+                self.settings.batch.fanout_min_interval_ms,
+            )),
             kinds,
             tick_partitions: None,
         };
@@ -174,6 +176,8 @@ impl Worker {
                 .unwrap_or_else(Instant::now);
             let intake = !full && run.jobs.len() < self.settings.batch.max_jobs;
             let step_jobs = !full && run.jobs.runnable();
+            // A fan-out held back by its interval wakes the loop when it may start.
+            let wake = if full { None } else { run.jobs.next_wake() };
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break,
@@ -181,6 +185,7 @@ impl Worker {
                 _ = lag_timer.tick() => self.update_lag(&run.tracker),
                 _ = std::future::ready(()), if full => self.flush(&mut run, &hard_stop).await,
                 _ = sleep_until(deadline), if !run.window.is_empty() => self.flush(&mut run, &hard_stop).await,
+                _ = sleep_until(wake.unwrap_or(deadline)), if wake.is_some() && !step_jobs => {}
                 msg = consumer.recv(), if intake => match msg {
                     Ok(first) => {
                         // Take what is already fetched too, so one Redis round trip applies a run

@@ -1,0 +1,69 @@
+//! The end-to-end benchmark's smoke mode: proves `rescorer bench e2e` still works against a real
+//! broker and redis-server. It checks that every phase produced numbers, never how fast they are.
+
+mod common;
+
+use common::harness::Harness;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_benchmark_runs_every_phase_end_to_end() {
+    let h = Harness::new(1).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("bench.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[kafka]\nbootstrap_servers = \"{}\"\n[redis]\nurl = \"{}\"\n[model]\nspec = \"{}\"\n",
+            h.broker.bootstrap,
+            h.redis.url(),
+            common::model_spec().display()
+        ),
+    )
+    .unwrap();
+    let out = dir.path().join("e2e.json");
+    let status = tokio::process::Command::new(env!("CARGO_BIN_EXE_rescorer"))
+        .current_dir(common::root())
+        .args([
+            "bench",
+            "e2e",
+            "--backlog",
+            "300",
+            "--seconds",
+            "1",
+            "--members",
+            "100",
+        ])
+        .args(["--candidates", "100", "--partitions", "2", "--config"])
+        .arg(&config)
+        .arg("--out")
+        .arg(&out)
+        .stdout(std::process::Stdio::null())
+        .status()
+        .await
+        .unwrap();
+    assert!(status.success());
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    for ceiling in [
+        "consume_msgs_per_s",
+        "model_rows_per_s",
+        "redis_pairs_per_s",
+    ] {
+        assert!(
+            report["ceilings"][ceiling].as_f64().unwrap() > 0.0,
+            "{ceiling}: {report}"
+        );
+    }
+    for run in ["sustained", "no_coalescing", "batch_one"] {
+        assert_eq!(
+            report[run]["events"].as_u64(),
+            Some(300),
+            "{run} drained the backlog: {report}"
+        );
+        assert!(report[run]["peak_rss_mib"].as_f64().unwrap() > 0.0);
+    }
+    assert_eq!(report["freshness"].as_array().unwrap().len(), 3);
+    assert!(std::fs::read_to_string(out.with_extension("md"))
+        .unwrap()
+        .contains("## Ceilings"));
+}
