@@ -167,6 +167,7 @@ impl Worker {
         let mut lag_timer = tokio::time::interval(Duration::from_secs(1));
         lag_timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         let consumer = self.consumer.clone();
+        let mut jobs_turn = false;
         loop {
             let full = run.window.size() >= self.settings.batch.max_pairs;
             let deadline = run
@@ -186,6 +187,12 @@ impl Worker {
                 _ = std::future::ready(()), if full => self.flush(&mut run, &hard_stop).await,
                 _ = sleep_until(deadline), if !run.window.is_empty() => self.flush(&mut run, &hard_stop).await,
                 _ = sleep_until(wake.unwrap_or(deadline)), if wake.is_some() && !step_jobs => {}
+                // Fan-outs and ticks take turns with intake, so a steady stream of messages
+                // never starves them (their messages would wait, and the job cap stop intake).
+                _ = std::future::ready(()), if step_jobs && jobs_turn => {
+                    jobs_turn = false;
+                    self.step_jobs(&mut run, &hard_stop).await;
+                }
                 msg = consumer.recv(), if intake => match msg {
                     Ok(first) => {
                         // Take what is already fetched too, so one Redis round trip applies a run
@@ -199,22 +206,14 @@ impl Worker {
                             }
                         }
                         self.handle_batch(&mut run, &batch, &hard_stop).await;
+                        jobs_turn = true;
                     }
                     Err(e) => {
                         tracing::warn!(error = %e, "consumer error; librdkafka retries");
                         sleep(Duration::from_millis(200)).await;
                     }
                 },
-                _ = std::future::ready(()), if step_jobs => {
-                    let (fc, tc) = (self.settings.batch.fanout_chunk, self.settings.decay.chunk);
-                    let mut attempt = 0;
-                    while let Err(e) = run.jobs.step(&self.store, &mut run.window, fc, tc).await {
-                        attempt += 1;
-                        if !backoff("expand", &e.to_string(), attempt, &self.metrics, &self.health, &hard_stop).await {
-                            break;
-                        }
-                    }
-                }
+                _ = std::future::ready(()), if step_jobs => self.step_jobs(&mut run, &hard_stop).await,
             }
         }
         tracing::info!("shutting down: writing the current batch, then committing");
@@ -240,6 +239,27 @@ impl Worker {
         }
         self.consumer.unsubscribe();
         Ok(())
+    }
+
+    /// Advances one fan-out or tick by a chunk, retrying Redis until the hard stop.
+    async fn step_jobs(&self, run: &mut Run, hard_stop: &CancellationToken) {
+        let (fc, tc) = (self.settings.batch.fanout_chunk, self.settings.decay.chunk);
+        let mut attempt = 0;
+        while let Err(e) = run.jobs.step(&self.store, &mut run.window, fc, tc).await {
+            attempt += 1;
+            if !backoff(
+                "expand",
+                &e.to_string(),
+                attempt,
+                &self.metrics,
+                &self.health,
+                hard_stop,
+            )
+            .await
+            {
+                break;
+            }
+        }
     }
 
     fn rebalanced(&self, run: &mut Run, ev: RebalanceEvent) {
