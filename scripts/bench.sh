@@ -4,17 +4,21 @@
 # them, and writes perf/e2e.json and perf/e2e.md. Arguments go to the benchmark, e.g.
 #   scripts/bench.sh --backlog 50000 --seconds 10
 # Set RESCORER_BENCH_SMOKE=1 for a tiny run that only proves the benchmark works end to end.
+# TANSU_BIN picks the broker binary: the test suite's tansu is a debug build, which limits the
+# broker to about 1k events/s of produce while it is also serving fetches; a release build
+# (cargo install tansu --version 0.6.0 --locked --features dynostore --root DIR) does not.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
-command -v tansu >/dev/null || { echo "tansu missing: run scripts/test.sh once (it installs it)"; exit 1; }
+tansu="${TANSU_BIN:-tansu}"
+command -v "$tansu" >/dev/null || { echo "tansu missing: run scripts/test.sh once (it installs it)"; exit 1; }
 command -v redis-server >/dev/null || { echo "redis-server missing: apt-get install redis-server"; exit 1; }
 scripts/install-onnxruntime.sh >/dev/null
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 work="$(mktemp -d)"
 kport=$(free_port); rport=$(free_port)
-tansu broker --listener-url "tcp://127.0.0.1:$kport" --advertised-listener-url "tcp://127.0.0.1:$kport" \
+"$tansu" broker --listener-url "tcp://127.0.0.1:$kport" --advertised-listener-url "tcp://127.0.0.1:$kport" \
   --storage-engine memory://tansu/ > "$work/tansu.log" 2>&1 &
 kpid=$!
 redis-server --port "$rport" --bind 127.0.0.1 --save "" --appendonly no --dir "$work" > "$work/redis.log" 2>&1 &
