@@ -124,6 +124,12 @@ enum BenchCommand {
         /// Events pre-loaded for each drain.
         #[arg(long, default_value_t = 100_000)]
         backlog: u64,
+        /// Members with pairs stored before each run (ids m0.., shared with the traffic).
+        #[arg(long, default_value_t = 0)]
+        preload_members: usize,
+        /// Candidates stored per pre-loaded member.
+        #[arg(long, default_value_t = 100)]
+        preload_per_member: usize,
         /// Partitions per topic of the scratch topics.
         #[arg(long, default_value_t = 4)]
         partitions: i32,
@@ -372,6 +378,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Bench(BenchCommand::E2e {
             config,
             backlog,
+            preload_members,
+            preload_per_member,
             partitions,
             seconds,
             members,
@@ -381,6 +389,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }) => {
             let settings = config.load()?;
             let opts = rescorer::bench::BenchOptions {
+                preload_members,
+                preload_per_member,
                 backlog,
                 partitions,
                 freshness_seconds: seconds,

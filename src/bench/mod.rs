@@ -20,6 +20,11 @@ use probe::WorkerProcess;
 
 #[derive(Debug, Clone)]
 pub struct BenchOptions {
+    /// Pairs stored before each drain: `preload_members` members with `preload_per_member`
+    /// candidates each (ids shared with the load generator's), so member updates and candidate
+    /// fan-outs meet a realistic state. 0 stores nothing.
+    pub preload_members: usize,
+    pub preload_per_member: usize,
     pub backlog: u64,
     pub partitions: i32,
     pub freshness_seconds: u64,
@@ -55,6 +60,7 @@ pub struct Freshness {
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
     pub machine: String,
+    pub preloaded_pairs: usize,
     pub backlog_events: u64,
     pub partitions: i32,
     pub ceilings: ceilings::Ceilings,
@@ -122,6 +128,38 @@ fn load_options(
     }
 }
 
+/// Stores the pre-built pairs of `opts` under `s`'s key prefix.
+async fn preload(s: &Settings, opts: &BenchOptions) -> anyhow::Result<()> {
+    if opts.preload_members == 0 || opts.preload_per_member == 0 {
+        return Ok(());
+    }
+    let store = ceilings::scratch_store(s, &s.output.key_prefix).await?;
+    let cands = opts.candidates.max(1);
+    let mut batch = Vec::with_capacity(10_000);
+    for m in 0..opts.preload_members {
+        for j in 0..opts.preload_per_member {
+            batch.push(crate::decode::Event::Upsert(crate::decode::PairUpsert {
+                member_id: format!("m{m}"),
+                candidate_id: format!("c{}", (m * 7 + j * 131) % cands),
+                reason: "job_change".into(),
+                pair_features: crate::model::FeatureMap::from([(
+                    "affinity".to_string(),
+                    (j % 10) as f64 / 10.0,
+                )]),
+                ts: 1_764_000_000_000 - 3_600_000,
+            }));
+            if batch.len() == 10_000 {
+                let refs: Vec<_> = batch.iter().map(|e| (e, 0)).collect();
+                store.apply(&refs, s.output.top_n).await?;
+                batch.clear();
+            }
+        }
+    }
+    let refs: Vec<_> = batch.iter().map(|e| (e, 0)).collect();
+    store.apply(&refs, s.output.top_n).await?;
+    Ok(())
+}
+
 /// Pre-loads the backlog, then times the worker consuming all of it.
 async fn drain(
     base: &Settings,
@@ -130,6 +168,7 @@ async fn drain(
     set: &[String],
 ) -> anyhow::Result<Drain> {
     let s = phase_settings(base, opts.partitions).await?;
+    preload(&s, opts).await?;
     loadgen(&s, &load_options(opts, 0, opts.backlog, 0, true)).await?;
     let worker = WorkerProcess::start(&s, set).await?;
     let limit = Duration::from_secs(180);
@@ -184,6 +223,7 @@ async fn freshness(
     rate: u64,
 ) -> anyhow::Result<Freshness> {
     let s = phase_settings(base, opts.partitions).await?;
+    preload(&s, opts).await?;
     let worker = WorkerProcess::start(&s, &[]).await?;
     worker.wait_ready().await?;
     let report = loadgen(
@@ -252,6 +292,7 @@ pub async fn run(base: &Settings, opts: &BenchOptions) -> anyhow::Result<Report>
     }
     Ok(Report {
         machine: machine(),
+        preloaded_pairs: opts.preload_members * opts.preload_per_member,
         backlog_events: opts.backlog,
         partitions: opts.partitions,
         ceilings,
@@ -292,11 +333,11 @@ impl Report {
         .min_by(|a, b| a.1.total_cmp(&b.1))
         .unwrap_or(("none", 0.0));
         let mut s = format!(
-            "# End-to-end benchmark\n\nMachine: {}. Broker (tansu), redis-server and the worker share it. Backlog {} events, \
-             {} partitions per topic, Zipf traffic (`rescorer loadgen` defaults).\n\n\
+            "# End-to-end benchmark\n\nMachine: {}. Broker (tansu), redis-server and the worker share it. {} pairs stored before \
+             each run; backlog {} events, {} partitions per topic, Zipf traffic.\n\n\
              ## Ceilings (same run)\n\n| ceiling | rate |\n|---|---:|\n\
              | consume (plain consumer) | {:.0} msgs/s |\n| model, batch {} | {:.0} rows/s |\n| Redis score writes, worker's script | {:.0} pairs/s |\n\n",
-            self.machine, self.backlog_events, self.partitions, c.consume_msgs_per_s, 1024, c.model_rows_per_s, c.redis_pairs_per_s
+            self.machine, self.preloaded_pairs, self.backlog_events, self.partitions, c.consume_msgs_per_s, 1024, c.model_rows_per_s, c.redis_pairs_per_s
         );
         s += "## Backlog drains\n\n| run | events/s | pairs/s | model rows / event | peak RSS MiB | complete |\n|---|---:|---:|---:|---:|---|\n";
         for d in [&self.sustained, &self.no_coalescing, &self.batch_one] {
