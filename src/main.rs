@@ -241,6 +241,22 @@ fn main() -> ExitCode {
     }
 }
 
+/// Prints a benchmark's markdown and, with `--out`, writes it as JSON there and markdown beside it.
+fn write_report(
+    out: Option<&std::path::Path>,
+    report: &impl serde::Serialize,
+    markdown: &str,
+) -> anyhow::Result<()> {
+    println!("{markdown}");
+    if let Some(out) = out {
+        std::fs::write(out, serde_json::to_string_pretty(report)? + "\n")
+            .with_context(|| format!("writing {}", out.display()))?;
+        let md = out.with_extension("md");
+        std::fs::write(&md, markdown).with_context(|| format!("writing {}", md.display()))?;
+    }
+    Ok(())
+}
+
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -397,18 +413,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 members,
                 candidates,
                 zipf,
-                out: out.clone(),
             };
             let report = runtime()?.block_on(rescorer::bench::run(&settings, &opts))?;
-            println!("{}", report.markdown());
-            if let Some(out) = out {
-                std::fs::write(&out, serde_json::to_string_pretty(&report)? + "\n")
-                    .with_context(|| format!("writing {}", out.display()))?;
-                let md = out.with_extension("md");
-                std::fs::write(&md, report.markdown())
-                    .with_context(|| format!("writing {}", md.display()))?;
-            }
-            Ok(())
+            write_report(out.as_deref(), &report, &report.markdown())
         }
         Command::Bench(BenchCommand::Model {
             model,
@@ -428,15 +435,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 seconds,
                 settings.intra_threads,
             )?;
-            println!("{}", report.markdown());
-            if let Some(out) = out {
-                std::fs::write(&out, serde_json::to_string_pretty(&report)? + "\n")
-                    .with_context(|| format!("writing {}", out.display()))?;
-                let md = out.with_extension("md");
-                std::fs::write(&md, report.markdown())
-                    .with_context(|| format!("writing {}", md.display()))?;
-            }
-            Ok(())
+            write_report(out.as_deref(), &report, &report.markdown())
         }
     }
 }

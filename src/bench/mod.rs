@@ -5,7 +5,6 @@
 pub mod ceilings;
 mod probe;
 
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
@@ -31,7 +30,6 @@ pub struct BenchOptions {
     pub members: usize,
     pub candidates: usize,
     pub zipf: f64,
-    pub out: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -304,19 +302,10 @@ pub async fn run(base: &Settings, opts: &BenchOptions) -> anyhow::Result<Report>
 }
 
 fn machine() -> String {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split(':').nth(1))
-                .map(|s| s.trim().to_owned())
-        })
-        .unwrap_or_else(|| "unknown CPU".into());
     let cores = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(0);
-    format!("{cores} cores, {cpu}")
+    format!("{cores} cores, {}", crate::cli::bench_model::cpu_name())
 }
 
 impl Report {

@@ -45,7 +45,8 @@ fn percentile(sorted: &[Duration], q: f64) -> f64 {
     sorted[idx].as_secs_f64() * 1e3
 }
 
-fn cpu_name() -> String {
+/// The CPU's model name, for reports.
+pub fn cpu_name() -> String {
     std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|s| {
