@@ -61,13 +61,8 @@ enum Command {
         seconds: u64,
         #[arg(long, default_value_t = 42)]
         seed: u64,
-        #[arg(long, default_value_t = 100_000)]
-        members: usize,
-        #[arg(long, default_value_t = 100_000)]
-        candidates: usize,
-        /// Zipf exponent of who gets events (hot members and candidates).
-        #[arg(long, default_value_t = 1.1)]
-        zipf: f64,
+        #[command(flatten)]
+        traffic: TrafficArgs,
         /// Percent of member feature updates.
         #[arg(long, default_value_t = 25)]
         member_updates: u32,
@@ -136,12 +131,8 @@ enum BenchCommand {
         /// Seconds of open-loop traffic per freshness level.
         #[arg(long, default_value_t = 15)]
         seconds: u64,
-        #[arg(long, default_value_t = 100_000)]
-        members: usize,
-        #[arg(long, default_value_t = 100_000)]
-        candidates: usize,
-        #[arg(long, default_value_t = 1.1)]
-        zipf: f64,
+        #[command(flatten)]
+        traffic: TrafficArgs,
         /// Write the report here as JSON, and as markdown beside it (`.md`).
         #[arg(long)]
         out: Option<PathBuf>,
@@ -160,6 +151,20 @@ enum BenchCommand {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+}
+
+/// Who the synthetic traffic is about (shared by `loadgen` and `bench e2e`).
+#[derive(Args)]
+struct TrafficArgs {
+    /// Distinct members (ids m0..).
+    #[arg(long, default_value_t = 100_000)]
+    members: usize,
+    /// Distinct candidates (ids c0..).
+    #[arg(long, default_value_t = 100_000)]
+    candidates: usize,
+    /// Zipf exponent of who gets events (hot members and candidates).
+    #[arg(long, default_value_t = 1.1)]
+    zipf: f64,
 }
 
 /// The settings file and overrides.
@@ -293,9 +298,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             count,
             seconds,
             seed,
-            members,
-            candidates,
-            zipf,
+            traffic:
+                TrafficArgs {
+                    members,
+                    candidates,
+                    zipf,
+                },
             member_updates,
             candidate_updates,
             removals,
@@ -398,9 +406,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             preload_per_member,
             partitions,
             seconds,
-            members,
-            candidates,
-            zipf,
+            traffic:
+                TrafficArgs {
+                    members,
+                    candidates,
+                    zipf,
+                },
             out,
         }) => {
             let settings = config.load()?;

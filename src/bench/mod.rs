@@ -72,7 +72,9 @@ fn suffix() -> String {
     format!("{:x}", rand::random::<u32>())
 }
 
-async fn create_topics(settings: &Settings, partitions: i32) -> anyhow::Result<()> {
+/// Creates the four configured topics with `partitions` partitions, replication 1 (a broker on
+/// this machine). Shared by the benchmark and the integration tests.
+pub async fn create_topics(settings: &Settings, partitions: i32) -> anyhow::Result<()> {
     let admin: AdminClient<DefaultClientContext> =
         crate::consume::base_config(settings).create()?;
     let t = &settings.topics;
@@ -86,7 +88,8 @@ async fn create_topics(settings: &Settings, partitions: i32) -> anyhow::Result<(
         .iter()
         .map(|n| NewTopic::new(n, partitions, TopicReplication::Fixed(1)))
         .collect();
-    for r in admin.create_topics(&topics, &AdminOptions::new()).await? {
+    let opts = AdminOptions::new().operation_timeout(Some(std::time::Duration::from_secs(10)));
+    for r in admin.create_topics(&topics, &opts).await? {
         r.map_err(|(t, e)| anyhow::anyhow!("creating {t}: {e}"))?;
     }
     Ok(())

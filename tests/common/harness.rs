@@ -7,8 +7,6 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use rand::Rng;
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::ClientConfig;
@@ -90,31 +88,9 @@ impl Harness {
         settings.model.spec = super::model_spec();
         settings.batch.max_wait_ms = 10;
         settings.decay.shards = 4;
-        let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-            .set("bootstrap.servers", &broker.bootstrap)
-            .create()
-            .expect("admin client");
-        let t = &settings.topics;
-        let names = [
-            &t.feature_updates,
-            &t.new_candidates,
-            &t.decay_ticks,
-            &t.dlq,
-        ];
-        let topics: Vec<NewTopic<'_>> = names
-            .iter()
-            .map(|n| NewTopic::new(n, partitions, TopicReplication::Fixed(1)))
-            .collect();
-        for r in admin
-            .create_topics(
-                &topics,
-                &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
-            )
+        rescorer::bench::create_topics(&settings, partitions)
             .await
-            .expect("create topics")
-        {
-            r.expect("topic created");
-        }
+            .expect("topics created");
         let producer = ClientConfig::new()
             .set("bootstrap.servers", &broker.bootstrap)
             .set("linger.ms", "0")
