@@ -39,6 +39,8 @@ struct Job {
     waiting: bool,
     /// A candidate's next fan-out waits for its minimum interval to pass.
     not_before: Option<Instant>,
+    /// The taken window (by sequence number) that holds the job's waiting or last chunk.
+    in_window: Option<u64>,
 }
 
 impl Job {
@@ -127,6 +129,7 @@ impl Jobs {
             finishing: false,
             waiting: false,
             not_before,
+            in_window: None,
         });
     }
 
@@ -139,6 +142,7 @@ impl Jobs {
             finishing: false,
             waiting: false,
             not_before: None,
+            in_window: None,
         });
     }
 
@@ -203,11 +207,25 @@ impl Jobs {
         Ok(())
     }
 
-    /// The window that held the jobs' chunks was written: finished jobs hand back their
+    /// The current window was taken for writing as window `seq`: jobs whose waiting or last
+    /// chunk is in it are released when that window is written.
+    pub fn window_taken(&mut self, seq: u64) {
+        for j in self.queue.iter_mut() {
+            if (j.waiting || j.finishing) && j.in_window.is_none() {
+                j.in_window = Some(seq);
+            }
+        }
+    }
+
+    /// Window `seq` was written (windows are written in order): finished jobs hand back their
     /// messages (now done), waiting ones may fetch their next chunk.
-    pub fn window_written(&mut self) -> Vec<MsgRef> {
+    pub fn window_written(&mut self, seq: u64) -> Vec<MsgRef> {
         let mut done = Vec::new();
         self.queue.retain_mut(|j| {
+            if j.in_window.is_none_or(|s| s > seq) {
+                return true;
+            }
+            j.in_window = None;
             j.waiting = false;
             if j.finishing {
                 done.append(&mut j.messages);
@@ -253,7 +271,8 @@ mod tests {
             *started = true;
         }
         jobs.queue[0].finishing = true;
-        assert_eq!(jobs.window_written().len(), 2);
+        jobs.window_taken(1);
+        assert_eq!(jobs.window_written(1).len(), 2);
 
         jobs.fanout("hot", 30, msg(2));
         jobs.fanout("hot", 40, msg(3));

@@ -26,7 +26,7 @@ use crate::config::Settings;
 use crate::consume::{Ctx, RebalanceEvent, Shared};
 use crate::decode::{decode, Entity, Event, TopicKind};
 use crate::expand::Jobs;
-use crate::flush::Flusher;
+use crate::flush::{FlushStats, Flusher};
 use crate::internal_events::{EventHandled, RedisUnavailable, ScoresWritten};
 use crate::metrics::Metrics;
 use crate::offsets::{OffsetTracker, Tp};
@@ -121,8 +121,18 @@ where
     }
 }
 
+type FlushResult = Result<Option<(FlushStats, Vec<MsgRef>)>, tokio::task::JoinError>;
+
+/// The window being written.
+struct InFlight {
+    seq: u64,
+    handle: tokio::task::JoinHandle<Option<(FlushStats, Vec<MsgRef>)>>,
+}
+
 /// Loop state that is not configuration.
 struct Run {
+    /// Sequence number of the last window taken for writing.
+    seq: u64,
     tracker: OffsetTracker,
     window: Window,
     jobs: Jobs,
@@ -144,6 +154,7 @@ impl Worker {
         self.consumer.subscribe(&topics)?;
         tracing::info!(topics = ?topics, group = %self.settings.kafka.group_id, "subscribed");
         let mut run = Run {
+            seq: 0,
             tracker: OffsetTracker::new(),
             window: Window::new(self.settings.batch.coalesce),
             jobs: Jobs::new(Duration::from_millis(
@@ -168,6 +179,7 @@ impl Worker {
         lag_timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         let consumer = self.consumer.clone();
         let mut jobs_turn = false;
+        let mut flight: Option<InFlight> = None;
         loop {
             let full = run.window.size() >= self.settings.batch.max_pairs;
             let deadline = run
@@ -175,6 +187,7 @@ impl Worker {
                 .started
                 .map(|s| s + max_wait)
                 .unwrap_or_else(Instant::now);
+            let can_flush = flight.is_none();
             let intake = !full && run.jobs.len() < self.settings.batch.max_jobs;
             let step_jobs = !full && run.jobs.runnable();
             // A fan-out held back by its interval wakes the loop when it may start.
@@ -184,8 +197,15 @@ impl Worker {
                 _ = shutdown.cancelled() => break,
                 Some(ev) = self.rebalances.recv() => self.rebalanced(&mut run, ev),
                 _ = lag_timer.tick() => self.update_lag(&run.tracker),
-                _ = std::future::ready(()), if full => self.flush(&mut run, &hard_stop).await,
-                _ = sleep_until(deadline), if !run.window.is_empty() => self.flush(&mut run, &hard_stop).await,
+                result = async { match flight.as_mut() {
+                    Some(f) => (&mut f.handle).await,
+                    None => std::future::pending().await,
+                } }, if flight.is_some() => {
+                    let seq = flight.take().map(|f| f.seq).unwrap_or(0);
+                    self.finish_flush(&mut run, seq, result);
+                }
+                _ = std::future::ready(()), if full && can_flush => flight = Some(self.start_flush(&mut run, &hard_stop)),
+                _ = sleep_until(deadline), if !run.window.is_empty() && can_flush => flight = Some(self.start_flush(&mut run, &hard_stop)),
                 _ = sleep_until(wake.unwrap_or(deadline)), if wake.is_some() && !step_jobs => {}
                 // Fan-outs and ticks take turns with intake, so a steady stream of messages
                 // never starves them (their messages would wait, and the job cap stop intake).
@@ -217,8 +237,12 @@ impl Worker {
             }
         }
         tracing::info!("shutting down: writing the current batch, then committing");
+        if let Some(f) = flight.take() {
+            let result = f.handle.await;
+            self.finish_flush(&mut run, f.seq, result);
+        }
         if !run.window.is_empty() {
-            self.flush(&mut run, &hard_stop).await;
+            self.flush_now(&mut run, &hard_stop).await;
         }
         let abandoned = run.jobs.abandon();
         if abandoned > 0 {
@@ -341,36 +365,76 @@ impl Worker {
         }
     }
 
-    async fn flush(&self, run: &mut Run, hard_stop: &CancellationToken) {
+    /// Takes the current window and writes it on a task of its own, so intake (decode and
+    /// apply) goes on while it loads, scores and writes. One window is written at a time, in
+    /// order: a later window reads state after the earlier one's writes and wins every tie.
+    fn start_flush(&self, run: &mut Run, hard_stop: &CancellationToken) -> InFlight {
         let window = run.window.take();
-        let flusher = Flusher {
-            store: &self.store,
-            scorer: &self.scorer,
-            output: &self.settings.output,
-            decay: &self.settings.decay,
-            max_pairs: self.settings.batch.max_pairs,
+        run.seq += 1;
+        run.jobs.window_taken(run.seq);
+        let (store, scorer, settings) = (
+            self.store.clone(),
+            self.scorer.clone(),
+            self.settings.clone(),
+        );
+        let (metrics, health, hard_stop) = (
+            self.metrics.clone(),
+            self.health.clone(),
+            hard_stop.clone(),
+        );
+        let handle = tokio::spawn(async move {
+            let flusher = Flusher {
+                store: &store,
+                scorer: &scorer,
+                output: &settings.output,
+                decay: &settings.decay,
+                max_pairs: settings.batch.max_pairs,
+            };
+            let stats = retry("flush", &metrics, &health, &hard_stop, || async {
+                flusher
+                    .flush(&window, chrono_now_ms())
+                    .await
+                    .map_err(|e| match e {
+                        crate::flush::FlushError::Store(s) => s,
+                        crate::flush::FlushError::Model(m) => {
+                            StoreError::Protocol(format!("model: {m}"))
+                        }
+                    })
+            })
+            .await?;
+            Some((stats, window.messages))
+        });
+        InFlight {
+            seq: run.seq,
+            handle,
+        }
+    }
+
+    /// A window's write ended: acknowledges its messages and those of jobs it finished.
+    fn finish_flush(&self, run: &mut Run, seq: u64, result: FlushResult) {
+        let (stats, mut msgs) = match result {
+            Ok(Some(done)) => done,
+            // Hard stop during an outage: nothing acknowledged, replayed by the next owner.
+            Ok(None) => return,
+            Err(e) => {
+                tracing::error!(error = %e, "flush task failed; its messages stay unacknowledged");
+                return;
+            }
         };
-        let stats = retry("flush", &self.metrics, &self.health, hard_stop, || async {
-            flusher
-                .flush(&window, chrono_now_ms())
-                .await
-                .map_err(|e| match e {
-                    crate::flush::FlushError::Store(s) => s,
-                    crate::flush::FlushError::Model(m) => {
-                        StoreError::Protocol(format!("model: {m}"))
-                    }
-                })
-        })
-        .await;
-        let Some(stats) = stats else { return };
-        let mut msgs = window.messages;
-        msgs.extend(run.jobs.window_written());
+        msgs.extend(run.jobs.window_written(seq));
         ScoresWritten {
             stats: &stats,
             messages: msgs.len(),
         }
         .emit(&self.metrics);
         self.complete(run, &msgs, true);
+    }
+
+    /// Writes the current window and waits for it (shutdown).
+    async fn flush_now(&self, run: &mut Run, hard_stop: &CancellationToken) {
+        let f = self.start_flush(run, hard_stop);
+        let result = f.handle.await;
+        self.finish_flush(run, f.seq, result);
     }
 
     /// Decodes a run of messages, dead-letters the invalid ones, applies the rest to Redis in one
