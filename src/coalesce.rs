@@ -24,6 +24,8 @@ pub struct MsgRef {
     /// Kafka message timestamp (ms), for event-to-score latency.
     pub timestamp_ms: Option<i64>,
     pub topic_label: &'static str,
+    /// Part of a split partition's backlog (see `[catchup]`), not a fresh event.
+    pub backlog: bool,
 }
 
 /// One batch window.

@@ -18,6 +18,7 @@ pub struct Settings {
     pub redis: RedisSettings,
     pub model: ModelSettings,
     pub batch: BatchSettings,
+    pub catchup: CatchupSettings,
     pub decay: DecaySettings,
     pub output: OutputSettings,
     pub http: HttpSettings,
@@ -150,6 +151,40 @@ impl Default for BatchSettings {
             max_jobs: 64,
             fanout_min_interval_ms: 1000,
             coalesce: true,
+        }
+    }
+}
+
+/// `[catchup]`: fresh events ahead of a backlog.
+///
+/// When a partition falls far behind (after an outage, a deploy, a replay), a second reader (the
+/// head reader) takes its fresh events from the log end while the consumer group's reader drains
+/// the backlog: fresh events are scored within a window's time, the backlog behind them in
+/// windows of its own that are written only when no fresh window is due. When the backlog is
+/// read, the group's reader skips what the head reader already had and takes over again.
+/// Offsets are committed up to the first unfinished backlog message, so a crash replays the
+/// backlog, never skips it.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CatchupSettings {
+    /// Split lagging partitions (the default). Off, a backlog is read strictly in order.
+    pub enabled: bool,
+    /// Split a partition when the last message read from it is at least this old...
+    pub lag_ms: u64,
+    /// ...and at least this many messages are behind it.
+    pub min_messages: u64,
+    /// A backlog window is written this long after its first trigger (or when full), so the
+    /// backlog coalesces over longer spans than fresh events do.
+    pub max_wait_ms: u64,
+}
+
+impl Default for CatchupSettings {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            lag_ms: 5_000,
+            min_messages: 1_000,
+            max_wait_ms: 200,
         }
     }
 }
@@ -435,6 +470,7 @@ impl Settings {
             ("batch.max_pairs", self.batch.max_pairs as u64),
             ("batch.fanout_chunk", self.batch.fanout_chunk as u64),
             ("batch.max_jobs", self.batch.max_jobs as u64),
+            ("catchup.min_messages", self.catchup.min_messages),
             ("decay.shards", u64::from(self.decay.shards)),
             ("decay.chunk", self.decay.chunk as u64),
             ("decay.max_interval_secs", self.decay.max_interval_secs),

@@ -139,7 +139,7 @@ pub fn consumer(
         .set("auto.commit.interval.ms", "1000")
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
-        .set("statistics.interval.ms", "1000")
+        .set("statistics.interval.ms", "500")
         .set("queued.max.messages.kbytes", "16384")
         // Bounds how long a fetch may wait for data: some Kafka-protocol brokers hold a fetch for
         // the full wait even when data arrives, which would add up to librdkafka's 500 ms to
@@ -157,4 +157,22 @@ pub fn consumer(
         rebalances: tx,
     })?;
     Ok((Arc::new(consumer), shared, rx))
+}
+
+/// The head reader of split partitions (see [`crate::config::CatchupSettings`]): partitions are
+/// assigned to it by hand at the log end; it joins no group and commits nothing (the group's
+/// consumer stores every offset).
+pub fn catchup_consumer(settings: &Settings) -> KafkaResult<StreamConsumer> {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &settings.kafka.bootstrap_servers)
+        .set("group.id", format!("{}.catchup", settings.kafka.group_id))
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("queued.max.messages.kbytes", "8192")
+        .set("fetch.wait.max.ms", "50")
+        .set("enable.partition.eof", "false");
+    for (k, v) in &settings.kafka.options {
+        c.set(k, v);
+    }
+    c.create()
 }

@@ -255,6 +255,7 @@ mod tests {
             offset,
             timestamp_ms: None,
             topic_label: "feature_updates",
+            backlog: false,
         }
     }
 

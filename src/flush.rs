@@ -34,6 +34,8 @@ pub struct FlushStats {
     pub gone: usize,
     /// Pairs whose stored features the model refuses (never expected: input is validated).
     pub refused: usize,
+    /// Reading the members' and candidates' state.
+    pub load_seconds: f64,
     pub model_seconds: f64,
     pub redis_write_seconds: f64,
 }
@@ -72,6 +74,7 @@ impl Flusher<'_> {
                 (*m, only)
             })
             .collect();
+        let load_started = Instant::now();
         let loaded = self.store.load_members(&requests).await?;
         stats.members = members.len();
 
@@ -148,6 +151,7 @@ impl Flusher<'_> {
             .copied()
             .zip(self.store.load_candidates(&cands).await?)
             .collect();
+        stats.load_seconds = load_started.elapsed().as_secs_f64();
         let by_member: HashMap<&str, &crate::store::LoadedMember> =
             members.iter().copied().zip(&loaded).collect();
 

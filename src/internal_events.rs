@@ -110,6 +110,9 @@ impl ScoresWritten<'_> {
             superseded = s.superseded,
             gone = s.gone,
             messages = self.messages,
+            load_ms = s.load_seconds * 1000.0,
+            model_ms = s.model_seconds * 1000.0,
+            write_ms = s.redis_write_seconds * 1000.0,
             "scores written"
         );
     }
@@ -129,5 +132,28 @@ impl RedisUnavailable<'_> {
         metrics.ready.set(0);
         warn!(operation = self.operation, error = %self.error, attempt = self.attempt,
             retry_in_ms = self.retry_in.as_millis() as u64, "redis unavailable; retrying");
+    }
+}
+
+/// A partition far behind was split: the group's reader drains `from..to` while the head reader
+/// takes fresh events from `to` on.
+pub struct CatchupStarted<'a> {
+    pub topic: &'a str,
+    pub partition: i32,
+    pub from: i64,
+    pub to: i64,
+    pub behind_ms: i64,
+}
+
+impl CatchupStarted<'_> {
+    pub fn emit(&self, _metrics: &Metrics) {
+        info!(
+            topic = self.topic,
+            partition = self.partition,
+            from = self.from,
+            to = self.to,
+            behind_ms = self.behind_ms,
+            "partition far behind: fresh events go to the head reader while the backlog drains"
+        );
     }
 }

@@ -131,6 +131,18 @@ enum BenchCommand {
         /// Seconds of open-loop traffic per freshness level.
         #[arg(long, default_value_t = 15)]
         seconds: u64,
+        /// Batch sizes drained besides the default (the ablation; comma-separated).
+        #[arg(long, value_delimiter = ',', default_value = "1,16,128")]
+        batch_sizes: Vec<usize>,
+        /// Backlog + live phase: live traffic at this fraction of the drained rate...
+        #[arg(long, default_value_t = 0.25)]
+        live_fraction: f64,
+        /// ...on top of a backlog of this many minutes of that traffic.
+        #[arg(long, default_value_t = 10.0)]
+        backlog_minutes: f64,
+        /// Longest a backlog phase may run, seconds.
+        #[arg(long, default_value_t = 300)]
+        phase_limit: u64,
         #[command(flatten)]
         traffic: TrafficArgs,
         /// Write the report here as JSON, and as markdown beside it (`.md`).
@@ -327,6 +339,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     removals,
                 },
                 event_time: None,
+                watch: None,
+                kafka_time: false,
+                stop: None,
             };
             let report = runtime()?.block_on(rescorer::cli::loadgen::run(&settings, &opts))?;
             println!(
@@ -406,6 +421,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             preload_per_member,
             partitions,
             seconds,
+            batch_sizes,
+            live_fraction,
+            backlog_minutes,
+            phase_limit,
             traffic:
                 TrafficArgs {
                     members,
@@ -421,6 +440,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 backlog,
                 partitions,
                 freshness_seconds: seconds,
+                batch_sizes,
+                live_fraction,
+                backlog_minutes,
+                phase_limit_secs: phase_limit,
                 members,
                 candidates,
                 zipf,

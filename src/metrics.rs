@@ -22,7 +22,8 @@ pub struct Metrics {
     pub pairs_scored_total: IntCounter,
     /// Input events by topic and outcome (applied, stale, dead_lettered).
     pub events_total: IntCounterVec,
-    /// Kafka message timestamp → Redis acknowledgement of the score it caused, by topic.
+    /// Kafka message timestamp → Redis acknowledgement of the score it caused, by topic and lane
+    /// (`live`: fresh events; `backlog`: a split partition's backlog, see `[catchup]`).
     pub event_to_score_seconds: HistogramVec,
     /// One batch's guarded score writes and schedule updates.
     pub redis_write_seconds: Histogram,
@@ -38,6 +39,8 @@ pub struct Metrics {
     pub assigned_partitions: IntGauge,
     /// 1 when ready (model loaded, Redis reachable, partitions assigned).
     pub ready: IntGauge,
+    /// Split partitions: their backlog drains while a head reader takes their fresh events.
+    pub catchup_partitions: IntGauge,
 }
 
 /// Latency buckets from 100 µs to 10 s.
@@ -95,7 +98,7 @@ impl Metrics {
                 "From the Kafka message timestamp to the Redis acknowledgement of the score it caused",
             )
             .buckets(FRESHNESS_BUCKETS.to_vec()),
-            &["topic"],
+            &["topic", "lane"],
         )
         .expect("static metric definition is valid");
         let redis_write_seconds = Histogram::with_opts(
@@ -142,6 +145,11 @@ impl Metrics {
             "1 when the model is loaded, Redis is reachable and partitions are assigned",
         )
         .expect("static metric definition is valid");
+        let catchup_partitions = IntGauge::new(
+            "rescorer_catchup_partitions",
+            "Partitions whose backlog drains while a head reader takes their fresh events",
+        )
+        .expect("static metric definition is valid");
         let this = Self {
             registry,
             model_info,
@@ -157,6 +165,7 @@ impl Metrics {
             consumer_lag_seconds,
             assigned_partitions,
             ready,
+            catchup_partitions,
         };
         for c in this.collectors() {
             this.registry
@@ -181,6 +190,7 @@ impl Metrics {
             Box::new(self.consumer_lag_seconds.clone()),
             Box::new(self.assigned_partitions.clone()),
             Box::new(self.ready.clone()),
+            Box::new(self.catchup_partitions.clone()),
         ]
     }
 

@@ -27,9 +27,9 @@ use crate::consume::{Ctx, RebalanceEvent, Shared};
 use crate::decode::{decode, Entity, Event, TopicKind};
 use crate::expand::Jobs;
 use crate::flush::{FlushStats, Flusher};
-use crate::internal_events::{EventHandled, RedisUnavailable, ScoresWritten};
+use crate::internal_events::{CatchupStarted, EventHandled, RedisUnavailable, ScoresWritten};
 use crate::metrics::Metrics;
-use crate::offsets::{OffsetTracker, Tp};
+use crate::offsets::{OffsetTracker, Received, Tp};
 use crate::score::Scorer;
 use crate::store::{Applied, Store, StoreError};
 
@@ -63,6 +63,33 @@ pub struct Worker {
     pub shared: Arc<Shared>,
     pub rebalances: mpsc::Receiver<RebalanceEvent>,
     pub producer: FutureProducer,
+}
+
+/// Which reader delivered a batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Source {
+    /// The consumer group's reader: in order from the committed offset (a split partition's
+    /// backlog, everything else's fresh events).
+    Group,
+    /// The head reader of split partitions: fresh events from the log end at the split.
+    Head,
+}
+
+/// The head reader of the partitions split while it lives. It is dropped when the last of them
+/// is merged back, and a partition it read is not split again before then: a reader may still
+/// deliver messages it fetched earlier, and those must never count for a later split.
+struct CatchupSession {
+    consumer: Arc<StreamConsumer>,
+    /// Partitions this reader let go (not split again while it lives).
+    finished: std::collections::HashSet<Tp>,
+}
+
+/// Which window a message's work goes to: fresh events, or the backlog of a split partition.
+/// Live windows are written first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Lane {
+    Live,
+    Backlog,
 }
 
 /// Records a failed Redis operation and waits before the next attempt; false once `cancel` fires.
@@ -129,12 +156,26 @@ struct InFlight {
     handle: tokio::task::JoinHandle<Option<(FlushStats, Vec<MsgRef>)>>,
 }
 
+impl Run {
+    fn window_mut(&mut self, lane: Lane) -> &mut Window {
+        match lane {
+            Lane::Live => &mut self.window,
+            Lane::Backlog => &mut self.backlog,
+        }
+    }
+}
+
 /// Loop state that is not configuration.
 struct Run {
     /// Sequence number of the last window taken for writing.
     seq: u64,
     tracker: OffsetTracker,
     window: Window,
+    /// Triggers of backlog messages: written only when no live window is due.
+    backlog: Window,
+    /// Split partitions the head reader serves, and whether it has been given them yet.
+    catching_up: HashMap<Tp, bool>,
+    session: Option<CatchupSession>,
     jobs: Jobs,
     kinds: HashMap<String, TopicKind>,
     tick_partitions: Option<i32>,
@@ -157,6 +198,9 @@ impl Worker {
             seq: 0,
             tracker: OffsetTracker::new(),
             window: Window::new(self.settings.batch.coalesce),
+            backlog: Window::new(self.settings.batch.coalesce),
+            catching_up: HashMap::new(),
+            session: None,
             jobs: Jobs::new(Duration::from_millis(
                 self.settings.batch.fanout_min_interval_ms,
             )),
@@ -175,20 +219,33 @@ impl Worker {
             });
         }
         let max_wait = Duration::from_millis(self.settings.batch.max_wait_ms);
+        let backlog_wait = Duration::from_millis(self.settings.catchup.max_wait_ms);
+        let max_pairs = self.settings.batch.max_pairs;
         let mut lag_timer = tokio::time::interval(Duration::from_secs(1));
         lag_timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         let consumer = self.consumer.clone();
         let mut jobs_turn = false;
         let mut flight: Option<InFlight> = None;
         loop {
-            let full = run.window.size() >= self.settings.batch.max_pairs;
+            let full = run.window.size() >= max_pairs;
             let deadline = run
                 .window
                 .started
                 .map(|s| s + max_wait)
                 .unwrap_or_else(Instant::now);
+            let backlog_full = run.backlog.size() >= max_pairs;
+            let backlog_deadline = run
+                .backlog
+                .started
+                .map(|s| s + backlog_wait)
+                .unwrap_or_else(Instant::now);
             let can_flush = flight.is_none();
-            let intake = !full && run.jobs.len() < self.settings.batch.max_jobs;
+            let room_for_jobs = run.jobs.len() < self.settings.batch.max_jobs;
+            // The group's reader also carries split partitions' backlog: it waits for room in both.
+            let intake = !full && !backlog_full && room_for_jobs;
+            let catchup = run.session.as_ref().map(|s| s.consumer.clone());
+            let head_intake =
+                catchup.is_some() && !run.catching_up.is_empty() && !full && room_for_jobs;
             let step_jobs = !full && run.jobs.runnable();
             // A fan-out held back by its interval wakes the loop when it may start.
             let wake = if full { None } else { run.jobs.next_wake() };
@@ -196,7 +253,10 @@ impl Worker {
                 biased;
                 _ = shutdown.cancelled() => break,
                 Some(ev) = self.rebalances.recv() => self.rebalanced(&mut run, ev),
-                _ = lag_timer.tick() => self.update_lag(&run.tracker),
+                _ = lag_timer.tick() => {
+                    self.split_lagging(&mut run).await;
+                    self.update_lag(&run.tracker);
+                }
                 result = async { match flight.as_mut() {
                     Some(f) => (&mut f.handle).await,
                     None => std::future::pending().await,
@@ -204,8 +264,11 @@ impl Worker {
                     let seq = flight.take().map(|f| f.seq).unwrap_or(0);
                     self.finish_flush(&mut run, seq, result);
                 }
-                _ = std::future::ready(()), if full && can_flush => flight = Some(self.start_flush(&mut run, &hard_stop)),
-                _ = sleep_until(deadline), if !run.window.is_empty() && can_flush => flight = Some(self.start_flush(&mut run, &hard_stop)),
+                // Live windows first; a backlog window only when no live one is due.
+                _ = std::future::ready(()), if full && can_flush => flight = Some(self.start_flush(&mut run, Lane::Live, &hard_stop)),
+                _ = sleep_until(deadline), if !run.window.is_empty() && can_flush => flight = Some(self.start_flush(&mut run, Lane::Live, &hard_stop)),
+                _ = std::future::ready(()), if backlog_full && can_flush => flight = Some(self.start_flush(&mut run, Lane::Backlog, &hard_stop)),
+                _ = sleep_until(backlog_deadline), if !run.backlog.is_empty() && can_flush => flight = Some(self.start_flush(&mut run, Lane::Backlog, &hard_stop)),
                 _ = sleep_until(wake.unwrap_or(deadline)), if wake.is_some() && !step_jobs => {}
                 // Fan-outs and ticks take turns with intake, so a steady stream of messages
                 // never starves them (their messages would wait, and the job cap stop intake).
@@ -213,11 +276,38 @@ impl Worker {
                     jobs_turn = false;
                     self.step_jobs(&mut run, &hard_stop).await;
                 }
+                // Fresh events of split partitions first.
+                msg = async { match catchup.as_ref() {
+                    Some(c) => c.recv().await,
+                    None => std::future::pending().await,
+                } }, if head_intake => match msg {
+                    Ok(first) => {
+                        let room = max_pairs.saturating_sub(run.window.size()).clamp(1, MAX_INTAKE);
+                        let mut batch = vec![first];
+                        if let Some(c) = catchup.as_ref() {
+                            while batch.len() < room {
+                                match c.recv().now_or_never() {
+                                    Some(Ok(m)) => batch.push(m),
+                                    _ => break,
+                                }
+                            }
+                        }
+                        self.handle_batch(&mut run, &batch, Source::Head, &hard_stop).await;
+                        self.catchup_progress(&mut run);
+                        jobs_turn = true;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "head reader error; librdkafka retries");
+                        sleep(Duration::from_millis(200)).await;
+                    }
+                },
                 msg = consumer.recv(), if intake => match msg {
                     Ok(first) => {
                         // Take what is already fetched too, so one Redis round trip applies a run
-                        // of events (bounded by the window's room).
-                        let room = self.settings.batch.max_pairs.saturating_sub(run.window.size()).clamp(1, MAX_INTAKE);
+                        // of events (bounded by the windows' room).
+                        let room = max_pairs
+                            .saturating_sub(run.window.size().max(run.backlog.size()))
+                            .clamp(1, MAX_INTAKE);
                         let mut batch = vec![first];
                         while batch.len() < room {
                             match consumer.recv().now_or_never() {
@@ -225,7 +315,10 @@ impl Worker {
                                 _ => break,
                             }
                         }
-                        self.handle_batch(&mut run, &batch, &hard_stop).await;
+                        self.handle_batch(&mut run, &batch, Source::Group, &hard_stop).await;
+                        self.catchup_progress(&mut run);
+                        // A partition far behind is split as soon as its messages show it.
+                        self.split_lagging(&mut run).await;
                         jobs_turn = true;
                     }
                     Err(e) => {
@@ -236,13 +329,15 @@ impl Worker {
                 _ = std::future::ready(()), if step_jobs => self.step_jobs(&mut run, &hard_stop).await,
             }
         }
-        tracing::info!("shutting down: writing the current batch, then committing");
+        tracing::info!("shutting down: writing the current batches, then committing");
         if let Some(f) = flight.take() {
             let result = f.handle.await;
             self.finish_flush(&mut run, f.seq, result);
         }
-        if !run.window.is_empty() {
-            self.flush_now(&mut run, &hard_stop).await;
+        for lane in [Lane::Live, Lane::Backlog] {
+            if !run.window_mut(lane).is_empty() {
+                self.flush_now(&mut run, lane, &hard_stop).await;
+            }
         }
         let abandoned = run.jobs.abandon();
         if abandoned > 0 {
@@ -286,9 +381,157 @@ impl Worker {
         }
     }
 
+    /// Splits each partition that is far behind (see `[catchup]`): the group's reader goes on
+    /// draining its backlog while the head reader takes fresh events from the log end. Also
+    /// retries handing split partitions to the head reader.
+    async fn split_lagging(&self, run: &mut Run) {
+        let c = &self.settings.catchup;
+        if !c.enabled {
+            return;
+        }
+        let assigned = self
+            .shared
+            .assigned
+            .lock()
+            .map(|a| a.clone())
+            .unwrap_or_default();
+        let hw = self
+            .shared
+            .high_watermarks
+            .lock()
+            .map(|h| h.clone())
+            .unwrap_or_default();
+        let now = chrono_now_ms();
+        for tp in &assigned {
+            let finished_here = run
+                .session
+                .as_ref()
+                .is_some_and(|s| s.finished.contains(tp));
+            if run.tracker.is_split(tp) || finished_here {
+                continue;
+            }
+            let (Some(&high), Some(next), Some(ts)) = (
+                hw.get(tp),
+                run.tracker.next(tp),
+                run.tracker.last_received_ts(tp),
+            ) else {
+                continue;
+            };
+            if high - next < c.min_messages as i64 || now - ts < c.lag_ms as i64 {
+                continue;
+            }
+            // The exact log end: the head reader must start on a batch boundary, and a
+            // statistics watermark may be stale.
+            let (consumer, topic, partition) = (self.consumer.clone(), tp.0.clone(), tp.1);
+            let end = tokio::task::spawn_blocking(move || {
+                consumer.fetch_watermarks(&topic, partition, Duration::from_secs(5))
+            })
+            .await;
+            let end = match end {
+                Ok(Ok((_, end))) => end,
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, topic = %tp.0, partition = tp.1, "cannot read the log end; not split");
+                    continue;
+                }
+                Err(_) => continue,
+            };
+            if run.session.is_none() {
+                match crate::consume::catchup_consumer(&self.settings) {
+                    Ok(consumer) => {
+                        run.session = Some(CatchupSession {
+                            consumer: Arc::new(consumer),
+                            finished: Default::default(),
+                        })
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot create the head reader; reading the backlog in order");
+                        return;
+                    }
+                }
+            }
+            if !run.tracker.split(tp, end) {
+                continue;
+            }
+            CatchupStarted {
+                topic: &tp.0,
+                partition: tp.1,
+                from: next,
+                to: end,
+                behind_ms: now - ts,
+            }
+            .emit(&self.metrics);
+            run.catching_up.insert(tp.clone(), false);
+        }
+        if let Some(session) = run.session.as_ref() {
+            for (tp, given) in run.catching_up.iter_mut().filter(|(_, g)| !**g) {
+                let mut list = rdkafka::TopicPartitionList::new();
+                let start = rdkafka::Offset::Offset(run.tracker.head_next(tp).unwrap_or(0));
+                let added = list.add_partition_offset(&tp.0, tp.1, start);
+                match added.and_then(|()| session.consumer.incremental_assign(&list)) {
+                    Ok(()) => *given = true,
+                    Err(e) => {
+                        tracing::warn!(error = %e, topic = %tp.0, partition = tp.1, "head reader assignment failed; retrying")
+                    }
+                }
+            }
+        }
+        self.set_catchup_gauge(run);
+    }
+
+    fn set_catchup_gauge(&self, run: &Run) {
+        let split = run
+            .tracker
+            .partitions()
+            .filter(|tp| run.tracker.is_split(tp))
+            .count();
+        self.metrics.catchup_partitions.set(split as i64);
+    }
+
+    /// Lets the head reader go of partitions whose backlog was read (the group's reader takes
+    /// over their fresh events again).
+    fn catchup_progress(&self, run: &mut Run) {
+        let finished: Vec<Tp> = run
+            .catching_up
+            .keys()
+            .filter(|tp| !run.tracker.head_active(tp))
+            .cloned()
+            .collect();
+        for tp in finished {
+            if let Some(given) = run.catching_up.remove(&tp) {
+                Self::release_catchup(run, &tp, given);
+                tracing::info!(topic = %tp.0, partition = tp.1, "backlog read; the head reader lets the partition go");
+            }
+        }
+        self.set_catchup_gauge(run);
+    }
+
+    /// Stops the head reader fetching `tp`; drops the reader when nothing is left to it.
+    fn release_catchup(run: &mut Run, tp: &Tp, given: bool) {
+        let Some(session) = run.session.as_mut() else {
+            return;
+        };
+        session.finished.insert(tp.clone());
+        if given {
+            let mut list = rdkafka::TopicPartitionList::new();
+            list.add_partition(&tp.0, tp.1);
+            if let Err(e) = session.consumer.incremental_unassign(&list) {
+                tracing::debug!(error = %e, topic = %tp.0, partition = tp.1, "catch-up unassign failed; its late messages are skipped");
+            }
+        }
+        if run.catching_up.is_empty() {
+            if let Some(s) = run.session.take() {
+                // Closing a consumer waits on its threads: off the loop.
+                tokio::task::spawn_blocking(move || drop(s));
+            }
+        }
+    }
+
     fn rebalanced(&self, run: &mut Run, ev: RebalanceEvent) {
         if let RebalanceEvent::Revoked(tps) = &ev {
             for tp in tps {
+                if let Some(given) = run.catching_up.remove(tp) {
+                    Self::release_catchup(run, tp, given);
+                }
                 run.tracker.revoke(tp);
                 let p = tp.1.to_string();
                 let _ = self.metrics.consumer_lag.remove_label_values(&[&tp.0, &p]);
@@ -351,9 +594,10 @@ impl Worker {
         for m in msgs {
             if scored {
                 if let Some(ts) = m.timestamp_ms {
+                    let lane = if m.backlog { "backlog" } else { "live" };
                     self.metrics
                         .event_to_score_seconds
-                        .with_label_values(&[m.topic_label])
+                        .with_label_values(&[m.topic_label, lane])
                         .observe(((now - ts).max(0)) as f64 / 1000.0);
                 }
             }
@@ -368,20 +612,20 @@ impl Worker {
     /// Takes the current window and writes it on a task of its own, so intake (decode and
     /// apply) goes on while it loads, scores and writes. One window is written at a time, in
     /// order: a later window reads state after the earlier one's writes and wins every tie.
-    fn start_flush(&self, run: &mut Run, hard_stop: &CancellationToken) -> InFlight {
-        let window = run.window.take();
+    fn start_flush(&self, run: &mut Run, lane: Lane, hard_stop: &CancellationToken) -> InFlight {
+        let window = run.window_mut(lane).take();
         run.seq += 1;
-        run.jobs.window_taken(run.seq);
+        // Jobs put their chunks in the live window only.
+        if lane == Lane::Live {
+            run.jobs.window_taken(run.seq);
+        }
         let (store, scorer, settings) = (
             self.store.clone(),
             self.scorer.clone(),
             self.settings.clone(),
         );
-        let (metrics, health, hard_stop) = (
-            self.metrics.clone(),
-            self.health.clone(),
-            hard_stop.clone(),
-        );
+        let (metrics, health, hard_stop) =
+            (self.metrics.clone(), self.health.clone(), hard_stop.clone());
         let handle = tokio::spawn(async move {
             let flusher = Flusher {
                 store: &store,
@@ -431,8 +675,8 @@ impl Worker {
     }
 
     /// Writes the current window and waits for it (shutdown).
-    async fn flush_now(&self, run: &mut Run, hard_stop: &CancellationToken) {
-        let f = self.start_flush(run, hard_stop);
+    async fn flush_now(&self, run: &mut Run, lane: Lane, hard_stop: &CancellationToken) {
+        let f = self.start_flush(run, lane, hard_stop);
         let result = f.handle.await;
         self.finish_flush(run, f.seq, result);
     }
@@ -443,6 +687,7 @@ impl Worker {
         &self,
         run: &mut Run,
         msgs: &[BorrowedMessage<'_>],
+        source: Source,
         hard_stop: &CancellationToken,
     ) {
         let mut valid: Vec<(Event, MsgRef)> = Vec::with_capacity(msgs.len());
@@ -452,12 +697,24 @@ impl Worker {
                 continue;
             };
             let timestamp_ms = msg.timestamp().to_millis();
-            run.tracker.received(&tp, msg.offset(), timestamp_ms);
+            let lane = match source {
+                Source::Group => match run.tracker.received(&tp, msg.offset(), timestamp_ms) {
+                    Received::Live => Lane::Live,
+                    Received::Backlog => Lane::Backlog,
+                    Received::Duplicate => continue,
+                },
+                Source::Head if run.tracker.received_head(&tp, msg.offset(), timestamp_ms) => {
+                    Lane::Live
+                }
+                // Not taken from the head reader: the group's reader covers it.
+                Source::Head => continue,
+            };
             let mref = MsgRef {
                 tp,
                 offset: msg.offset(),
                 timestamp_ms,
                 topic_label: kind.label(),
+                backlog: lane == Lane::Backlog,
             };
             match decode(kind, msg.payload()) {
                 Ok(ev) => valid.push((ev, mref)),
@@ -490,6 +747,11 @@ impl Worker {
             return; // hard stop during an outage: nothing acknowledged, replayed later
         };
         for ((event, mref), applied) in valid.into_iter().zip(applied) {
+            let lane = if mref.backlog {
+                Lane::Backlog
+            } else {
+                Lane::Live
+            };
             let handled = |outcome| EventHandled {
                 topic: mref.topic_label,
                 outcome,
@@ -507,16 +769,18 @@ impl Worker {
                     handled("applied").emit(&self.metrics);
                     match u.entity {
                         Entity::Member => {
-                            run.window.member(&u.id, u.ts);
-                            run.window.message(mref);
+                            let w = run.window_mut(lane);
+                            w.member(&u.id, u.ts);
+                            w.message(mref);
                         }
                         Entity::Candidate => run.jobs.fanout(&u.id, u.ts, mref),
                     }
                 }
                 (Event::Upsert(u), Applied::Pair(true)) => {
                     handled("applied").emit(&self.metrics);
-                    run.window.pair(&u.member_id, &u.candidate_id, u.ts);
-                    run.window.message(mref);
+                    let w = run.window_mut(lane);
+                    w.pair(&u.member_id, &u.candidate_id, u.ts);
+                    w.message(mref);
                 }
                 (Event::Remove(_), Applied::Pair(true)) => {
                     handled("applied").emit(&self.metrics);

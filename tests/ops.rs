@@ -74,6 +74,9 @@ async fn loadgen_traffic_is_consumed_by_the_worker() {
         zipf: 1.1,
         mix: rescorer::traffic::Mix::default(),
         event_time: Some((1_764_000_000_000, 1000)),
+        watch: None,
+        kafka_time: false,
+        stop: None,
     };
     let report = rescorer::cli::loadgen::run(&h.settings, &opts)
         .await

@@ -47,6 +47,62 @@ async fn a_replay_into_an_empty_redis_reproduces_exactly_the_same_scores() {
     w.stop().await.unwrap();
 }
 
+/// Sum of a metric family's samples whose labels contain `labels` (e.g. `lane="live"`).
+fn metric_sum(text: &str, name: &str, labels: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(name) && l.contains(labels))
+        .filter_map(|l| l.rsplit_once(' ').and_then(|(_, v)| v.parse::<f64>().ok()))
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backlog_drains_behind_live_events_and_reaches_the_same_scores() {
+    let h = Harness::new(2).await;
+    let scorer = common::scorer();
+    let s = Scenario::generate(21, 3000, 30, 40, T0);
+    let backlog = 2600;
+    s.send_pipelined(&h, 0..backlog).await;
+    let mut settings = h.settings.clone();
+    // Split as soon as anything is behind; small windows keep the backlog from draining before
+    // the split (it waits for the broker's high watermarks). The head reader then takes the
+    // live events while the group's reader drains the backlog.
+    settings.catchup.lag_ms = 0;
+    settings.catchup.min_messages = 1;
+    settings.batch.max_pairs = 2;
+    let w = h.start_worker_with(settings).await;
+    let until = std::time::Instant::now() + Duration::from_secs(60);
+    while metric_sum(&w.metrics.render(), "rescorer_catchup_partitions", "") < 1.0 {
+        assert!(
+            std::time::Instant::now() < until,
+            "no partition was handed to the catch-up reader"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Live events arrive while the backlog drains.
+    s.send_pipelined(&h, backlog..s.events.len()).await;
+    h.wait_consumed().await;
+    let t = s.final_tick();
+    h.tick(t).await;
+    h.wait_consumed().await;
+    s.check(&h, &scorer, t);
+    let text = w.metrics.render();
+    let count = "rescorer_event_to_score_seconds_count";
+    assert!(
+        metric_sum(&text, count, "lane=\"backlog\"") > 0.0,
+        "backlog events were scored by the catch-up lane"
+    );
+    assert!(
+        metric_sum(&text, count, "lane=\"live\"") > 0.0,
+        "live events were scored by the live lane"
+    );
+    assert_eq!(
+        metric_sum(&text, "rescorer_catchup_partitions", ""),
+        0.0,
+        "every backlog read to its end"
+    );
+    w.stop().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_workers_split_the_partitions_and_one_finishes_after_the_other_stops() {
     let h = Harness::new(4).await;

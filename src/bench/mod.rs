@@ -4,6 +4,7 @@
 
 pub mod ceilings;
 mod probe;
+mod watch;
 
 use std::time::{Duration, Instant};
 
@@ -27,6 +28,14 @@ pub struct BenchOptions {
     pub backlog: u64,
     pub partitions: i32,
     pub freshness_seconds: u64,
+    /// Batch sizes drained besides the default (ablation).
+    pub batch_sizes: Vec<usize>,
+    /// Backlog + live phase: live rate as a fraction of the default drain rate, and the backlog
+    /// as minutes of that traffic.
+    pub live_fraction: f64,
+    pub backlog_minutes: f64,
+    /// Longest a backlog phase may run.
+    pub phase_limit_secs: u64,
     pub members: usize,
     pub candidates: usize,
     pub zipf: f64,
@@ -50,9 +59,70 @@ pub struct Freshness {
     pub target_fraction: f64,
     pub rate: u64,
     pub sent: u64,
+    /// Worker histogram: Kafka timestamp → Redis acknowledgement.
     pub p50_ms: f64,
     pub p95_ms: f64,
     pub p99_ms: f64,
+    /// Load generator's side: send → the member's published as_of reaches the event's time.
+    pub seen: Seen,
+}
+
+/// Freshness as a reader of Redis sees it (see `watch`).
+#[derive(Debug, Clone, Serialize)]
+pub struct Seen {
+    pub samples: usize,
+    pub unobserved: usize,
+    pub p50_ms: f64,
+    pub p95_ms: f64,
+    pub p99_ms: f64,
+}
+
+impl Seen {
+    fn of(o: &watch::Observed) -> Self {
+        Self {
+            samples: o.points.len(),
+            unobserved: o.unobserved,
+            p50_ms: o.quantile(0.5),
+            p95_ms: o.quantile(0.95),
+            p99_ms: o.quantile(0.99),
+        }
+    }
+}
+
+/// One scrape during the backlog + live phase.
+#[derive(Debug, Clone, Serialize)]
+pub struct Sample {
+    /// Seconds since the worker started.
+    pub t: f64,
+    pub lag_messages: f64,
+    /// Largest partition lag in seconds.
+    pub lag_seconds: f64,
+    /// p99 of live events scored since the previous sample (worker histogram), ms.
+    pub live_p99_ms: f64,
+    pub catchup_partitions: f64,
+    pub events: f64,
+}
+
+/// A backlog with live traffic on top.
+#[derive(Debug, Clone, Serialize)]
+pub struct BacklogLive {
+    pub live_rate: u64,
+    pub backlog_events: u64,
+    pub live_sent: u64,
+    /// Seconds from the worker's start until the backlog was consumed and lag was under 1 s.
+    pub drained_after_s: Option<f64>,
+    /// Live-lane events (worker histogram) over the whole phase.
+    pub worker_live_p50_ms: f64,
+    pub worker_live_p95_ms: f64,
+    pub worker_live_p99_ms: f64,
+    /// Backlog-lane events, for contrast.
+    pub worker_backlog_p50_ms: f64,
+    /// Load generator's side, for live events sent while the backlog drained.
+    pub seen_during_drain: Seen,
+    pub peak_rss_mib: f64,
+    pub series: Vec<Sample>,
+    /// (seconds since start, ms) per load-generator sample.
+    pub seen_points: Vec<(f64, f64)>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -64,8 +134,10 @@ pub struct Report {
     pub ceilings: ceilings::Ceilings,
     pub sustained: Drain,
     pub no_coalescing: Drain,
-    pub batch_one: Drain,
+    /// Drains at other batch sizes (`batch.max_pairs`).
+    pub batch_sizes: Vec<(usize, Drain)>,
     pub freshness: Vec<Freshness>,
+    pub backlog_live: BacklogLive,
 }
 
 fn suffix() -> String {
@@ -126,7 +198,28 @@ fn load_options(
         zipf: opts.zipf,
         mix: Default::default(),
         event_time: fixed_time.then_some((1_764_000_000_000, 10)),
+        watch: None,
+        kafka_time: false,
+        stop: None,
     }
+}
+
+/// Every n-th member update is watched from the producer's side.
+const WATCH_EVERY: u64 = 5;
+
+/// Starts watching for the scores of sampled member updates of phase `s`.
+async fn watcher(
+    s: &Settings,
+) -> anyhow::Result<(
+    tokio::sync::mpsc::UnboundedSender<crate::cli::loadgen::Watched>,
+    tokio_util::sync::CancellationToken,
+    tokio::task::JoinHandle<watch::Observed>,
+)> {
+    let store = ceilings::scratch_store(s, &s.output.key_prefix).await?;
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let handle = tokio::spawn(watch::watch(store, rx, stop.clone()));
+    Ok((tx, stop, handle))
 }
 
 /// Stores the pre-built pairs of `opts` under `s`'s key prefix.
@@ -227,18 +320,24 @@ async fn freshness(
     preload(&s, opts).await?;
     let worker = WorkerProcess::start(&s, &[]).await?;
     worker.wait_ready().await?;
-    let report = loadgen(
-        &s,
-        &load_options(opts, rate.max(1), 0, opts.freshness_seconds, false),
-    )
-    .await?;
+    let (tx, stop, seen) = watcher(&s).await?;
+    let mut lo = load_options(opts, rate.max(1), 0, opts.freshness_seconds, false);
+    lo.watch = Some((WATCH_EVERY, tx));
+    let report = loadgen(&s, &lo).await?;
     let until = Instant::now() + Duration::from_secs(60);
     let mut m = worker.scrape().await?;
     while m.sum("rescorer_events_total") < report.sent as f64 && Instant::now() < until {
         tokio::time::sleep(Duration::from_millis(200)).await;
         m = worker.scrape().await?;
     }
+    stop.cancel();
+    let seen = Seen::of(&seen.await?);
     worker.stop().await;
+    for topic in ["feature_updates", "new_candidates"] {
+        let f = format!("topic=\"{topic}\"");
+        let tq = |p| m.histogram_quantile_where("rescorer_event_to_score_seconds", &f, p) * 1000.0;
+        eprintln!("    {topic}: p50 {:.1} ms, p99 {:.1} ms", tq(0.5), tq(0.99));
+    }
     let q = |p| m.histogram_quantile("rescorer_event_to_score_seconds", p) * 1000.0;
     let f = Freshness {
         target_fraction: fraction,
@@ -247,15 +346,144 @@ async fn freshness(
         p50_ms: q(0.5),
         p95_ms: q(0.95),
         p99_ms: q(0.99),
+        seen,
     };
     eprintln!(
-        "  freshness at {:.0}% ({rate}/s): p50 {:.1} ms, p95 {:.1} ms, p99 {:.1} ms",
+        "  freshness at {:.0}% ({rate}/s): worker p50 {:.1} ms, p95 {:.1} ms, p99 {:.1} ms; seen in Redis p50 {:.1} ms, p99 {:.1} ms ({} samples, {} unobserved)",
         fraction * 100.0,
         f.p50_ms,
         f.p95_ms,
-        f.p99_ms
+        f.p99_ms,
+        f.seen.p50_ms,
+        f.seen.p99_ms,
+        f.seen.samples,
+        f.seen.unobserved
     );
     Ok(f)
+}
+
+/// A backlog of `backlog_minutes` of traffic at `rate` (stamped as if produced over those
+/// minutes), then the worker starts and live traffic at `rate` runs on top until the backlog is
+/// consumed and lag is under a second (plus 5 s), or the phase limit.
+async fn backlog_live(
+    base: &Settings,
+    opts: &BenchOptions,
+    rate: u64,
+) -> anyhow::Result<BacklogLive> {
+    let s = phase_settings(base, opts.partitions).await?;
+    preload(&s, opts).await?;
+    let rate = rate.max(1);
+    let backlog = (rate as f64 * 60.0 * opts.backlog_minutes) as u64;
+    let span_ms = (opts.backlog_minutes * 60_000.0) as i64;
+    let mut lo = load_options(opts, 0, backlog, 0, false);
+    lo.event_time = Some((
+        crate::worker::chrono_now_ms() - span_ms,
+        (span_ms / backlog.max(1) as i64).max(1),
+    ));
+    lo.kafka_time = true;
+    loadgen(&s, &lo).await?;
+    eprintln!("  backlog of {backlog} events written; live traffic at {rate}/s on top");
+
+    let worker = WorkerProcess::start(&s, &[]).await?;
+    let started = Instant::now();
+    worker.wait_ready().await?;
+    let ready_after = started.elapsed().as_secs_f64();
+    let (tx, stop_watch, seen) = watcher(&s).await?;
+    let stop_live = tokio_util::sync::CancellationToken::new();
+    let mut live = load_options(opts, rate, 0, opts.phase_limit_secs, false);
+    live.seed = 43;
+    live.watch = Some((WATCH_EVERY, tx));
+    live.stop = Some(stop_live.clone());
+    let live_settings = s.clone();
+    let live_task = tokio::spawn(async move { loadgen(&live_settings, &live).await });
+
+    let limit = Duration::from_secs(opts.phase_limit_secs);
+    let mut series = Vec::new();
+    let mut prev = worker.scrape().await?;
+    let mut drained_at: Option<f64> = None;
+    loop {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let m = worker.scrape().await?;
+        let t = started.elapsed().as_secs_f64();
+        let sample = Sample {
+            t,
+            lag_messages: m.sum("rescorer_consumer_lag"),
+            lag_seconds: m.max("rescorer_consumer_lag_seconds"),
+            live_p99_ms: m.interval_quantile(
+                &prev,
+                "rescorer_event_to_score_seconds",
+                "lane=\"live\"",
+                0.99,
+            ) * 1000.0,
+            catchup_partitions: m.sum("rescorer_catchup_partitions"),
+            events: m.sum("rescorer_events_total"),
+        };
+        if drained_at.is_none()
+            && sample.events >= backlog as f64
+            && sample.catchup_partitions == 0.0
+            && sample.lag_seconds < 1.0
+        {
+            drained_at = Some(t);
+            eprintln!("  drained after {t:.1} s");
+        }
+        series.push(sample);
+        prev = m;
+        if drained_at.is_some_and(|d| t - d > 5.0) || started.elapsed() > limit {
+            break;
+        }
+    }
+    stop_live.cancel();
+    let live_sent = live_task.await??.sent;
+    stop_watch.cancel();
+    let observed = seen.await?;
+    let m = worker.scrape().await?;
+    let rss = worker.peak_rss_mib();
+    worker.stop().await;
+    let q = |lane: &str, p| {
+        m.histogram_quantile_where(
+            "rescorer_event_to_score_seconds",
+            &format!("lane=\"{lane}\""),
+            p,
+        ) * 1000.0
+    };
+    // Samples sent before the drain ended (the watcher's clock starts at readiness).
+    let until = drained_at.unwrap_or(f64::INFINITY) - ready_after;
+    let during = watch::Observed {
+        points: observed
+            .points
+            .iter()
+            .copied()
+            .filter(|p| p.0 <= until)
+            .collect(),
+        unobserved: observed.unobserved,
+    };
+    let b = BacklogLive {
+        live_rate: rate,
+        backlog_events: backlog,
+        live_sent,
+        drained_after_s: drained_at,
+        worker_live_p50_ms: q("live", 0.5),
+        worker_live_p95_ms: q("live", 0.95),
+        worker_live_p99_ms: q("live", 0.99),
+        worker_backlog_p50_ms: q("backlog", 0.5),
+        seen_during_drain: Seen::of(&during),
+        peak_rss_mib: rss,
+        series,
+        seen_points: observed
+            .points
+            .iter()
+            .map(|p| (p.0 + ready_after, p.1))
+            .collect(),
+    };
+    eprintln!(
+        "  live events while draining: worker p50 {:.1} ms, p99 {:.1} ms; seen in Redis p50 {:.1} ms, p99 {:.1} ms ({} samples)",
+        b.worker_live_p50_ms,
+        b.worker_live_p99_ms,
+        b.seen_during_drain.p50_ms,
+        b.seen_during_drain.p99_ms,
+        b.seen_during_drain.samples
+    );
+    Ok(b)
 }
 
 pub async fn run(base: &Settings, opts: &BenchOptions) -> anyhow::Result<Report> {
@@ -283,7 +511,17 @@ pub async fn run(base: &Settings, opts: &BenchOptions) -> anyhow::Result<Report>
         &["batch.coalesce=false".into()],
     )
     .await?;
-    let batch_one = drain(base, opts, "batch size 1", &["batch.max_pairs=1".into()]).await?;
+    let mut batch_sizes = Vec::new();
+    for &b in &opts.batch_sizes {
+        let d = drain(
+            base,
+            opts,
+            &format!("batch size {b}"),
+            &[format!("batch.max_pairs={b}")],
+        )
+        .await?;
+        batch_sizes.push((b, d));
+    }
 
     eprintln!("freshness, open loop");
     let mut fresh = Vec::new();
@@ -291,6 +529,10 @@ pub async fn run(base: &Settings, opts: &BenchOptions) -> anyhow::Result<Report>
         let rate = (sustained.events_per_s * fraction) as u64;
         fresh.push(freshness(base, opts, fraction, rate).await?);
     }
+
+    eprintln!("backlog with live traffic on top");
+    let live_rate = (sustained.events_per_s * opts.live_fraction) as u64;
+    let backlog_live = backlog_live(base, opts, live_rate).await?;
     Ok(Report {
         machine: machine(),
         preloaded_pairs: opts.preload_members * opts.preload_per_member,
@@ -299,8 +541,9 @@ pub async fn run(base: &Settings, opts: &BenchOptions) -> anyhow::Result<Report>
         ceilings,
         sustained,
         no_coalescing,
-        batch_one,
+        batch_sizes,
         freshness: fresh,
+        backlog_live,
     })
 }
 
@@ -332,7 +575,10 @@ impl Report {
             self.machine, self.preloaded_pairs, self.backlog_events, self.partitions, c.consume_msgs_per_s, 1024, c.model_rows_per_s, c.redis_pairs_per_s
         );
         s += "## Backlog drains\n\n| run | events/s | pairs/s | model rows / event | peak RSS MiB | complete |\n|---|---:|---:|---:|---:|---|\n";
-        for d in [&self.sustained, &self.no_coalescing, &self.batch_one] {
+        let drains = [&self.sustained, &self.no_coalescing]
+            .into_iter()
+            .chain(self.batch_sizes.iter().map(|(_, d)| d));
+        for d in drains {
             s += &format!(
                 "| {} | {:.0} | {:.0} | {:.2} | {:.0} | {} |\n",
                 d.label,
@@ -356,17 +602,50 @@ impl Report {
             100.0 * self.sustained.pairs_per_s / narrowest.1.max(1.0),
             self.no_coalescing.rows_per_event / rows.max(1e-9)
         );
-        s += "## Freshness, open loop (worker histogram: Kafka timestamp → Redis ack)\n\n| load | events/s | p50 ms | p95 ms | p99 ms |\n|---|---:|---:|---:|---:|\n";
+        s += "## Freshness, open loop\n\nWorker: its histogram, Kafka timestamp → Redis acknowledgement. Seen: the load generator's side, \
+              send → the member's published `as_of` reaches the event's time (every 5th member update, polled every 2 ms).\n\n\
+              | load | events/s | worker p50 ms | p95 | p99 | seen p50 ms | p95 | p99 | samples (unobserved) |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|\n";
         for f in &self.freshness {
             s += &format!(
-                "| {:.0}% | {} | {:.1} | {:.1} | {:.1} |\n",
+                "| {:.0}% | {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {} ({}) |\n",
                 f.target_fraction * 100.0,
                 f.rate,
                 f.p50_ms,
                 f.p95_ms,
-                f.p99_ms
+                f.p99_ms,
+                f.seen.p50_ms,
+                f.seen.p95_ms,
+                f.seen.p99_ms,
+                f.seen.samples,
+                f.seen.unobserved
             );
         }
+        let b = &self.backlog_live;
+        s += &format!(
+            "\n## Backlog with live traffic on top\n\nBacklog: {} events ({} events/s stamped over the minutes before the start); live: {} events/s \
+             from readiness on ({} sent). Drained (backlog consumed, lag < 1 s) after: **{}**.\n\n\
+             | live events | p50 ms | p95 ms | p99 ms |\n|---|---:|---:|---:|\n\
+             | worker histogram, live lane | {:.1} | {:.1} | {:.1} |\n\
+             | seen in Redis, sent before the drain ended ({} samples, {} unobserved) | {:.1} | {:.1} | {:.1} |\n\n\
+             Backlog-lane events: p50 {:.1} s after their timestamp. Peak RSS {:.0} MiB. Lag and freshness over time: `e2e-backlog.png`.\n",
+            b.backlog_events,
+            b.live_rate,
+            b.live_rate,
+            b.live_sent,
+            b.drained_after_s
+                .map(|d| format!("{d:.1} s"))
+                .unwrap_or_else(|| "not within the phase limit".into()),
+            b.worker_live_p50_ms,
+            b.worker_live_p95_ms,
+            b.worker_live_p99_ms,
+            b.seen_during_drain.samples,
+            b.seen_during_drain.unobserved,
+            b.seen_during_drain.p50_ms,
+            b.seen_during_drain.p95_ms,
+            b.seen_during_drain.p99_ms,
+            b.worker_backlog_p50_ms / 1000.0,
+            b.peak_rss_mib
+        );
         s
     }
 }

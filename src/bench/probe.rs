@@ -38,12 +38,25 @@ impl Scrape {
             .sum()
     }
 
-    /// `histogram_quantile` over every label set of a histogram family, linear in the bucket.
-    pub fn histogram_quantile(&self, name: &str, q: f64) -> f64 {
+    /// Largest sample of a family (any label set), 0 when there is none.
+    pub fn max(&self, name: &str) -> f64 {
+        self.0
+            .iter()
+            .filter(|(k, _)| k.as_str() == name || k.starts_with(&format!("{name}{{")))
+            .map(|(_, v)| *v)
+            .fold(0.0, f64::max)
+    }
+
+    /// Cumulative buckets (le, count) of a histogram family, summed over the label sets whose
+    /// labels contain `filter` (e.g. `lane="live"`; "" for all).
+    fn buckets(&self, name: &str, filter: &str) -> Vec<(f64, f64)> {
         let prefix = format!("{name}_bucket{{");
         let mut by_le: HashMap<String, f64> = HashMap::new();
         for (k, v) in &self.0 {
             if let Some(labels) = k.strip_prefix(&prefix) {
+                if !labels.contains(filter) {
+                    continue;
+                }
                 if let Some(le) = labels
                     .split("le=\"")
                     .nth(1)
@@ -67,25 +80,58 @@ impl Scrape {
             })
             .collect();
         buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
-        let total = buckets.last().map(|b| b.1).unwrap_or(0.0);
-        if total == 0.0 {
-            return f64::NAN;
-        }
-        let rank = q * total;
-        let (mut lo, mut below) = (0.0, 0.0);
-        for (le, count) in buckets {
-            if count >= rank {
-                if le.is_infinite() {
-                    return lo;
-                }
-                let inside = (count - below).max(1e-12);
-                return lo + (le - lo) * (rank - below) / inside;
-            }
-            lo = le;
-            below = count;
-        }
-        lo
+        buckets
     }
+
+    /// `histogram_quantile` over every label set of a histogram family, linear in the bucket.
+    pub fn histogram_quantile(&self, name: &str, q: f64) -> f64 {
+        quantile(&self.buckets(name, ""), q)
+    }
+
+    /// The same over the label sets matching `filter`.
+    pub fn histogram_quantile_where(&self, name: &str, filter: &str, q: f64) -> f64 {
+        quantile(&self.buckets(name, filter), q)
+    }
+
+    /// Quantile of the observations made between `earlier` and this scrape.
+    pub fn interval_quantile(&self, earlier: &Scrape, name: &str, filter: &str, q: f64) -> f64 {
+        let before = earlier.buckets(name, filter);
+        let delta: Vec<(f64, f64)> = self
+            .buckets(name, filter)
+            .into_iter()
+            .map(|(le, c)| {
+                let b = before
+                    .iter()
+                    .find(|x| x.0 == le)
+                    .map(|x| x.1)
+                    .unwrap_or(0.0);
+                (le, c - b)
+            })
+            .collect();
+        quantile(&delta, q)
+    }
+}
+
+/// Quantile from cumulative buckets, linear inside the bucket; NaN without observations.
+fn quantile(buckets: &[(f64, f64)], q: f64) -> f64 {
+    let total = buckets.last().map(|b| b.1).unwrap_or(0.0);
+    if total <= 0.0 {
+        return f64::NAN;
+    }
+    let rank = q * total;
+    let (mut lo, mut below) = (0.0, 0.0);
+    for &(le, count) in buckets {
+        if count >= rank {
+            if le.is_infinite() {
+                return lo;
+            }
+            let inside = (count - below).max(1e-12);
+            return lo + (le - lo) * (rank - below) / inside;
+        }
+        lo = le;
+        below = count;
+    }
+    lo
 }
 
 impl WorkerProcess {
@@ -224,5 +270,16 @@ c_total{x=\"2\"} 4
         assert!((s.histogram_quantile("h", 0.5) - 0.01).abs() < 1e-9);
         assert!((s.histogram_quantile("h", 0.75) - 0.055).abs() < 1e-9);
         assert_eq!(s.sum("c_total"), 7.0);
+        assert_eq!(s.max("c_total"), 4.0);
+        assert!((s.histogram_quantile_where("h", "topic=\"b\"", 0.5) - 0.01).abs() < 1e-9);
+        let later = Scrape::parse(
+            &text
+                .replace("le=\"0.1\"} 100", "le=\"0.1\"} 150")
+                .replace("le=\"+Inf\"} 100", "le=\"+Inf\"} 150"),
+        );
+        assert!(
+            (later.interval_quantile(&s, "h", "", 0.5) - 0.055).abs() < 1e-9,
+            "only the 100 new observations, all in (0.01, 0.1]"
+        );
     }
 }

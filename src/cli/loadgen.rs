@@ -26,6 +26,23 @@ pub struct LoadgenOptions {
     pub mix: Mix,
     /// Fixed event-time step from `start_ts` instead of the wall clock (replayable streams).
     pub event_time: Option<(i64, i64)>,
+    /// Every n-th member feature update is also handed to this channel when it is sent, so
+    /// the benchmark can watch for its score (freshness seen from the producer's side).
+    pub watch: Option<(u64, tokio::sync::mpsc::UnboundedSender<Watched>)>,
+    /// Stamp each message with its event time (as if it had been produced then): a backlog
+    /// that looks as old as the traffic it stands for.
+    pub kafka_time: bool,
+    /// Stop early when this fires.
+    pub stop: Option<tokio_util::sync::CancellationToken>,
+}
+
+/// A member update the load generator sent: its scores are fresh once the member's published
+/// `as_of` reaches `ts`.
+#[derive(Debug, Clone)]
+pub struct Watched {
+    pub member: String,
+    pub ts: i64,
+    pub sent: Instant,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -56,6 +73,7 @@ pub async fn run(settings: &Settings, opts: &LoadgenOptions) -> anyhow::Result<L
     let started = Instant::now();
     let until = (opts.seconds > 0).then(|| started + Duration::from_secs(opts.seconds));
     let mut sent: u64 = 0;
+    let mut member_updates: u64 = 0;
     let mut pending = None;
     let mut pacer = tokio::time::interval(Duration::from_millis(5));
     pacer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
@@ -66,7 +84,7 @@ pub async fn run(settings: &Settings, opts: &LoadgenOptions) -> anyhow::Result<L
             tokio::task::yield_now().await;
         }
         let now = Instant::now();
-        if until.is_some_and(|u| now >= u) {
+        if until.is_some_and(|u| now >= u) || opts.stop.as_ref().is_some_and(|t| t.is_cancelled()) {
             break;
         }
         let due = if opts.rate > 0 {
@@ -88,9 +106,12 @@ pub async fn run(settings: &Settings, opts: &LoadgenOptions) -> anyhow::Result<L
                 Target::NewCandidates => &settings.topics.new_candidates,
             };
             let payload = ev.value.to_string();
-            let rec: FutureRecord<'_, str, str> = FutureRecord::to(topic)
+            let mut rec: FutureRecord<'_, str, str> = FutureRecord::to(topic)
                 .key(ev.key.as_str())
                 .payload(payload.as_str());
+            if opts.kafka_time {
+                rec = rec.timestamp(ts);
+            }
             if let Err((e, _)) = producer.send_result(rec) {
                 // Local queue full: let deliveries drain, then send this same event again.
                 tracing::debug!(error = %e, "producer queue full");
@@ -99,6 +120,18 @@ pub async fn run(settings: &Settings, opts: &LoadgenOptions) -> anyhow::Result<L
                 break;
             }
             sent += 1;
+            if let Some((every, tx)) = &opts.watch {
+                if ev.target == Target::FeatureUpdates && ev.value["entity"] == "member" {
+                    member_updates += 1;
+                    if member_updates % every.max(&1) == 0 {
+                        let _ = tx.send(Watched {
+                            member: ev.key.clone(),
+                            ts,
+                            sent: Instant::now(),
+                        });
+                    }
+                }
+            }
         }
     }
     producer

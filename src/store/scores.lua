@@ -32,7 +32,19 @@ for i = 5, #ARGV, 3 do
 end
 if written > 0 then
   local ttl = tonumber(ARGV[3])
-  redis.call('ZRANGESTORE', KEYS[4], KEYS[3], 0, tonumber(ARGV[2]) - 1, 'REV')
+  local n = tonumber(ARGV[2])
+  -- The top N: a copy when every score fits (a memcpy for small sets), a copy cut from below for
+  -- sets a few times N, a range store beyond. ZRANGESTORE rebuilds the set entry by entry, which
+  -- costs ~100-180 us for 100 entries; COPY ~1 us.
+  local card = redis.call('ZCARD', KEYS[3])
+  if card <= n then
+    redis.call('COPY', KEYS[3], KEYS[4], 'REPLACE')
+  elseif card <= 4 * n then
+    redis.call('COPY', KEYS[3], KEYS[4], 'REPLACE')
+    redis.call('ZREMRANGEBYRANK', KEYS[4], 0, -(n + 1))
+  else
+    redis.call('ZRANGESTORE', KEYS[4], KEYS[3], 0, n - 1, 'REV')
+  end
   redis.call('PEXPIRE', KEYS[4], ttl)
   local cur_asof = tonumber(redis.call('HGET', KEYS[5], 'as_of') or '-1')
   if max_asof > cur_asof then redis.call('HSET', KEYS[5], 'as_of', max_asof_str) end

@@ -132,6 +132,25 @@ impl Scenario {
         }
     }
 
+    /// Sends a range without waiting for each acknowledgement (in order: each send is queued
+    /// when first polled, and `join_all` polls them in order), for large backlogs.
+    pub async fn send_pipelined(&self, h: &Harness, range: std::ops::Range<usize>) {
+        let (f, p) = (
+            h.settings.topics.feature_updates.clone(),
+            h.settings.topics.new_candidates.clone(),
+        );
+        let sends = self.events[range].iter().map(|ev| {
+            let (f, p) = (&f, &p);
+            async move {
+                match ev {
+                    Ev::Feature(k, v) => h.send(f, k, v.clone()).await,
+                    Ev::Pair(k, v) => h.send(p, k, v.clone()).await,
+                }
+            }
+        });
+        futures::future::join_all(sends).await;
+    }
+
     /// The model's score of every live pair's final state as of `t`, by member.
     pub fn expected(
         &self,

@@ -1,0 +1,94 @@
+//! Freshness seen from the producer's side: for member updates the load generator sampled, poll
+//! the member's published `as_of` (the meta hash next to its top-N) until it reaches the event's
+//! time. Independent of the worker's own histogram; it bounds what a reader of Redis sees.
+//!
+//! Limit: a member's `as_of` can also reach the event's time through a later event of the same
+//! member (a new candidate, a candidate's fan-out) scored first, so a sample is "the member's
+//! scores are as of at least this event's time", which is what a reader relies on.
+
+use std::time::{Duration, Instant};
+
+use redis::Value;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::cli::loadgen::Watched;
+use crate::store::Store;
+
+/// Poll period: the resolution of the measurement.
+const PERIOD: Duration = Duration::from_millis(2);
+/// A sample not fresh after this long is counted as unobserved.
+const GIVE_UP: Duration = Duration::from_secs(120);
+
+#[derive(Debug, Default, Clone)]
+pub struct Observed {
+    /// (seconds since the watch started at send time, send → visible in ms) per sample.
+    pub points: Vec<(f64, f64)>,
+    pub unobserved: usize,
+}
+
+impl Observed {
+    /// Quantile `q` of the latencies (ms), 0 when there are none.
+    pub fn quantile(&self, q: f64) -> f64 {
+        let mut v: Vec<f64> = self.points.iter().map(|p| p.1).collect();
+        if v.is_empty() {
+            return 0.0;
+        }
+        v.sort_by(f64::total_cmp);
+        let i = ((v.len() as f64 * q).ceil() as usize).clamp(1, v.len()) - 1;
+        v[i]
+    }
+}
+
+/// Watches until `stop` fires and every sample is seen (or given up on, at most `GIVE_UP` after
+/// the stop).
+pub async fn watch(
+    store: Store,
+    mut rx: mpsc::UnboundedReceiver<Watched>,
+    stop: CancellationToken,
+) -> Observed {
+    let started = Instant::now();
+    let mut pending: Vec<Watched> = Vec::new();
+    let mut out = Observed::default();
+    let mut stopped_at: Option<Instant> = None;
+    loop {
+        while let Ok(w) = rx.try_recv() {
+            pending.push(w);
+        }
+        if stop.is_cancelled() && stopped_at.is_none() {
+            stopped_at = Some(Instant::now());
+        }
+        if stopped_at.is_some_and(|t| pending.is_empty() || t.elapsed() > GIVE_UP) {
+            out.unobserved += pending.len();
+            return out;
+        }
+        if !pending.is_empty() {
+            let mut pipe = redis::pipe();
+            for w in &pending {
+                pipe.cmd("HGET")
+                    .arg(store.keys().meta(&w.member))
+                    .arg("as_of");
+            }
+            let mut conn = store.conn();
+            if let Ok(vals) = pipe.query_async::<Vec<Value>>(&mut conn).await {
+                let now = Instant::now();
+                let mut keep = Vec::with_capacity(pending.len());
+                for (w, v) in pending.drain(..).zip(vals) {
+                    let as_of: Option<i64> = redis::from_redis_value(&v).ok().flatten();
+                    if as_of.is_some_and(|a| a >= w.ts) {
+                        out.points.push((
+                            w.sent.duration_since(started).as_secs_f64(),
+                            now.duration_since(w.sent).as_secs_f64() * 1000.0,
+                        ));
+                    } else if now.duration_since(w.sent) > GIVE_UP {
+                        out.unobserved += 1;
+                    } else {
+                        keep.push(w);
+                    }
+                }
+                pending = keep;
+            }
+        }
+        tokio::time::sleep(PERIOD).await;
+    }
+}
