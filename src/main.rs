@@ -149,6 +149,11 @@ enum BenchCommand {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// Redraws the plots of an end-to-end report (JSON written by `bench e2e --out`).
+    Plot {
+        /// The report; the SVG files are written beside it.
+        report: PathBuf,
+    },
     /// Model rows/s and batch latency per batch size.
     Model {
         #[command(flatten)]
@@ -449,7 +454,23 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 zipf,
             };
             let report = runtime()?.block_on(rescorer::bench::run(&settings, &opts))?;
-            write_report(out.as_deref(), &report, &report.markdown())
+            write_report(out.as_deref(), &report, &report.markdown())?;
+            if let Some(out) = out.as_deref() {
+                for p in rescorer::bench::plot::write(&report, out)? {
+                    eprintln!("wrote {}", p.display());
+                }
+            }
+            Ok(())
+        }
+        Command::Bench(BenchCommand::Plot { report }) => {
+            let text = std::fs::read_to_string(&report)
+                .with_context(|| format!("reading {}", report.display()))?;
+            let parsed: rescorer::bench::Report = serde_json::from_str(&text)
+                .with_context(|| format!("parsing {} as an e2e report", report.display()))?;
+            for p in rescorer::bench::plot::write(&parsed, &report)? {
+                println!("wrote {}", p.display());
+            }
+            Ok(())
         }
         Command::Bench(BenchCommand::Model {
             model,

@@ -16,7 +16,7 @@ use crate::model::FeatureMap;
 use crate::score::Scorer;
 use crate::store::{Keys, ScoreWrite, Store};
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct Ceilings {
     /// Messages/s a plain consumer reads from a pre-filled topic.
     pub consume_msgs_per_s: f64,

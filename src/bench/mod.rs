@@ -3,6 +3,7 @@
 //! asserts nothing about speed. `scripts/bench.sh` starts the broker and Redis and runs it.
 
 pub mod ceilings;
+pub mod plot;
 mod probe;
 mod watch;
 
@@ -10,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::cli::loadgen::{run as loadgen, LoadgenOptions};
 use crate::config::Settings;
@@ -41,7 +42,7 @@ pub struct BenchOptions {
     pub zipf: f64,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Drain {
     pub label: String,
     pub events: u64,
@@ -54,26 +55,32 @@ pub struct Drain {
     pub timed_out: bool,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Freshness {
     pub target_fraction: f64,
     pub rate: u64,
     pub sent: u64,
     /// Worker histogram: Kafka timestamp → Redis acknowledgement.
+    #[serde(deserialize_with = "nan_if_null")]
     pub p50_ms: f64,
+    #[serde(deserialize_with = "nan_if_null")]
     pub p95_ms: f64,
+    #[serde(deserialize_with = "nan_if_null")]
     pub p99_ms: f64,
     /// Load generator's side: send → the member's published as_of reaches the event's time.
     pub seen: Seen,
 }
 
 /// Freshness as a reader of Redis sees it (see `watch`).
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Seen {
     pub samples: usize,
     pub unobserved: usize,
+    #[serde(deserialize_with = "nan_if_null")]
     pub p50_ms: f64,
+    #[serde(deserialize_with = "nan_if_null")]
     pub p95_ms: f64,
+    #[serde(deserialize_with = "nan_if_null")]
     pub p99_ms: f64,
 }
 
@@ -90,7 +97,7 @@ impl Seen {
 }
 
 /// One scrape during the backlog + live phase.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Sample {
     /// Seconds since the worker started.
     pub t: f64,
@@ -98,13 +105,14 @@ pub struct Sample {
     /// Largest partition lag in seconds.
     pub lag_seconds: f64,
     /// p99 of live events scored since the previous sample (worker histogram), ms.
+    #[serde(deserialize_with = "nan_if_null")]
     pub live_p99_ms: f64,
     pub catchup_partitions: f64,
     pub events: f64,
 }
 
 /// A backlog with live traffic on top.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct BacklogLive {
     pub live_rate: u64,
     pub backlog_events: u64,
@@ -112,10 +120,14 @@ pub struct BacklogLive {
     /// Seconds from the worker's start until the backlog was consumed and lag was under 1 s.
     pub drained_after_s: Option<f64>,
     /// Live-lane events (worker histogram) over the whole phase.
+    #[serde(deserialize_with = "nan_if_null")]
     pub worker_live_p50_ms: f64,
+    #[serde(deserialize_with = "nan_if_null")]
     pub worker_live_p95_ms: f64,
+    #[serde(deserialize_with = "nan_if_null")]
     pub worker_live_p99_ms: f64,
     /// Backlog-lane events, for contrast.
+    #[serde(deserialize_with = "nan_if_null")]
     pub worker_backlog_p50_ms: f64,
     /// Load generator's side, for live events sent while the backlog drained.
     pub seen_during_drain: Seen,
@@ -125,7 +137,7 @@ pub struct BacklogLive {
     pub seen_points: Vec<(f64, f64)>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Report {
     pub machine: String,
     pub preloaded_pairs: usize,
@@ -134,10 +146,17 @@ pub struct Report {
     pub ceilings: ceilings::Ceilings,
     pub sustained: Drain,
     pub no_coalescing: Drain,
+    /// The default `batch.max_pairs` (the sustained drain's).
+    pub batch_default: usize,
     /// Drains at other batch sizes (`batch.max_pairs`).
     pub batch_sizes: Vec<(usize, Drain)>,
     pub freshness: Vec<Freshness>,
     pub backlog_live: BacklogLive,
+}
+
+/// Quantiles without observations are NaN, which JSON writes as null: read null back as NaN.
+fn nan_if_null<'de, D: serde::Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+    Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
 }
 
 fn suffix() -> String {
@@ -541,6 +560,7 @@ pub async fn run(base: &Settings, opts: &BenchOptions) -> anyhow::Result<Report>
         ceilings,
         sustained,
         no_coalescing,
+        batch_default: base.batch.max_pairs,
         batch_sizes,
         freshness: fresh,
         backlog_live,
