@@ -143,6 +143,9 @@ enum BenchCommand {
         /// Longest a backlog phase may run, seconds.
         #[arg(long, default_value_t = 300)]
         phase_limit: u64,
+        /// Only the ceilings and the default drain (e.g. peak RSS with a large stored state).
+        #[arg(long)]
+        drain_only: bool,
         #[command(flatten)]
         traffic: TrafficArgs,
         /// Write the report here as JSON, and as markdown beside it (`.md`).
@@ -430,6 +433,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             live_fraction,
             backlog_minutes,
             phase_limit,
+            drain_only,
             traffic:
                 TrafficArgs {
                     members,
@@ -449,6 +453,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 live_fraction,
                 backlog_minutes,
                 phase_limit_secs: phase_limit,
+                drain_only,
                 members,
                 candidates,
                 zipf,

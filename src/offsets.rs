@@ -70,12 +70,24 @@ impl OffsetTracker {
             return Received::Duplicate; // a re-delivery after a seek or rebalance
         }
         let lane = match p.split.as_mut() {
-            Some(sp) if offset < sp.end => Received::Backlog,
+            Some(sp) if offset < sp.end => {
+                if offset + 1 == sp.end {
+                    // The whole backlog is delivered: from here the head reader's messages are
+                    // not taken, and the readers merge once this reader passes the head's last.
+                    sp.head_stopped = true;
+                    if sp.head_next == sp.end {
+                        p.split = None;
+                    }
+                }
+                Received::Backlog
+            }
             Some(sp) => {
-                // The backlog is read: from here the head reader's messages are not taken.
                 sp.head_stopped = true;
                 if offset < sp.head_next {
                     p.next = offset + 1;
+                    if offset + 1 == sp.head_next {
+                        p.split = None;
+                    }
                     return Received::Duplicate;
                 }
                 p.split = None;

@@ -225,6 +225,7 @@ impl Worker {
         lag_timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         let consumer = self.consumer.clone();
         let mut jobs_turn = false;
+        let mut backlog_turn = false;
         let mut flight: Option<InFlight> = None;
         loop {
             let full = run.window.size() >= max_pairs;
@@ -240,6 +241,8 @@ impl Worker {
                 .map(|s| s + backlog_wait)
                 .unwrap_or_else(Instant::now);
             let can_flush = flight.is_none();
+            let backlog_due =
+                !run.backlog.is_empty() && (backlog_full || backlog_deadline <= Instant::now());
             let room_for_jobs = run.jobs.len() < self.settings.batch.max_jobs;
             // The group's reader also carries split partitions' backlog: it waits for room in both.
             let intake = !full && !backlog_full && room_for_jobs;
@@ -264,9 +267,20 @@ impl Worker {
                     let seq = flight.take().map(|f| f.seq).unwrap_or(0);
                     self.finish_flush(&mut run, seq, result);
                 }
-                // Live windows first; a backlog window only when no live one is due.
-                _ = std::future::ready(()), if full && can_flush => flight = Some(self.start_flush(&mut run, Lane::Live, &hard_stop)),
-                _ = sleep_until(deadline), if !run.window.is_empty() && can_flush => flight = Some(self.start_flush(&mut run, Lane::Live, &hard_stop)),
+                // Live windows first, but a due backlog window gets every other turn, so live
+                // traffic that keeps the writer busy never starves the backlog.
+                _ = std::future::ready(()), if backlog_turn && backlog_due && can_flush => {
+                    backlog_turn = false;
+                    flight = Some(self.start_flush(&mut run, Lane::Backlog, &hard_stop));
+                }
+                _ = std::future::ready(()), if full && can_flush => {
+                    backlog_turn = true;
+                    flight = Some(self.start_flush(&mut run, Lane::Live, &hard_stop));
+                }
+                _ = sleep_until(deadline), if !run.window.is_empty() && can_flush => {
+                    backlog_turn = true;
+                    flight = Some(self.start_flush(&mut run, Lane::Live, &hard_stop));
+                }
                 _ = std::future::ready(()), if backlog_full && can_flush => flight = Some(self.start_flush(&mut run, Lane::Backlog, &hard_stop)),
                 _ = sleep_until(backlog_deadline), if !run.backlog.is_empty() && can_flush => flight = Some(self.start_flush(&mut run, Lane::Backlog, &hard_stop)),
                 _ = sleep_until(wake.unwrap_or(deadline)), if wake.is_some() && !step_jobs => {}

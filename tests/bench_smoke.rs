@@ -33,7 +33,17 @@ async fn the_benchmark_runs_every_phase_end_to_end() {
             "--members",
             "100",
         ])
-        .args(["--candidates", "100", "--partitions", "2", "--config"])
+        .args(["--candidates", "100", "--partitions", "2"])
+        .args(["--preload-members", "100", "--preload-per-member", "5"])
+        .args([
+            "--batch-sizes",
+            "16",
+            "--backlog-minutes",
+            "0.05",
+            "--phase-limit",
+            "60",
+        ])
+        .arg("--config")
         .arg(&config)
         .arg("--out")
         .arg(&out)
@@ -54,15 +64,37 @@ async fn the_benchmark_runs_every_phase_end_to_end() {
             "{ceiling}: {report}"
         );
     }
-    for run in ["sustained", "no_coalescing", "batch_one"] {
+    let batch = &report["batch_sizes"][0];
+    assert_eq!(batch[0].as_u64(), Some(16), "{report}");
+    for (run, drained) in [
+        ("sustained", &report["sustained"]),
+        ("no_coalescing", &report["no_coalescing"]),
+        ("batch size 16", &batch[1]),
+    ] {
         assert_eq!(
-            report[run]["events"].as_u64(),
+            drained["events"].as_u64(),
             Some(300),
             "{run} drained the backlog: {report}"
         );
-        assert!(report[run]["peak_rss_mib"].as_f64().unwrap() > 0.0);
+        assert!(drained["peak_rss_mib"].as_f64().unwrap() > 0.0);
     }
-    assert_eq!(report["freshness"].as_array().unwrap().len(), 3);
+    let fresh = report["freshness"].as_array().unwrap();
+    assert_eq!(fresh.len(), 3);
+    let seen: u64 = fresh
+        .iter()
+        .map(|f| f["seen"]["samples"].as_u64().unwrap())
+        .sum();
+    assert!(
+        seen > 0,
+        "the load generator saw scores of its member updates: {report}"
+    );
+    let backlog = &report["backlog_live"];
+    assert!(backlog["live_sent"].as_u64().unwrap() > 0, "{report}");
+    assert!(!backlog["series"].as_array().unwrap().is_empty());
+    for plot in ["e2e-backlog.svg", "e2e-batch.svg"] {
+        let svg = std::fs::read_to_string(dir.path().join(plot)).unwrap();
+        assert!(svg.contains("<polyline"), "{plot} has lines");
+    }
     assert!(std::fs::read_to_string(out.with_extension("md"))
         .unwrap()
         .contains("## Ceilings"));

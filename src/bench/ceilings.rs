@@ -24,6 +24,72 @@ pub struct Ceilings {
     pub model_rows_per_s: f64,
     /// Scores/s through the worker's score script, pipelined like a flush.
     pub redis_pairs_per_s: f64,
+    /// The broker's share of freshness: produce → a consumer configured like the worker's has
+    /// the message (Kafka timestamp → receipt), p50 and p99 in ms, at 200 messages/s.
+    #[serde(default)]
+    pub broker_p50_ms: f64,
+    #[serde(default)]
+    pub broker_p99_ms: f64,
+}
+
+/// Produce → consume latency through the broker with the worker's fetch settings, at 200/s for
+/// `seconds`: the freshness floor no worker can go under. Returns (p50, p99) in ms.
+pub async fn broker_latency(
+    settings: &Settings,
+    topic: &str,
+    seconds: f64,
+) -> anyhow::Result<(f64, f64)> {
+    let producer: FutureProducer = crate::consume::base_config(settings)
+        .set("linger.ms", "5")
+        .create()?;
+    let consumer: StreamConsumer = crate::consume::base_config(settings)
+        .set("group.id", format!("{topic}-latency"))
+        .set("auto.offset.reset", "latest")
+        .set("enable.auto.commit", "false")
+        .set("fetch.wait.max.ms", "50")
+        .create()?;
+    consumer.subscribe(&[topic])?;
+    // Wait for the assignment before producing (latest offset).
+    let until = Instant::now() + Duration::from_secs(30);
+    while consumer.assignment().map(|a| a.count()).unwrap_or(0) == 0 {
+        anyhow::ensure!(
+            Instant::now() < until,
+            "broker latency probe: no assignment"
+        );
+        let _ = tokio::time::timeout(Duration::from_millis(100), consumer.recv()).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let n = (seconds * 200.0) as usize;
+    let reader = async {
+        let mut lat = Vec::with_capacity(n);
+        while lat.len() < n {
+            let Ok(m) = tokio::time::timeout(Duration::from_secs(10), consumer.recv()).await else {
+                break;
+            };
+            let m = m?;
+            if let Some(ts) = m.timestamp().to_millis() {
+                lat.push((crate::worker::chrono_now_ms() - ts) as f64);
+            }
+        }
+        anyhow::Ok(lat)
+    };
+    let writer = async {
+        let mut tick = tokio::time::interval(Duration::from_millis(5));
+        for i in 0..n {
+            tick.tick().await;
+            let key = i.to_string();
+            let rec: FutureRecord<'_, str, str> =
+                FutureRecord::to(topic).key(key.as_str()).payload("{}");
+            let _ = producer.send_result(rec);
+        }
+        producer.flush(Duration::from_secs(30))?;
+        anyhow::Ok(())
+    };
+    let (mut lat, ()) = tokio::try_join!(reader, writer)?;
+    anyhow::ensure!(!lat.is_empty(), "broker latency probe: nothing consumed");
+    lat.sort_by(f64::total_cmp);
+    let q = |q: f64| lat[((lat.len() as f64 * q).ceil() as usize).clamp(1, lat.len()) - 1];
+    Ok((q(0.5), q(0.99)))
 }
 
 /// Fills `topic` with `n` messages like the worker's input, then consumes them all.

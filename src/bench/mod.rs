@@ -37,6 +37,8 @@ pub struct BenchOptions {
     pub backlog_minutes: f64,
     /// Longest a backlog phase may run.
     pub phase_limit_secs: u64,
+    /// Only the ceilings and the default drain (e.g. peak RSS with a large stored state).
+    pub drain_only: bool,
     pub members: usize,
     pub candidates: usize,
     pub zipf: f64,
@@ -145,13 +147,14 @@ pub struct Report {
     pub partitions: i32,
     pub ceilings: ceilings::Ceilings,
     pub sustained: Drain,
-    pub no_coalescing: Drain,
+    /// None in a drain-only run (as for every phase below).
+    pub no_coalescing: Option<Drain>,
     /// The default `batch.max_pairs` (the sustained drain's).
     pub batch_default: usize,
     /// Drains at other batch sizes (`batch.max_pairs`).
     pub batch_sizes: Vec<(usize, Drain)>,
     pub freshness: Vec<Freshness>,
-    pub backlog_live: BacklogLive,
+    pub backlog_live: Option<BacklogLive>,
 }
 
 /// Quantiles without observations are NaN, which JSON writes as null: read null back as NaN.
@@ -229,6 +232,7 @@ const WATCH_EVERY: u64 = 5;
 /// Starts watching for the scores of sampled member updates of phase `s`.
 async fn watcher(
     s: &Settings,
+    give_up: Duration,
 ) -> anyhow::Result<(
     tokio::sync::mpsc::UnboundedSender<crate::cli::loadgen::Watched>,
     tokio_util::sync::CancellationToken,
@@ -237,7 +241,7 @@ async fn watcher(
     let store = ceilings::scratch_store(s, &s.output.key_prefix).await?;
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     let stop = tokio_util::sync::CancellationToken::new();
-    let handle = tokio::spawn(watch::watch(store, rx, stop.clone()));
+    let handle = tokio::spawn(watch::watch(store, rx, stop.clone(), give_up));
     Ok((tx, stop, handle))
 }
 
@@ -339,7 +343,7 @@ async fn freshness(
     preload(&s, opts).await?;
     let worker = WorkerProcess::start(&s, &[]).await?;
     worker.wait_ready().await?;
-    let (tx, stop, seen) = watcher(&s).await?;
+    let (tx, stop, seen) = watcher(&s, Duration::from_secs(30)).await?;
     let mut lo = load_options(opts, rate.max(1), 0, opts.freshness_seconds, false);
     lo.watch = Some((WATCH_EVERY, tx));
     let report = loadgen(&s, &lo).await?;
@@ -407,7 +411,9 @@ async fn backlog_live(
     let started = Instant::now();
     worker.wait_ready().await?;
     let ready_after = started.elapsed().as_secs_f64();
-    let (tx, stop_watch, seen) = watcher(&s).await?;
+    // Live events sent before the split wait for the whole backlog: watched as long as the phase.
+    let (tx, stop_watch, seen) =
+        watcher(&s, Duration::from_secs(opts.phase_limit_secs.max(30))).await?;
     let stop_live = tokio_util::sync::CancellationToken::new();
     let mut live = load_options(opts, rate, 0, opts.phase_limit_secs, false);
     live.seed = 43;
@@ -514,23 +520,44 @@ pub async fn run(base: &Settings, opts: &BenchOptions) -> anyhow::Result<Report>
     let cs = phase_settings(base, opts.partitions).await?;
     let consume =
         ceilings::consume(&cs, &cs.topics.feature_updates, opts.backlog.max(50_000)).await?;
+    let (broker_p50, broker_p99) =
+        ceilings::broker_latency(&cs, &cs.topics.new_candidates, 5.0).await?;
     let ceilings = ceilings::Ceilings {
         consume_msgs_per_s: consume,
         model_rows_per_s: model,
         redis_pairs_per_s: redis,
+        broker_p50_ms: broker_p50,
+        broker_p99_ms: broker_p99,
     };
-    eprintln!("  consume {consume:.0} msgs/s, model {model:.0} rows/s, redis {redis:.0} pairs/s");
+    eprintln!("  consume {consume:.0} msgs/s, model {model:.0} rows/s, redis {redis:.0} pairs/s; broker produce→consume p50 {broker_p50:.0} ms, p99 {broker_p99:.0} ms");
 
     eprintln!("backlog drains ({} events)", opts.backlog);
     let sustained = drain(base, opts, "default", &[]).await?;
-    let no_coalescing = drain(
-        base,
-        opts,
-        "coalescing off",
-        &["batch.coalesce=false".into()],
-    )
-    .await?;
-    let mut batch_sizes = Vec::new();
+    let mut report = Report {
+        machine: machine(),
+        preloaded_pairs: opts.preload_members * opts.preload_per_member,
+        backlog_events: opts.backlog,
+        partitions: opts.partitions,
+        ceilings,
+        sustained,
+        no_coalescing: None,
+        batch_default: base.batch.max_pairs,
+        batch_sizes: Vec::new(),
+        freshness: Vec::new(),
+        backlog_live: None,
+    };
+    if opts.drain_only {
+        return Ok(report);
+    }
+    report.no_coalescing = Some(
+        drain(
+            base,
+            opts,
+            "coalescing off",
+            &["batch.coalesce=false".into()],
+        )
+        .await?,
+    );
     for &b in &opts.batch_sizes {
         let d = drain(
             base,
@@ -539,34 +566,22 @@ pub async fn run(base: &Settings, opts: &BenchOptions) -> anyhow::Result<Report>
             &[format!("batch.max_pairs={b}")],
         )
         .await?;
-        batch_sizes.push((b, d));
+        report.batch_sizes.push((b, d));
     }
 
     eprintln!("freshness, open loop");
-    let mut fresh = Vec::new();
     for fraction in [0.25, 0.5, 0.8] {
-        let rate = (sustained.events_per_s * fraction) as u64;
-        fresh.push(freshness(base, opts, fraction, rate).await?);
+        let rate = (report.sustained.events_per_s * fraction) as u64;
+        report
+            .freshness
+            .push(freshness(base, opts, fraction, rate).await?);
     }
 
     eprintln!("backlog with live traffic on top");
-    let live_rate = (sustained.events_per_s * opts.live_fraction) as u64;
-    let backlog_live = backlog_live(base, opts, live_rate).await?;
-    Ok(Report {
-        machine: machine(),
-        preloaded_pairs: opts.preload_members * opts.preload_per_member,
-        backlog_events: opts.backlog,
-        partitions: opts.partitions,
-        ceilings,
-        sustained,
-        no_coalescing,
-        batch_default: base.batch.max_pairs,
-        batch_sizes,
-        freshness: fresh,
-        backlog_live,
-    })
+    let live_rate = (report.sustained.events_per_s * opts.live_fraction) as u64;
+    report.backlog_live = Some(backlog_live(base, opts, live_rate).await?);
+    Ok(report)
 }
-
 fn machine() -> String {
     let cores = std::thread::available_parallelism()
         .map(|n| n.get())
@@ -591,12 +606,14 @@ impl Report {
             "# End-to-end benchmark\n\nMachine: {}. Broker (tansu), redis-server and the worker share it. {} pairs stored before \
              each run; backlog {} events, {} partitions per topic, Zipf traffic.\n\n\
              ## Ceilings (same run)\n\n| ceiling | rate |\n|---|---:|\n\
-             | consume (plain consumer) | {:.0} msgs/s |\n| model, batch {} | {:.0} rows/s |\n| Redis score writes, worker's script | {:.0} pairs/s |\n\n",
-            self.machine, self.preloaded_pairs, self.backlog_events, self.partitions, c.consume_msgs_per_s, 1024, c.model_rows_per_s, c.redis_pairs_per_s
+             | consume (plain consumer) | {:.0} msgs/s |\n| model, batch {} | {:.0} rows/s |\n| Redis score writes, worker's script | {:.0} pairs/s |\n\
+             | broker produce → consume at 200/s, worker's fetch settings (a freshness floor) | p50 {:.0} ms, p99 {:.0} ms |\n\n",
+            self.machine, self.preloaded_pairs, self.backlog_events, self.partitions, c.consume_msgs_per_s, self.batch_default, c.model_rows_per_s, c.redis_pairs_per_s,
+            c.broker_p50_ms, c.broker_p99_ms
         );
         s += "## Backlog drains\n\n| run | events/s | pairs/s | model rows / event | peak RSS MiB | complete |\n|---|---:|---:|---:|---:|---|\n";
-        let drains = [&self.sustained, &self.no_coalescing]
-            .into_iter()
+        let drains = std::iter::once(&self.sustained)
+            .chain(self.no_coalescing.as_ref())
             .chain(self.batch_sizes.iter().map(|(_, d)| d));
         for d in drains {
             s += &format!(
@@ -614,14 +631,22 @@ impl Report {
             );
         }
         s += &format!(
-            "\nSustained pairs/s vs the narrowest ceiling ({}, {:.0} pairs/s at {:.2} rows/event): **{:.0}%**. \
-             Coalescing cuts model rows per event {:.1}×.\n\n",
+            "\nSustained pairs/s vs the narrowest ceiling ({}, {:.0} pairs/s at {:.2} rows/event): **{:.0}%**.",
             narrowest.0,
             narrowest.1,
             rows,
             100.0 * self.sustained.pairs_per_s / narrowest.1.max(1.0),
-            self.no_coalescing.rows_per_event / rows.max(1e-9)
         );
+        if let Some(off) = &self.no_coalescing {
+            s += &format!(
+                " Coalescing cuts model rows per event {:.1}×.",
+                off.rows_per_event / rows.max(1e-9)
+            );
+        }
+        s += "\n\n";
+        if self.freshness.is_empty() {
+            return s;
+        }
         s += "## Freshness, open loop\n\nWorker: its histogram, Kafka timestamp → Redis acknowledgement. Seen: the load generator's side, \
               send → the member's published `as_of` reaches the event's time (every 5th member update, polled every 2 ms).\n\n\
               | load | events/s | worker p50 ms | p95 | p99 | seen p50 ms | p95 | p99 | samples (unobserved) |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|\n";
@@ -640,14 +665,16 @@ impl Report {
                 f.seen.unobserved
             );
         }
-        let b = &self.backlog_live;
+        let Some(b) = &self.backlog_live else {
+            return s;
+        };
         s += &format!(
             "\n## Backlog with live traffic on top\n\nBacklog: {} events ({} events/s stamped over the minutes before the start); live: {} events/s \
              from readiness on ({} sent). Drained (backlog consumed, lag < 1 s) after: **{}**.\n\n\
              | live events | p50 ms | p95 ms | p99 ms |\n|---|---:|---:|---:|\n\
              | worker histogram, live lane | {:.1} | {:.1} | {:.1} |\n\
              | seen in Redis, sent before the drain ended ({} samples, {} unobserved) | {:.1} | {:.1} | {:.1} |\n\n\
-             Backlog-lane events: p50 {:.1} s after their timestamp. Peak RSS {:.0} MiB. Lag and freshness over time: `e2e-backlog.png`.\n",
+             Backlog-lane events: p50 {:.1} s after their timestamp. Peak RSS {:.0} MiB. Lag and freshness over time: `e2e-backlog.svg`; throughput against batch size: `e2e-batch.svg`.\n",
             b.backlog_events,
             b.live_rate,
             b.live_rate,

@@ -215,9 +215,26 @@ pub fn write(report: &Report, out: &Path) -> anyhow::Result<Vec<PathBuf>> {
         .unwrap_or("e2e")
         .to_owned();
     let dir = out.parent().unwrap_or(Path::new("."));
-    let b = &report.backlog_live;
+    let mut written = Vec::new();
+    let mut draw = |name: &str, panels: Vec<Panel>| -> anyhow::Result<()> {
+        let path = dir.join(format!("{stem}-{name}.svg"));
+        std::fs::write(&path, svg(&panels))
+            .map_err(|e| anyhow::anyhow!("writing {}: {e}", path.display()))?;
+        written.push(path);
+        Ok(())
+    };
+    if let Some(b) = &report.backlog_live {
+        draw("backlog", backlog_panels(b))?;
+    }
+    if !report.batch_sizes.is_empty() {
+        draw("batch", batch_panels(report))?;
+    }
+    Ok(written)
+}
+
+fn backlog_panels(b: &super::BacklogLive) -> Vec<Panel> {
     let series = |f: fn(&super::Sample) -> f64| b.series.iter().map(|s| (s.t, f(s))).collect();
-    let backlog = vec![
+    vec![
         Panel {
             title: format!(
                 "Backlog of {} events with {} events/s of live traffic on top",
@@ -268,7 +285,10 @@ pub fn write(report: &Report, out: &Path) -> anyhow::Result<Vec<PathBuf>> {
                 },
             ],
         },
-    ];
+    ]
+}
+
+fn batch_panels(report: &Report) -> Vec<Panel> {
     let mut sizes: Vec<(f64, f64, f64)> = report
         .batch_sizes
         .iter()
@@ -280,7 +300,7 @@ pub fn write(report: &Report, out: &Path) -> anyhow::Result<Vec<PathBuf>> {
         report.sustained.pairs_per_s,
     ));
     sizes.sort_by(|a, b| a.0.total_cmp(&b.0));
-    let batch = vec![Panel {
+    vec![Panel {
         title: "Backlog drain throughput against batch size (batch.max_pairs)".into(),
         x_label: "batch size (log)".into(),
         y_label: "per second (log)".into(),
@@ -300,15 +320,7 @@ pub fn write(report: &Report, out: &Path) -> anyhow::Result<Vec<PathBuf>> {
                 dots: false,
             },
         ],
-    }];
-    let mut written = Vec::new();
-    for (name, panels) in [("backlog", backlog), ("batch", batch)] {
-        let path = dir.join(format!("{stem}-{name}.svg"));
-        std::fs::write(&path, svg(&panels))
-            .map_err(|e| anyhow::anyhow!("writing {}: {e}", path.display()))?;
-        written.push(path);
-    }
-    Ok(written)
+    }]
 }
 
 #[cfg(test)]

@@ -15,10 +15,11 @@ use tokio_util::sync::CancellationToken;
 use crate::cli::loadgen::Watched;
 use crate::store::Store;
 
+/// How long to go on watching after the load generator stopped.
+const LINGER: Duration = Duration::from_secs(30);
+
 /// Poll period: the resolution of the measurement.
 const PERIOD: Duration = Duration::from_millis(2);
-/// A sample not fresh after this long is counted as unobserved.
-const GIVE_UP: Duration = Duration::from_secs(120);
 
 #[derive(Debug, Default, Clone)]
 pub struct Observed {
@@ -40,12 +41,13 @@ impl Observed {
     }
 }
 
-/// Watches until `stop` fires and every sample is seen (or given up on, at most `GIVE_UP` after
-/// the stop).
+/// Watches until `stop` fires and every sample is seen (at most `LINGER` longer); a sample not
+/// seen `give_up` after it was sent, or by the end, is counted as unobserved.
 pub async fn watch(
     store: Store,
     mut rx: mpsc::UnboundedReceiver<Watched>,
     stop: CancellationToken,
+    give_up: Duration,
 ) -> Observed {
     let started = Instant::now();
     let mut pending: Vec<Watched> = Vec::new();
@@ -58,7 +60,7 @@ pub async fn watch(
         if stop.is_cancelled() && stopped_at.is_none() {
             stopped_at = Some(Instant::now());
         }
-        if stopped_at.is_some_and(|t| pending.is_empty() || t.elapsed() > GIVE_UP) {
+        if stopped_at.is_some_and(|t| pending.is_empty() || t.elapsed() > LINGER) {
             out.unobserved += pending.len();
             return out;
         }
@@ -80,7 +82,7 @@ pub async fn watch(
                             w.sent.duration_since(started).as_secs_f64(),
                             now.duration_since(w.sent).as_secs_f64() * 1000.0,
                         ));
-                    } else if now.duration_since(w.sent) > GIVE_UP {
+                    } else if now.duration_since(w.sent) > give_up {
                         out.unobserved += 1;
                     } else {
                         keep.push(w);

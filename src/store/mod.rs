@@ -89,6 +89,9 @@ pub async fn connect(url: &str, cluster: bool, timeout: Duration) -> Result<Conn
     }
 }
 
+/// Most commands in one pipeline round trip.
+const PIPELINE_CHUNK: usize = 256;
+
 /// The store: connection, key layout and the scripts.
 #[derive(Clone)]
 pub struct Store {
@@ -122,7 +125,7 @@ impl Store {
         Ok(())
     }
 
-    /// Runs commands that may touch different slots: one pipeline on a single Redis, concurrent
+    /// Runs commands that may touch different slots: pipelined in order on a single Redis, concurrent
     /// commands on a cluster (a cluster pipeline must stay within one node).
     async fn multi(&self, cmds: Vec<Cmd>) -> Result<Vec<Value>, StoreError> {
         if cmds.is_empty() {
@@ -130,12 +133,19 @@ impl Store {
         }
         match &self.conn {
             Conn::Single(_) => {
-                let mut p = redis::pipe();
-                for c in cmds {
-                    p.add_command(c);
+                // Pipelines of at most PIPELINE_CHUNK commands, one after the other (in order):
+                // a large window's writes never make one reply wait past the response timeout.
+                let mut out = Vec::with_capacity(cmds.len());
+                let mut cmds = cmds.into_iter().peekable();
+                while cmds.peek().is_some() {
+                    let mut p = redis::pipe();
+                    for c in cmds.by_ref().take(PIPELINE_CHUNK) {
+                        p.add_command(c);
+                    }
+                    let mut c = self.conn.clone();
+                    out.extend(p.query_async::<Vec<Value>>(&mut c).await?);
                 }
-                let mut c = self.conn.clone();
-                Ok(p.query_async(&mut c).await?)
+                Ok(out)
             }
             Conn::Cluster(_) => {
                 let futs = cmds.into_iter().map(|cmd| {
