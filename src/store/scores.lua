@@ -7,6 +7,7 @@
 -- already there, {-1, '0'} the pair is gone (removed or never stored).
 local flags = {}
 local written = 0
+local written_at = {}
 local max_asof = -1
 local max_asof_str = nil
 for i = 5, #ARGV, 3 do
@@ -23,6 +24,7 @@ for i = 5, #ARGV, 3 do
       redis.call('HSET', KEYS[2], cand, ARGV[i + 2])
       redis.call('ZADD', KEYS[3], score, cand)
       written = written + 1
+      written_at[#written_at + 1] = i
       if asof > max_asof then max_asof = asof; max_asof_str = ARGV[i + 2] end
       flags[#flags + 1] = {1, ARGV[i + 2]}
     else
@@ -33,16 +35,23 @@ end
 if written > 0 then
   local ttl = tonumber(ARGV[3])
   local n = tonumber(ARGV[2])
-  -- The top N: a copy when every score fits (a memcpy for small sets), a copy cut from below for
-  -- sets a few times N, a range store beyond. ZRANGESTORE rebuilds the set entry by entry, which
-  -- costs ~100-180 us for 100 entries; COPY ~1 us.
-  local card = redis.call('ZCARD', KEYS[3])
-  if card <= n then
-    redis.call('COPY', KEYS[3], KEYS[4], 'REPLACE')
-  elseif card <= 4 * n then
-    redis.call('COPY', KEYS[3], KEYS[4], 'REPLACE')
-    redis.call('ZREMRANGEBYRANK', KEYS[4], 0, -(n + 1))
-  else
+  -- The top N, kept incrementally: the written scores go in, the lowest beyond N go out. That set
+  -- is exactly the N best of all scores unless a score in it fell below one outside it; the
+  -- check (as many entries as there should be, and its lowest is the N-th best of all) catches
+  -- that, and only then is the set rebuilt. Rebuilding on every write (ZRANGESTORE, or COPY of
+  -- a few hundred entries) costs 100-400 us per call; this costs a few us.
+  for _, i in ipairs(written_at) do
+    redis.call('ZADD', KEYS[4], ARGV[i + 1], ARGV[i])
+  end
+  local card = redis.call('ZCARD', KEYS[4])
+  if card > n then
+    redis.call('ZREMRANGEBYRANK', KEYS[4], 0, card - n - 1)
+    card = n
+  end
+  local k = math.min(n, redis.call('ZCARD', KEYS[3]))
+  local lowest = redis.call('ZRANGE', KEYS[4], 0, 0)
+  local kth = redis.call('ZREVRANGE', KEYS[3], k - 1, k - 1)
+  if card ~= k or lowest[1] ~= kth[1] then
     redis.call('ZRANGESTORE', KEYS[4], KEYS[3], 0, n - 1, 'REV')
   end
   redis.call('PEXPIRE', KEYS[4], ttl)
