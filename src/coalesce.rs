@@ -37,8 +37,13 @@ pub struct Window {
     /// Triggers that would have merged, when `coalesce` is off: (member, candidate or all, as_of).
     pub uncoalesced: Vec<(String, Option<String>, i64)>,
     pub members: HashMap<String, MemberWork>,
-    /// Triggers folded in so far (explicit pairs plus whole-member triggers), a size estimate.
-    triggers: usize,
+    /// Explicit pair triggers folded in so far (repeats too, when not coalescing).
+    pair_triggers: usize,
+    /// Whole-member triggers folded in so far (repeats too, when not coalescing).
+    member_triggers: usize,
+    /// Rows a whole-member trigger is expected to cost (its member's pairs): the worker keeps it
+    /// at the recent average, so a window's size estimates the rows it will score.
+    member_weight: usize,
     /// Messages completed by writing this window.
     pub messages: Vec<MsgRef>,
     /// When the first trigger arrived: the flush deadline counts from here.
@@ -57,7 +62,9 @@ impl Window {
             coalesce,
             uncoalesced: Vec::new(),
             members: HashMap::new(),
-            triggers: 0,
+            pair_triggers: 0,
+            member_triggers: 0,
+            member_weight: 1,
             messages: Vec::new(),
             started: None,
         }
@@ -68,9 +75,15 @@ impl Window {
         self.members.is_empty() && self.messages.is_empty() && self.started.is_none()
     }
 
-    /// Distinct pairs (or whole members) to rescore so far.
+    /// Rows to score so far, estimated: explicit pairs, plus each whole-member trigger at the
+    /// member weight.
     pub fn size(&self) -> usize {
-        self.triggers
+        self.pair_triggers + self.member_triggers * self.member_weight
+    }
+
+    /// Sets the rows a whole-member trigger is expected to cost (at least 1).
+    pub fn set_member_weight(&mut self, rows: usize) {
+        self.member_weight = rows.max(1);
     }
 
     /// Starts the flush deadline if it is not running.
@@ -87,12 +100,12 @@ impl Window {
         match &mut w.all {
             Some(_) if !self.coalesce => {
                 self.uncoalesced.push((member.to_owned(), None, as_of));
-                self.triggers += 1;
+                self.member_triggers += 1;
             }
             Some(t) => *t = (*t).max(as_of),
             None => {
                 w.all = Some(as_of);
-                self.triggers += 1;
+                self.member_triggers += 1;
             }
         }
     }
@@ -105,12 +118,12 @@ impl Window {
             Some(_) if !self.coalesce => {
                 self.uncoalesced
                     .push((member.to_owned(), Some(candidate.to_owned()), as_of));
-                self.triggers += 1;
+                self.pair_triggers += 1;
             }
             Some(t) => *t = (*t).max(as_of),
             None => {
                 w.pairs.insert(candidate.to_owned(), as_of);
-                self.triggers += 1;
+                self.pair_triggers += 1;
             }
         }
     }
@@ -122,7 +135,9 @@ impl Window {
     }
 
     pub fn take(&mut self) -> Window {
-        std::mem::replace(self, Window::new(self.coalesce))
+        let mut next = Window::new(self.coalesce);
+        next.member_weight = self.member_weight;
+        std::mem::replace(self, next)
     }
 }
 
@@ -140,6 +155,8 @@ mod tests {
         w.member("m1", 4);
         w.pair("m2", "c1", 1);
         assert_eq!(w.size(), 3);
+        w.set_member_weight(10);
+        assert_eq!(w.size(), 12, "two pairs and one member of ~10 rows");
         assert_eq!(w.members["m1"].pairs["c1"], 9);
         assert_eq!(w.members["m1"].all, Some(4));
         assert!(w.started.is_some());

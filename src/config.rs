@@ -122,7 +122,8 @@ impl Default for RedisSettings {
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct BatchSettings {
-    /// Flush a batch at this many pairs; also the most rows in one model run. 1024 amortises the
+    /// Flush a batch at this many pairs (estimated: a member-wide trigger counts as the recent
+    /// average pairs per member); also the most rows in one model run. 1024 amortises the
     /// per-run overhead (see perf/) while keeping a batch's Redis round trips small.
     pub max_pairs: usize,
     /// Flush a batch this long after its first trigger, full or not: the freshness bound at low

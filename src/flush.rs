@@ -28,6 +28,9 @@ pub enum FlushError {
 #[derive(Debug, Default, Clone, PartialEq)]
 pub struct FlushStats {
     pub members: usize,
+    /// Whole-member triggers, and the pairs they covered (for the window's size estimate).
+    pub member_triggers: usize,
+    pub member_rows: usize,
     pub pairs_scored: usize,
     pub written: usize,
     pub superseded: usize,
@@ -84,6 +87,8 @@ impl Flusher<'_> {
         for (m, state) in members.iter().zip(&loaded) {
             let work = &window.members[*m];
             if let Some(all) = work.all {
+                stats.member_triggers += 1;
+                stats.member_rows += state.pairs.len();
                 for (c, p) in &state.pairs {
                     let t = work.pairs.get(c).copied().unwrap_or(all).max(all);
                     let prev = state.scored_as_of.get(c).copied().unwrap_or(i64::MIN);

@@ -176,6 +176,8 @@ struct Run {
     /// Split partitions the head reader serves, and whether it has been given them yet.
     catching_up: HashMap<Tp, bool>,
     session: Option<CatchupSession>,
+    /// Recent average pairs per whole-member trigger (windows are sized in estimated rows).
+    member_weight: f64,
     jobs: Jobs,
     kinds: HashMap<String, TopicKind>,
     tick_partitions: Option<i32>,
@@ -201,6 +203,7 @@ impl Worker {
             backlog: Window::new(self.settings.batch.coalesce),
             catching_up: HashMap::new(),
             session: None,
+            member_weight: 1.0,
             jobs: Jobs::new(Duration::from_millis(
                 self.settings.batch.fanout_min_interval_ms,
             )),
@@ -680,6 +683,14 @@ impl Worker {
             }
         };
         msgs.extend(run.jobs.window_written(seq));
+        if stats.member_triggers > 0 {
+            // Windows are sized in estimated rows: follow the recent pairs per member.
+            let seen = stats.member_rows as f64 / stats.member_triggers as f64;
+            run.member_weight = 0.8 * run.member_weight + 0.2 * seen;
+            let w = (run.member_weight.round() as usize).clamp(1, self.settings.batch.max_pairs);
+            run.window.set_member_weight(w);
+            run.backlog.set_member_weight(w);
+        }
         ScoresWritten {
             stats: &stats,
             messages: msgs.len(),

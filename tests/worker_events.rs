@@ -171,6 +171,9 @@ async fn removals_and_late_events_never_move_state_backwards() {
     // An older upsert arriving later must not bring the pair back.
     h.upsert("m1", "gone", "birthday", json!({}), T0 + H / 2)
         .await;
+    // The pairs first: topics are consumed independently, and a pair scored for the first time
+    // after a newer member update is scored as of its own time (until a tick), not the update's.
+    h.wait_consumed().await;
     h.feature("member", "m1", json!({"sessions_7d": 9}), T0 + 2 * H)
         .await;
     // Late: older than the stored value, so it is counted and not applied.
