@@ -177,6 +177,10 @@ pub struct CatchupSettings {
     /// A backlog window is written this long after its first trigger (or when full), so the
     /// backlog coalesces over longer spans than fresh events do.
     pub max_wait_ms: u64,
+    /// A backlog window is full at this many (estimated) pairs: larger than fresh windows, for
+    /// coalescing and throughput, yet small enough that a fresh window waits at most one backlog
+    /// window's write (~0.2 s at 4096 on 2 cores).
+    pub max_pairs: usize,
 }
 
 impl Default for CatchupSettings {
@@ -186,6 +190,7 @@ impl Default for CatchupSettings {
             lag_ms: 5_000,
             min_messages: 1_000,
             max_wait_ms: 200,
+            max_pairs: 4096,
         }
     }
 }
@@ -472,6 +477,7 @@ impl Settings {
             ("batch.fanout_chunk", self.batch.fanout_chunk as u64),
             ("batch.max_jobs", self.batch.max_jobs as u64),
             ("catchup.min_messages", self.catchup.min_messages),
+            ("catchup.max_pairs", self.catchup.max_pairs as u64),
             ("decay.shards", u64::from(self.decay.shards)),
             ("decay.chunk", self.decay.chunk as u64),
             ("decay.max_interval_secs", self.decay.max_interval_secs),

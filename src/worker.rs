@@ -157,6 +157,15 @@ struct InFlight {
 }
 
 impl Run {
+    /// Fan-outs and ticks of a lane's messages: their chunks go to that lane's windows, so a
+    /// backlog's candidate updates never crowd fresh events' windows.
+    fn jobs_mut(&mut self, lane: Lane) -> &mut Jobs {
+        match lane {
+            Lane::Live => &mut self.jobs,
+            Lane::Backlog => &mut self.backlog_jobs,
+        }
+    }
+
     fn window_mut(&mut self, lane: Lane) -> &mut Window {
         match lane {
             Lane::Live => &mut self.window,
@@ -179,6 +188,7 @@ struct Run {
     /// Recent average pairs per whole-member trigger (windows are sized in estimated rows).
     member_weight: f64,
     jobs: Jobs,
+    backlog_jobs: Jobs,
     kinds: HashMap<String, TopicKind>,
     tick_partitions: Option<i32>,
 }
@@ -207,6 +217,9 @@ impl Worker {
             jobs: Jobs::new(Duration::from_millis(
                 self.settings.batch.fanout_min_interval_ms,
             )),
+            backlog_jobs: Jobs::new(Duration::from_millis(
+                self.settings.batch.fanout_min_interval_ms,
+            )),
             kinds,
             tick_partitions: None,
         };
@@ -224,6 +237,7 @@ impl Worker {
         let max_wait = Duration::from_millis(self.settings.batch.max_wait_ms);
         let backlog_wait = Duration::from_millis(self.settings.catchup.max_wait_ms);
         let max_pairs = self.settings.batch.max_pairs;
+        let backlog_max_pairs = self.settings.catchup.max_pairs;
         let mut lag_timer = tokio::time::interval(Duration::from_secs(1));
         lag_timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         let consumer = self.consumer.clone();
@@ -237,7 +251,7 @@ impl Worker {
                 .started
                 .map(|s| s + max_wait)
                 .unwrap_or_else(Instant::now);
-            let backlog_full = run.backlog.size() >= max_pairs;
+            let backlog_full = run.backlog.size() >= backlog_max_pairs;
             let backlog_deadline = run
                 .backlog
                 .started
@@ -246,15 +260,33 @@ impl Worker {
             let can_flush = flight.is_none();
             let backlog_due =
                 !run.backlog.is_empty() && (backlog_full || backlog_deadline <= Instant::now());
-            let room_for_jobs = run.jobs.len() < self.settings.batch.max_jobs;
-            // The group's reader also carries split partitions' backlog: it waits for room in both.
-            let intake = !full && !backlog_full && room_for_jobs;
+            let max_jobs = self.settings.batch.max_jobs;
+            let room_for_jobs = run.jobs.len() < max_jobs;
+            // The group's reader also carries split partitions' backlog: it waits for room in both
+            // lanes.
+            let intake =
+                !full && !backlog_full && room_for_jobs && run.backlog_jobs.len() < max_jobs;
             let catchup = run.session.as_ref().map(|s| s.consumer.clone());
             let head_intake =
                 catchup.is_some() && !run.catching_up.is_empty() && !full && room_for_jobs;
-            let step_jobs = !full && run.jobs.runnable();
+            let step_live_jobs = !full && run.jobs.runnable();
+            let step_backlog_jobs = !backlog_full && run.backlog_jobs.runnable();
+            let step_jobs = step_live_jobs || step_backlog_jobs;
+            let job_lane = if step_live_jobs {
+                Lane::Live
+            } else {
+                Lane::Backlog
+            };
             // A fan-out held back by its interval wakes the loop when it may start.
-            let wake = if full { None } else { run.jobs.next_wake() };
+            let wake = [
+                (!full).then(|| run.jobs.next_wake()).flatten(),
+                (!backlog_full)
+                    .then(|| run.backlog_jobs.next_wake())
+                    .flatten(),
+            ]
+            .into_iter()
+            .flatten()
+            .min();
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break,
@@ -291,7 +323,7 @@ impl Worker {
                 // never starves them (their messages would wait, and the job cap stop intake).
                 _ = std::future::ready(()), if step_jobs && jobs_turn => {
                     jobs_turn = false;
-                    self.step_jobs(&mut run, &hard_stop).await;
+                    self.step_jobs(&mut run, job_lane, &hard_stop).await;
                 }
                 // Fresh events of split partitions first.
                 msg = async { match catchup.as_ref() {
@@ -323,7 +355,8 @@ impl Worker {
                         // Take what is already fetched too, so one Redis round trip applies a run
                         // of events (bounded by the windows' room).
                         let room = max_pairs
-                            .saturating_sub(run.window.size().max(run.backlog.size()))
+                            .saturating_sub(run.window.size())
+                            .min(backlog_max_pairs.saturating_sub(run.backlog.size()))
                             .clamp(1, MAX_INTAKE);
                         let mut batch = vec![first];
                         while batch.len() < room {
@@ -343,7 +376,7 @@ impl Worker {
                         sleep(Duration::from_millis(200)).await;
                     }
                 },
-                _ = std::future::ready(()), if step_jobs => self.step_jobs(&mut run, &hard_stop).await,
+                _ = std::future::ready(()), if step_jobs => self.step_jobs(&mut run, job_lane, &hard_stop).await,
             }
         }
         tracing::info!("shutting down: writing the current batches, then committing");
@@ -356,7 +389,7 @@ impl Worker {
                 self.flush_now(&mut run, lane, &hard_stop).await;
             }
         }
-        let abandoned = run.jobs.abandon();
+        let abandoned = run.jobs.abandon() + run.backlog_jobs.abandon();
         if abandoned > 0 {
             tracing::info!(
                 jobs = abandoned,
@@ -378,10 +411,14 @@ impl Worker {
     }
 
     /// Advances one fan-out or tick by a chunk, retrying Redis until the hard stop.
-    async fn step_jobs(&self, run: &mut Run, hard_stop: &CancellationToken) {
+    async fn step_jobs(&self, run: &mut Run, lane: Lane, hard_stop: &CancellationToken) {
         let (fc, tc) = (self.settings.batch.fanout_chunk, self.settings.decay.chunk);
         let mut attempt = 0;
-        while let Err(e) = run.jobs.step(&self.store, &mut run.window, fc, tc).await {
+        let (jobs, window) = match lane {
+            Lane::Live => (&mut run.jobs, &mut run.window),
+            Lane::Backlog => (&mut run.backlog_jobs, &mut run.backlog),
+        };
+        while let Err(e) = jobs.step(&self.store, window, fc, tc).await {
             attempt += 1;
             if !backoff(
                 "expand",
@@ -632,9 +669,10 @@ impl Worker {
     fn start_flush(&self, run: &mut Run, lane: Lane, hard_stop: &CancellationToken) -> InFlight {
         let window = run.window_mut(lane).take();
         run.seq += 1;
-        // Jobs put their chunks in the live window only.
-        if lane == Lane::Live {
-            run.jobs.window_taken(run.seq);
+        // Each lane's jobs put their chunks in that lane's window.
+        match lane {
+            Lane::Live => run.jobs.window_taken(run.seq),
+            Lane::Backlog => run.backlog_jobs.window_taken(run.seq),
         }
         let (store, scorer, settings) = (
             self.store.clone(),
@@ -682,7 +720,9 @@ impl Worker {
                 return;
             }
         };
+        // Windows are written one at a time in `seq` order, so every earlier window is written too.
         msgs.extend(run.jobs.window_written(seq));
+        msgs.extend(run.backlog_jobs.window_written(seq));
         if stats.member_triggers > 0 {
             // Windows are sized in estimated rows: follow the recent pairs per member.
             let seen = stats.member_rows as f64 / stats.member_triggers as f64;
@@ -798,7 +838,7 @@ impl Worker {
                             w.member(&u.id, u.ts);
                             w.message(mref);
                         }
-                        Entity::Candidate => run.jobs.fanout(&u.id, u.ts, mref),
+                        Entity::Candidate => run.jobs_mut(lane).fanout(&u.id, u.ts, mref),
                     }
                 }
                 (Event::Upsert(u), Applied::Pair(true)) => {
@@ -818,7 +858,7 @@ impl Worker {
                 (Event::Tick(t), _) => {
                     let shards = self.tick_shards(run, &mref.tp.0, mref.tp.1).await;
                     handled("applied").emit(&self.metrics);
-                    run.jobs.tick(shards, t.ts, mref);
+                    run.jobs_mut(lane).tick(shards, t.ts, mref);
                 }
                 (Event::Features(_), other) => {
                     tracing::error!(
