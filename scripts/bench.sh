@@ -3,7 +3,8 @@
 # redis-server on free local ports, builds the release binary, runs `rescorer bench e2e` against
 # them, and writes perf/e2e.json and perf/e2e.md. Arguments go to the benchmark, e.g.
 #   scripts/bench.sh --backlog 50000 --seconds 10
-# Set RESCORER_BENCH_SMOKE=1 for a tiny run that only proves the benchmark works end to end.
+# Set RESCORER_BENCH_SMOKE=1 for a tiny run that only proves the benchmark works end to end, and
+# RESCORER_BENCH_OUT=path.json to write the report elsewhere than perf/e2e.json.
 # TANSU_BIN picks the broker binary: the test suite's tansu is a debug build, which limits the
 # broker to about 1k events/s of produce while it is also serving fetches; a release build
 # (cargo install tansu --version 0.6.0 --locked --features dynostore --root DIR) does not.
@@ -32,7 +33,7 @@ url = "redis://127.0.0.1:$rport"
 TOML
 sleep 1
 cargo build --release --locked -q
-out=perf/e2e.json
+out="${RESCORER_BENCH_OUT:-perf/e2e.json}"
 extra=()
 if [ -n "${RESCORER_BENCH_SMOKE:-}" ]; then
   out="$work/smoke.json"

@@ -563,7 +563,11 @@ pub async fn run(base: &Settings, opts: &BenchOptions) -> anyhow::Result<Report>
             base,
             opts,
             &format!("batch size {b}"),
-            &[format!("batch.max_pairs={b}")],
+            // Both lanes: a drain's backlog is split off and written in backlog windows.
+            &[
+                format!("batch.max_pairs={b}"),
+                format!("catchup.max_pairs={b}"),
+            ],
         )
         .await?;
         report.batch_sizes.push((b, d));
