@@ -37,6 +37,19 @@ pub struct Shared {
     pub assigned: Mutex<Vec<Tp>>,
 }
 
+impl Shared {
+    /// The assigned partitions and their high watermarks, copied out of the locks.
+    pub fn snapshot(&self) -> (Vec<Tp>, HashMap<Tp, i64>) {
+        let assigned = self.assigned.lock().map(|a| a.clone()).unwrap_or_default();
+        let hw = self
+            .high_watermarks
+            .lock()
+            .map(|h| h.clone())
+            .unwrap_or_default();
+        (assigned, hw)
+    }
+}
+
 pub struct Ctx {
     pub shared: Arc<Shared>,
     rebalances: mpsc::Sender<RebalanceEvent>,

@@ -6,6 +6,11 @@
 //! invalid message is dead-lettered and committed. On SIGTERM/SIGINT the loop stops taking input,
 //! writes the current window, commits what was stored and returns. Limits: fan-outs and ticks
 //! still running at shutdown are abandoned; their messages were not stored and are replayed.
+//!
+//! Two lanes: fresh events, and the backlog of partitions split by `[catchup]` (a head reader
+//! takes their fresh events while the group's reader drains the backlog). Each lane has its own
+//! window and jobs; one window is written at a time, on a task of its own while intake goes on,
+//! live windows first and a due backlog window every other turn.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -443,18 +448,7 @@ impl Worker {
         if !c.enabled {
             return;
         }
-        let assigned = self
-            .shared
-            .assigned
-            .lock()
-            .map(|a| a.clone())
-            .unwrap_or_default();
-        let hw = self
-            .shared
-            .high_watermarks
-            .lock()
-            .map(|h| h.clone())
-            .unwrap_or_default();
+        let (assigned, hw) = self.shared.snapshot();
         let now = chrono_now_ms();
         for tp in &assigned {
             let finished_here = run
@@ -604,18 +598,7 @@ impl Worker {
     /// Lag per assigned partition: high watermark (from fetch statistics) minus position, and the
     /// age of the oldest unfinished message when behind.
     fn update_lag(&self, tracker: &OffsetTracker) {
-        let assigned = self
-            .shared
-            .assigned
-            .lock()
-            .map(|a| a.clone())
-            .unwrap_or_default();
-        let hw = self
-            .shared
-            .high_watermarks
-            .lock()
-            .map(|h| h.clone())
-            .unwrap_or_default();
+        let (assigned, hw) = self.shared.snapshot();
         let now = chrono_now_ms();
         for tp in &assigned {
             let Some(&high) = hw.get(tp) else { continue };
