@@ -26,13 +26,17 @@ use tokio::sync::mpsc;
 use tokio::time::{sleep, sleep_until, Instant};
 use tokio_util::sync::CancellationToken;
 
+mod catchup;
+
+use catchup::CatchupSession;
+
 use crate::coalesce::{MsgRef, Window};
 use crate::config::Settings;
 use crate::consume::{Ctx, RebalanceEvent, Shared};
 use crate::decode::{decode, Entity, Event, TopicKind};
 use crate::expand::Jobs;
 use crate::flush::{FlushStats, Flusher};
-use crate::internal_events::{CatchupStarted, EventHandled, RedisUnavailable, ScoresWritten};
+use crate::internal_events::{EventHandled, RedisUnavailable, ScoresWritten};
 use crate::metrics::Metrics;
 use crate::offsets::{OffsetTracker, Received, Tp};
 use crate::score::Scorer;
@@ -78,15 +82,6 @@ enum Source {
     Group,
     /// The head reader of split partitions: fresh events from the log end at the split.
     Head,
-}
-
-/// The head reader of the partitions split while it lives. It is dropped when the last of them
-/// is merged back, and a partition it read is not split again before then: a reader may still
-/// deliver messages it fetched earlier, and those must never count for a later split.
-struct CatchupSession {
-    consumer: Arc<StreamConsumer>,
-    /// Partitions this reader let go (not split again while it lives).
-    finished: std::collections::HashSet<Tp>,
 }
 
 /// Which window a message's work goes to: fresh events, or the backlog of a split partition.
@@ -436,140 +431,6 @@ impl Worker {
             .await
             {
                 break;
-            }
-        }
-    }
-
-    /// Splits each partition that is far behind (see `[catchup]`): the group's reader goes on
-    /// draining its backlog while the head reader takes fresh events from the log end. Also
-    /// retries handing split partitions to the head reader.
-    async fn split_lagging(&self, run: &mut Run) {
-        let c = &self.settings.catchup;
-        if !c.enabled {
-            return;
-        }
-        let (assigned, hw) = self.shared.snapshot();
-        let now = chrono_now_ms();
-        for tp in &assigned {
-            let finished_here = run
-                .session
-                .as_ref()
-                .is_some_and(|s| s.finished.contains(tp));
-            if run.tracker.is_split(tp) || finished_here {
-                continue;
-            }
-            let (Some(&high), Some(next), Some(ts)) = (
-                hw.get(tp),
-                run.tracker.next(tp),
-                run.tracker.last_received_ts(tp),
-            ) else {
-                continue;
-            };
-            if high - next < c.min_messages as i64 || now - ts < c.lag_ms as i64 {
-                continue;
-            }
-            // The exact log end: the head reader must start on a batch boundary, and a
-            // statistics watermark may be stale.
-            let (consumer, topic, partition) = (self.consumer.clone(), tp.0.clone(), tp.1);
-            let end = tokio::task::spawn_blocking(move || {
-                consumer.fetch_watermarks(&topic, partition, Duration::from_secs(5))
-            })
-            .await;
-            let end = match end {
-                Ok(Ok((_, end))) => end,
-                Ok(Err(e)) => {
-                    tracing::warn!(error = %e, topic = %tp.0, partition = tp.1, "cannot read the log end; not split");
-                    continue;
-                }
-                Err(_) => continue,
-            };
-            if run.session.is_none() {
-                match crate::consume::catchup_consumer(&self.settings) {
-                    Ok(consumer) => {
-                        run.session = Some(CatchupSession {
-                            consumer: Arc::new(consumer),
-                            finished: Default::default(),
-                        })
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "cannot create the head reader; reading the backlog in order");
-                        return;
-                    }
-                }
-            }
-            if !run.tracker.split(tp, end) {
-                continue;
-            }
-            CatchupStarted {
-                topic: &tp.0,
-                partition: tp.1,
-                from: next,
-                to: end,
-                behind_ms: now - ts,
-            }
-            .emit(&self.metrics);
-            run.catching_up.insert(tp.clone(), false);
-        }
-        if let Some(session) = run.session.as_ref() {
-            for (tp, given) in run.catching_up.iter_mut().filter(|(_, g)| !**g) {
-                let mut list = rdkafka::TopicPartitionList::new();
-                let start = rdkafka::Offset::Offset(run.tracker.head_next(tp).unwrap_or(0));
-                let added = list.add_partition_offset(&tp.0, tp.1, start);
-                match added.and_then(|()| session.consumer.incremental_assign(&list)) {
-                    Ok(()) => *given = true,
-                    Err(e) => {
-                        tracing::warn!(error = %e, topic = %tp.0, partition = tp.1, "head reader assignment failed; retrying")
-                    }
-                }
-            }
-        }
-        self.set_catchup_gauge(run);
-    }
-
-    fn set_catchup_gauge(&self, run: &Run) {
-        let split = run
-            .tracker
-            .partitions()
-            .filter(|tp| run.tracker.is_split(tp))
-            .count();
-        self.metrics.catchup_partitions.set(split as i64);
-    }
-
-    /// Lets the head reader go of partitions whose backlog was read (the group's reader takes
-    /// over their fresh events again).
-    fn catchup_progress(&self, run: &mut Run) {
-        let finished: Vec<Tp> = run
-            .catching_up
-            .keys()
-            .filter(|tp| !run.tracker.head_active(tp))
-            .cloned()
-            .collect();
-        for tp in finished {
-            if let Some(given) = run.catching_up.remove(&tp) {
-                Self::release_catchup(run, &tp, given);
-                tracing::info!(topic = %tp.0, partition = tp.1, "backlog read; the head reader lets the partition go");
-            }
-        }
-        self.set_catchup_gauge(run);
-    }
-
-    /// Stops the head reader fetching `tp`; drops the reader when nothing is left to it.
-    fn release_catchup(run: &mut Run, tp: &Tp, given: bool) {
-        let Some(session) = run.session.as_mut() else {
-            return;
-        };
-        session.finished.insert(tp.clone());
-        if given {
-            let mut list = rdkafka::TopicPartitionList::new();
-            list.add_partition(&tp.0, tp.1);
-            if let Err(e) = session.consumer.incremental_unassign(&list) {
-                tracing::debug!(error = %e, topic = %tp.0, partition = tp.1, "catch-up unassign failed; its late messages are skipped");
-            }
-        }
-        if run.catching_up.is_empty() {
-            if let Some(s) = run.session.take() {
-                // Closing a consumer waits on its threads: off the loop.
-                tokio::task::spawn_blocking(move || drop(s));
             }
         }
     }
