@@ -137,6 +137,28 @@ pub fn base_config(settings: &Settings) -> ClientConfig {
     c
 }
 
+/// Settings both readers share, then `own`, then the operator's options (which win).
+fn reader_config(
+    settings: &Settings,
+    group: &str,
+    own: impl FnOnce(&mut ClientConfig),
+) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &settings.kafka.bootstrap_servers)
+        .set("group.id", group)
+        .set("enable.auto.offset.store", "false")
+        // Bounds how long a fetch may wait for data: some Kafka-protocol brokers hold a fetch for
+        // the full wait even when data arrives, which would add up to librdkafka's 500 ms to
+        // freshness at low load.
+        .set("fetch.wait.max.ms", "50")
+        .set("enable.partition.eof", "false");
+    own(&mut c);
+    for (k, v) in &settings.kafka.options {
+        c.set(k, v);
+    }
+    c
+}
+
 /// Creates the consumer (not yet subscribed) and the receiver of its rebalance events.
 pub fn consumer(
     settings: &Settings,
@@ -145,24 +167,13 @@ pub fn consumer(
     Arc<Shared>,
     mpsc::Receiver<RebalanceEvent>,
 )> {
-    let mut c = ClientConfig::new();
-    c.set("bootstrap.servers", &settings.kafka.bootstrap_servers)
-        .set("group.id", &settings.kafka.group_id)
-        .set("enable.auto.commit", "true")
-        .set("auto.commit.interval.ms", "1000")
-        .set("enable.auto.offset.store", "false")
-        .set("auto.offset.reset", "earliest")
-        .set("statistics.interval.ms", "500")
-        .set("queued.max.messages.kbytes", "16384")
-        // Bounds how long a fetch may wait for data: some Kafka-protocol brokers hold a fetch for
-        // the full wait even when data arrives, which would add up to librdkafka's 500 ms to
-        // freshness at low load.
-        .set("fetch.wait.max.ms", "50")
-        .set("enable.partition.eof", "false");
-    // The operator's options win over the worker's defaults.
-    for (k, v) in &settings.kafka.options {
-        c.set(k, v);
-    }
+    let c = reader_config(settings, &settings.kafka.group_id, |c| {
+        c.set("enable.auto.commit", "true")
+            .set("auto.commit.interval.ms", "1000")
+            .set("auto.offset.reset", "earliest")
+            .set("statistics.interval.ms", "500")
+            .set("queued.max.messages.kbytes", "16384");
+    });
     let shared = Arc::new(Shared::default());
     let (tx, rx) = mpsc::channel(64);
     let consumer: StreamConsumer<Ctx> = c.create_with_context(Ctx {
@@ -176,16 +187,10 @@ pub fn consumer(
 /// assigned to it by hand at the log end; it joins no group and commits nothing (the group's
 /// consumer stores every offset).
 pub fn catchup_consumer(settings: &Settings) -> KafkaResult<StreamConsumer> {
-    let mut c = ClientConfig::new();
-    c.set("bootstrap.servers", &settings.kafka.bootstrap_servers)
-        .set("group.id", format!("{}.catchup", settings.kafka.group_id))
-        .set("enable.auto.commit", "false")
-        .set("enable.auto.offset.store", "false")
-        .set("queued.max.messages.kbytes", "8192")
-        .set("fetch.wait.max.ms", "50")
-        .set("enable.partition.eof", "false");
-    for (k, v) in &settings.kafka.options {
-        c.set(k, v);
-    }
-    c.create()
+    let group = format!("{}.catchup", settings.kafka.group_id);
+    reader_config(settings, &group, |c| {
+        c.set("enable.auto.commit", "false")
+            .set("queued.max.messages.kbytes", "8192");
+    })
+    .create()
 }

@@ -332,15 +332,10 @@ impl Worker {
                 } }, if head_intake => match msg {
                     Ok(first) => {
                         let room = max_pairs.saturating_sub(run.window.size()).clamp(1, MAX_INTAKE);
-                        let mut batch = vec![first];
-                        if let Some(c) = catchup.as_ref() {
-                            while batch.len() < room {
-                                match c.recv().now_or_never() {
-                                    Some(Ok(m)) => batch.push(m),
-                                    _ => break,
-                                }
-                            }
-                        }
+                        let batch = match catchup.as_ref() {
+                            Some(c) => take_fetched(c, first, room),
+                            None => vec![first],
+                        };
                         self.handle_batch(&mut run, &batch, Source::Head, &hard_stop).await;
                         self.catchup_progress(&mut run);
                         jobs_turn = true;
@@ -358,13 +353,7 @@ impl Worker {
                             .saturating_sub(run.window.size())
                             .min(backlog_max_pairs.saturating_sub(run.backlog.size()))
                             .clamp(1, MAX_INTAKE);
-                        let mut batch = vec![first];
-                        while batch.len() < room {
-                            match consumer.recv().now_or_never() {
-                                Some(Ok(m)) => batch.push(m),
-                                _ => break,
-                            }
-                        }
+                        let batch = take_fetched(&consumer, first, room);
                         self.handle_batch(&mut run, &batch, Source::Group, &hard_stop).await;
                         self.catchup_progress(&mut run);
                         // A partition far behind is split as soon as its messages show it.
@@ -764,6 +753,23 @@ impl Worker {
             }
         }
     }
+}
+
+/// `first` and whatever else `consumer` has already fetched, up to `room` messages, so one Redis
+/// round trip applies a run of events.
+fn take_fetched<'a, C: rdkafka::consumer::ConsumerContext + 'static>(
+    consumer: &'a StreamConsumer<C>,
+    first: BorrowedMessage<'a>,
+    room: usize,
+) -> Vec<BorrowedMessage<'a>> {
+    let mut batch = vec![first];
+    while batch.len() < room {
+        match consumer.recv().now_or_never() {
+            Some(Ok(m)) => batch.push(m),
+            _ => break,
+        }
+    }
+    batch
 }
 
 /// Wall clock in ms (only for `updated_at`, freshness and lag; never for scoring).
