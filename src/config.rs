@@ -161,8 +161,9 @@ impl Default for BatchSettings {
 /// When a partition falls far behind (after an outage, a deploy, a replay), a second reader (the
 /// head reader) takes its fresh events from the log end while the consumer group's reader drains
 /// the backlog: fresh events are scored within a window's time, the backlog behind them in
-/// windows of its own that are written only when no fresh window is due. When the backlog is
-/// read, the group's reader skips what the head reader already had and takes over again.
+/// windows of its own that take `backlog_share` of the writer while fresh windows are due. When
+/// the backlog is read, the group's reader skips what the head reader already had and takes over
+/// again.
 /// Offsets are committed up to the first unfinished backlog message, so a crash replays the
 /// backlog, never skips it.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -181,6 +182,10 @@ pub struct CatchupSettings {
     /// coalescing and throughput, yet small enough that a fresh window waits at most one backlog
     /// window's write (~0.2 s at 4096 on 2 cores).
     pub max_pairs: usize,
+    /// The share of written rows the backlog gets while fresh windows are due too (0 to 1):
+    /// at 0.5, a backlog window goes ahead of a due fresh one only after as many fresh rows were
+    /// written as backlog rows. When no fresh window is due the backlog takes the whole writer.
+    pub backlog_share: f64,
 }
 
 impl Default for CatchupSettings {
@@ -191,6 +196,7 @@ impl Default for CatchupSettings {
             min_messages: 1_000,
             max_wait_ms: 200,
             max_pairs: 4096,
+            backlog_share: 0.5,
         }
     }
 }
@@ -496,6 +502,12 @@ impl Settings {
                 "must not exceed decay.max_interval_secs",
             ));
         }
+        if !(self.catchup.backlog_share > 0.0 && self.catchup.backlog_share < 1.0) {
+            return Err(invalid(
+                "catchup.backlog_share",
+                "must be between 0 and 1 (exclusive)",
+            ));
+        }
         if !(self.decay.age_fraction > 0.0 && self.decay.age_fraction.is_finite()) {
             return Err(invalid("decay.age_fraction", "must be a positive number"));
         }
@@ -598,6 +610,15 @@ mod tests {
             .to_string();
         assert!(
             err.contains("decay.shards") && err.contains("at least 1"),
+            "{err}"
+        );
+
+        let (_d, p) = write("[catchup]\nbacklog_share = 1.0\n");
+        let err = Settings::load(Some(&p), vec![], &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("rescorer.toml") && err.contains("catchup.backlog_share"),
             "{err}"
         );
 

@@ -9,8 +9,9 @@
 //!
 //! Two lanes: fresh events, and the backlog of partitions split by `[catchup]` (a head reader
 //! takes their fresh events while the group's reader drains the backlog). Each lane has its own
-//! window and jobs; one window is written at a time, on a task of its own while intake goes on,
-//! live windows first and a due backlog window every other turn.
+//! window and jobs; one window is written at a time, on a task of its own while intake goes on.
+//! Live windows go first; while both lanes have a window due, the backlog gets
+//! `catchup.backlog_share` of the rows written (a deficit counter), so neither starves.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -27,8 +28,10 @@ use tokio::time::{sleep, sleep_until, Instant};
 use tokio_util::sync::CancellationToken;
 
 mod catchup;
+mod shares;
 
 use catchup::CatchupSession;
+use shares::LaneShares;
 
 use crate::coalesce::{MsgRef, Window};
 use crate::config::Settings;
@@ -153,6 +156,7 @@ type FlushResult = Result<Option<(FlushStats, Vec<MsgRef>)>, tokio::task::JoinEr
 /// The window being written.
 struct InFlight {
     seq: u64,
+    lane: Lane,
     handle: tokio::task::JoinHandle<Option<(FlushStats, Vec<MsgRef>)>>,
 }
 
@@ -187,6 +191,8 @@ struct Run {
     session: Option<CatchupSession>,
     /// Recent average pairs per whole-member trigger (windows are sized in estimated rows).
     member_weight: f64,
+    /// The writer's shares between the lanes (`catchup.backlog_share`, by rows).
+    shares: LaneShares,
     jobs: Jobs,
     backlog_jobs: Jobs,
     kinds: HashMap<String, TopicKind>,
@@ -214,6 +220,10 @@ impl Worker {
             catching_up: HashMap::new(),
             session: None,
             member_weight: 1.0,
+            shares: LaneShares::new(
+                self.settings.catchup.backlog_share,
+                self.settings.catchup.max_pairs,
+            ),
             jobs: Jobs::new(Duration::from_millis(
                 self.settings.batch.fanout_min_interval_ms,
             )),
@@ -242,7 +252,6 @@ impl Worker {
         lag_timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         let consumer = self.consumer.clone();
         let mut jobs_turn = false;
-        let mut backlog_turn = false;
         let mut flight: Option<InFlight> = None;
         loop {
             let full = run.window.size() >= max_pairs;
@@ -260,6 +269,7 @@ impl Worker {
             let can_flush = flight.is_none();
             let backlog_due =
                 !run.backlog.is_empty() && (backlog_full || backlog_deadline <= Instant::now());
+            let backlog_first = backlog_due && run.shares.backlog_first();
             let max_jobs = self.settings.batch.max_jobs;
             let room_for_jobs = run.jobs.len() < max_jobs;
             // The group's reader also carries split partitions' backlog: it waits for room in both
@@ -299,21 +309,20 @@ impl Worker {
                     Some(f) => (&mut f.handle).await,
                     None => std::future::pending().await,
                 } }, if flight.is_some() => {
-                    let seq = flight.take().map(|f| f.seq).unwrap_or(0);
-                    self.finish_flush(&mut run, seq, result);
+                    if let Some(f) = flight.take() {
+                        self.finish_flush(&mut run, f.seq, f.lane, result);
+                    }
                 }
-                // Live windows first, but a due backlog window gets every other turn, so live
-                // traffic that keeps the writer busy never starves the backlog.
-                _ = std::future::ready(()), if backlog_turn && backlog_due && can_flush => {
-                    backlog_turn = false;
+                // Live windows first, but a due backlog window goes ahead once the live lane has
+                // written its share of rows, so live traffic that keeps the writer busy never
+                // starves the backlog, and a backlog never takes more than its share.
+                _ = std::future::ready(()), if backlog_first && can_flush => {
                     flight = Some(self.start_flush(&mut run, Lane::Backlog, &hard_stop));
                 }
                 _ = std::future::ready(()), if full && can_flush => {
-                    backlog_turn = true;
                     flight = Some(self.start_flush(&mut run, Lane::Live, &hard_stop));
                 }
                 _ = sleep_until(deadline), if !run.window.is_empty() && can_flush => {
-                    backlog_turn = true;
                     flight = Some(self.start_flush(&mut run, Lane::Live, &hard_stop));
                 }
                 _ = std::future::ready(()), if backlog_full && can_flush => flight = Some(self.start_flush(&mut run, Lane::Backlog, &hard_stop)),
@@ -371,7 +380,7 @@ impl Worker {
         tracing::info!("shutting down: writing the current batches, then committing");
         if let Some(f) = flight.take() {
             let result = f.handle.await;
-            self.finish_flush(&mut run, f.seq, result);
+            self.finish_flush(&mut run, f.seq, f.lane, result);
         }
         for lane in [Lane::Live, Lane::Backlog] {
             if !run.window_mut(lane).is_empty() {
@@ -538,12 +547,13 @@ impl Worker {
         });
         InFlight {
             seq: run.seq,
+            lane,
             handle,
         }
     }
 
     /// A window's write ended: acknowledges its messages and those of jobs it finished.
-    fn finish_flush(&self, run: &mut Run, seq: u64, result: FlushResult) {
+    fn finish_flush(&self, run: &mut Run, seq: u64, lane: Lane, result: FlushResult) {
         let (stats, mut msgs) = match result {
             Ok(Some(done)) => done,
             // Hard stop during an outage: nothing acknowledged, replayed by the next owner.
@@ -553,6 +563,8 @@ impl Worker {
                 return;
             }
         };
+        run.shares
+            .written(lane == Lane::Backlog, stats.pairs_scored);
         // Windows are written one at a time in `seq` order, so every earlier window is written too.
         msgs.extend(run.jobs.window_written(seq));
         msgs.extend(run.backlog_jobs.window_written(seq));
@@ -576,7 +588,7 @@ impl Worker {
     async fn flush_now(&self, run: &mut Run, lane: Lane, hard_stop: &CancellationToken) {
         let f = self.start_flush(run, lane, hard_stop);
         let result = f.handle.await;
-        self.finish_flush(run, f.seq, result);
+        self.finish_flush(run, f.seq, f.lane, result);
     }
 
     /// Decodes a run of messages, dead-letters the invalid ones, applies the rest to Redis in one
