@@ -7,24 +7,52 @@
 -- already there, {-1, '0'} the pair is gone (removed or never stored).
 local flags = {}
 local written = 0
-local written_at = {}
 local max_asof = -1
 local max_asof_str = nil
-for i = 5, #ARGV, 3 do
-  local cand, score, asof = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2])
-  local cur = redis.call('HGET', KEYS[1], cand)
+-- One read of each hash and one variadic write of each key for the whole call: a redis.call from
+-- a script costs more than the work it does on a member's small keys.
+-- Arguments go in slices: Lua's unpack is limited to a few thousand values.
+local SLICE = 1000
+local function write_all(cmd, key, args)
+  for a = 1, #args, SLICE do
+    redis.call(cmd, key, unpack(args, a, math.min(a + SLICE - 1, #args)))
+  end
+end
+local function hmget_all(key, fields)
+  local out = {}
+  for a = 1, #fields, SLICE do
+    local got = redis.call('HMGET', key, unpack(fields, a, math.min(a + SLICE - 1, #fields)))
+    for _, v in ipairs(got) do out[#out + 1] = v end
+  end
+  return out
+end
+local cands = {}
+for i = 5, #ARGV, 3 do cands[#cands + 1] = ARGV[i] end
+local states = hmget_all(KEYS[1], cands)
+local stored = hmget_all(KEYS[2], cands)
+-- The as_of each candidate holds so far in this call (a candidate may repeat when coalescing is
+-- off: each repeat is guarded against the one before it).
+local held = {}
+local as_of_args, score_args = {}, {}
+for j = 1, #cands do
+  local i = 5 + (j - 1) * 3
+  local cand, score, asof = cands[j], ARGV[i + 1], tonumber(ARGV[i + 2])
+  local cur = states[j]
   -- Tombstones are serialised with "rm":true (see PairState); a plain find is much cheaper
   -- than decoding the JSON for every score.
   if (not cur) or string.find(cur, '"rm":true', 1, true) then
     flags[#flags + 1] = {-1, '0'}
   else
-    local sa_str = redis.call('HGET', KEYS[2], cand)
+    local sa_str = held[cand] or stored[j]
+    if sa_str == false then sa_str = nil end
     local sa = tonumber(sa_str or '-1')
     if asof >= sa then
-      redis.call('HSET', KEYS[2], cand, ARGV[i + 2])
-      redis.call('ZADD', KEYS[3], score, cand)
+      held[cand] = ARGV[i + 2]
+      as_of_args[#as_of_args + 1] = cand
+      as_of_args[#as_of_args + 1] = ARGV[i + 2]
+      score_args[#score_args + 1] = score
+      score_args[#score_args + 1] = cand
       written = written + 1
-      written_at[#written_at + 1] = i
       if asof > max_asof then max_asof = asof; max_asof_str = ARGV[i + 2] end
       flags[#flags + 1] = {1, ARGV[i + 2]}
     else
@@ -40,9 +68,9 @@ if written > 0 then
   -- check (as many entries as there should be, and its lowest is the N-th best of all) catches
   -- that, and only then is the set rebuilt. Rebuilding on every write (ZRANGESTORE, or COPY of
   -- a few hundred entries) costs 100-400 us per call; this costs a few us.
-  for _, i in ipairs(written_at) do
-    redis.call('ZADD', KEYS[4], ARGV[i + 1], ARGV[i])
-  end
+  write_all('HSET', KEYS[2], as_of_args)
+  write_all('ZADD', KEYS[3], score_args)
+  write_all('ZADD', KEYS[4], score_args)
   local card = redis.call('ZCARD', KEYS[4])
   if card > n then
     redis.call('ZREMRANGEBYRANK', KEYS[4], 0, card - n - 1)

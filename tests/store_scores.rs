@@ -1,0 +1,175 @@
+//! The score script against a real `redis-server`: event-time guards, repeats within one call,
+//! tombstones, the top-N set, and members with more pairs than one slice of script arguments.
+
+mod common;
+
+use std::time::Duration;
+
+use redis::AsyncCommands;
+use rescorer::decode::{Event, PairRemove, PairUpsert};
+use rescorer::model::FeatureMap;
+use rescorer::store::{Keys, ScoreWrite, Store, WriteFlag};
+
+use common::services::RedisServer;
+
+const TOP_N: usize = 100;
+
+async fn store(redis: &RedisServer) -> Store {
+    let conn = rescorer::store::connect(&redis.url(), false, Duration::from_secs(5))
+        .await
+        .expect("redis connects");
+    let store = Store::new(conn, Keys::new("t", 4));
+    store.load_scripts().await.expect("scripts load");
+    store
+}
+
+async fn upsert_pairs(store: &Store, member: &str, candidates: &[String]) {
+    let events: Vec<Event> = candidates
+        .iter()
+        .map(|c| {
+            Event::Upsert(PairUpsert {
+                member_id: member.into(),
+                candidate_id: c.clone(),
+                reason: "job_change".into(),
+                pair_features: FeatureMap::new(),
+                ts: 10,
+            })
+        })
+        .collect();
+    let refs: Vec<(&Event, i64)> = events.iter().zip(0..).collect();
+    store.apply(&refs, TOP_N).await.expect("pairs stored");
+}
+
+fn write(candidate: &str, score: f32, as_of: i64) -> ScoreWrite {
+    ScoreWrite {
+        candidate: candidate.into(),
+        score,
+        as_of,
+    }
+}
+
+async fn scores(store: &Store, member: &str) -> Vec<(String, f64)> {
+    let mut c = store.conn();
+    c.zrevrange_withscores(store.keys().scores(member), 0, -1)
+        .await
+        .expect("top-N read")
+}
+
+#[tokio::test]
+async fn guards_repeats_and_tombstones_in_one_call() {
+    let redis = RedisServer::start();
+    let store = store(&redis).await;
+    let cands: Vec<String> = ["a", "b", "c"].iter().map(|s| s.to_string()).collect();
+    upsert_pairs(&store, "m", &cands).await;
+    let first = store
+        .write_scores("x:1", TOP_N, 60_000, 1, &[("m", vec![write("a", 0.5, 100)])])
+        .await
+        .unwrap();
+    assert_eq!(first, vec![vec![WriteFlag::Written]]);
+
+    // c is removed; "zz" never existed.
+    let rm = Event::Remove(PairRemove {
+        member_id: "m".into(),
+        candidate_id: "c".into(),
+        ts: 20,
+    });
+    store.apply(&[(&rm, 99)], TOP_N).await.unwrap();
+
+    let flags = store
+        .write_scores(
+            "x:1",
+            TOP_N,
+            60_000,
+            2,
+            &[(
+                "m",
+                vec![
+                    write("a", 0.1, 50),  // older than the stored as_of 100
+                    write("b", 0.2, 200), // new
+                    write("b", 0.9, 150), // a repeat, older than the one just before it
+                    write("b", 0.3, 300), // a repeat, newer: wins
+                    write("c", 0.7, 400), // tombstoned
+                    write("zz", 0.7, 400),
+                ],
+            )],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        flags,
+        vec![vec![
+            WriteFlag::Superseded(100),
+            WriteFlag::Written,
+            WriteFlag::Superseded(200),
+            WriteFlag::Written,
+            WriteFlag::Gone,
+            WriteFlag::Gone,
+        ]]
+    );
+    let top = scores(&store, "m").await;
+    let top: Vec<(&str, f32)> = top.iter().map(|(c, s)| (c.as_str(), *s as f32)).collect();
+    assert_eq!(top, vec![("a", 0.5), ("b", 0.3)]);
+    let mut c = store.conn();
+    let as_of: Option<String> = c
+        .hget(store.keys().scored_as_of("m"), "b")
+        .await
+        .unwrap();
+    assert_eq!(as_of.as_deref(), Some("300"));
+    let meta_as_of: Option<String> = c.hget(store.keys().meta("m"), "as_of").await.unwrap();
+    assert_eq!(meta_as_of.as_deref(), Some("300"));
+}
+
+#[tokio::test]
+async fn a_member_with_thousands_of_pairs_is_written_in_one_call() {
+    let redis = RedisServer::start();
+    let store = store(&redis).await;
+    // 5,000 pairs: several slices of script arguments (Lua's unpack takes a few thousand values).
+    let cands: Vec<String> = (0..5000).map(|i| format!("c{i}")).collect();
+    upsert_pairs(&store, "big", &cands).await;
+    let writes: Vec<ScoreWrite> = cands
+        .iter()
+        .enumerate()
+        .map(|(i, c)| write(c, (i % 997) as f32 / 997.0, 1_000 + i as i64))
+        .collect();
+    let flags = store
+        .write_scores("x:1", TOP_N, 60_000, 1, &[("big", writes.clone())])
+        .await
+        .unwrap();
+    assert_eq!(flags.len(), 1);
+    assert!(flags[0].iter().all(|f| *f == WriteFlag::Written));
+
+    // The top-N set is exactly the N best of all scores (ties broken as ZREVRANGE does).
+    let mut c = store.conn();
+    let all: Vec<(String, f64)> = c
+        .zrevrange_withscores(store.keys().all_scores("big"), 0, TOP_N as isize - 1)
+        .await
+        .unwrap();
+    assert_eq!(all.len(), TOP_N);
+    let top = scores(&store, "big").await;
+    assert_eq!(top, all);
+    let n_all: usize = c.zcard(store.keys().all_scores("big")).await.unwrap();
+    assert_eq!(n_all, 5000);
+    let stored: Vec<Option<String>> = c
+        .hget(store.keys().scored_as_of("big"), &["c0", "c4999"])
+        .await
+        .unwrap();
+    assert_eq!(
+        stored,
+        vec![Some("1000".to_string()), Some("5999".to_string())]
+    );
+
+    // Lower every score: the incremental top-N set must follow (a rebuild when it falls behind).
+    let lower: Vec<ScoreWrite> = writes
+        .iter()
+        .map(|w| write(&w.candidate, w.score / 2.0, w.as_of + 10_000))
+        .collect();
+    store
+        .write_scores("x:1", TOP_N, 60_000, 2, &[("big", lower)])
+        .await
+        .unwrap();
+    let all: Vec<(String, f64)> = c
+        .zrevrange_withscores(store.keys().all_scores("big"), 0, TOP_N as isize - 1)
+        .await
+        .unwrap();
+    assert_eq!(scores(&store, "big").await, all);
+}
