@@ -106,6 +106,7 @@ async fn guards_repeats_and_tombstones_in_one_call() {
             WriteFlag::Gone,
         ]]
     );
+    check_split(&store, "m", 2).await;
     let top = scores(&store, "m").await;
     let top: Vec<(&str, f32)> = top.iter().map(|(c, s)| (c.as_str(), *s as f32)).collect();
     assert_eq!(top, vec![("a", 0.5), ("b", 0.3)]);
@@ -138,17 +139,8 @@ async fn a_member_with_thousands_of_pairs_is_written_in_one_call() {
     assert_eq!(flags.len(), 1);
     assert!(flags[0].iter().all(|f| *f == WriteFlag::Written));
 
-    // The top-N set is exactly the N best of all scores (ties broken as ZREVRANGE does).
+    check_split(&store, "big", 5000).await;
     let mut c = store.conn();
-    let all: Vec<(String, f64)> = c
-        .zrevrange_withscores(store.keys().all_scores("big"), 0, TOP_N as isize - 1)
-        .await
-        .unwrap();
-    assert_eq!(all.len(), TOP_N);
-    let top = scores(&store, "big").await;
-    assert_eq!(top, all);
-    let n_all: usize = c.zcard(store.keys().all_scores("big")).await.unwrap();
-    assert_eq!(n_all, 5000);
     let stored: Vec<Option<String>> = c
         .hget(store.keys().scored_as_of("big"), &["c0", "c4999"])
         .await
@@ -158,18 +150,82 @@ async fn a_member_with_thousands_of_pairs_is_written_in_one_call() {
         vec![Some("1000".to_string()), Some("5999".to_string())]
     );
 
-    // Lower every score: the incremental top-N set must follow (a rebuild when it falls behind).
-    let lower: Vec<ScoreWrite> = writes
+    // Lower the best scores below the rest: the top must follow (entries swap sets).
+    let mut best: Vec<ScoreWrite> = writes.clone();
+    best.sort_by(|a, b| b.score.total_cmp(&a.score));
+    let lowered: Vec<ScoreWrite> = best[..150]
         .iter()
-        .map(|w| write(&w.candidate, w.score / 2.0, w.as_of + 10_000))
+        .map(|w| write(&w.candidate, w.score / 100.0, w.as_of + 10_000))
         .collect();
     store
-        .write_scores("x:1", TOP_N, 60_000, 2, &[("big", lower)])
+        .write_scores("x:1", TOP_N, 60_000, 2, &[("big", lowered)])
         .await
         .unwrap();
-    let all: Vec<(String, f64)> = c
-        .zrevrange_withscores(store.keys().all_scores("big"), 0, TOP_N as isize - 1)
+    check_split(&store, "big", 5000).await;
+    let top = scores(&store, "big").await;
+    assert!(
+        top.iter().all(|(c, _)| best[..150].iter().all(|w| &w.candidate != c)),
+        "no lowered candidate stays in the top"
+    );
+
+    // Removing a top candidate promotes the best of the rest.
+    let gone = top[0].0.clone();
+    let rm = Event::Remove(PairRemove {
+        member_id: "big".into(),
+        candidate_id: gone.clone(),
+        ts: 20,
+    });
+    store.apply(&[(&rm, 10_000)], TOP_N).await.unwrap();
+    check_split(&store, "big", 4999).await;
+    assert!(scores(&store, "big").await.iter().all(|(c, _)| *c != gone));
+}
+
+/// The top-N set and the rest are disjoint, hold `total` candidates between them, and the top is
+/// exactly the N best of both in ZREVRANGE order (score, then member bytes, descending).
+async fn check_split(store: &Store, member: &str, total: usize) {
+    let mut c = store.conn();
+    let top = scores(store, member).await;
+    let rest: Vec<(String, f64)> = c
+        .zrevrange_withscores(store.keys().rest_scores(member), 0, -1)
         .await
         .unwrap();
-    assert_eq!(scores(&store, "big").await, all);
+    let mut all: Vec<(String, f64)> = top.iter().chain(&rest).cloned().collect();
+    all.sort_by(|a, b| b.1.total_cmp(&a.1).then_with(|| b.0.as_bytes().cmp(a.0.as_bytes())));
+    assert_eq!(all.len(), total, "every scored candidate in one set");
+    let mut names: Vec<&String> = all.iter().map(|(c, _)| c).collect();
+    names.sort();
+    names.dedup();
+    assert_eq!(names.len(), total, "no candidate in both sets");
+    assert_eq!(top.len(), TOP_N.min(total));
+    assert_eq!(top, all[..top.len()].to_vec(), "the top is the N best");
+}
+
+#[tokio::test]
+async fn equal_scores_split_at_the_boundary_as_zrevrange_orders_them() {
+    let redis = RedisServer::start();
+    let store = store(&redis).await;
+    let cands: Vec<String> = (0..150).map(|i| format!("c{i:03}")).collect();
+    upsert_pairs(&store, "m", &cands).await;
+    // Written in three calls, out of order, every score equal.
+    for (round, part) in [(1, 100..150), (2, 0..50), (3, 50..100)] {
+        let writes: Vec<ScoreWrite> = cands[part].iter().map(|c| write(c, 0.25, round)).collect();
+        store
+            .write_scores("x:1", TOP_N, 60_000, round, &[("m", writes)])
+            .await
+            .unwrap();
+        check_split(&store, "m", if round == 1 { 50 } else { 50 * round as usize }).await;
+    }
+    // Raise two candidates of the rest, lower two of the top, to the same new value.
+    let writes = ["c000", "c001", "c149", "c148"]
+        .iter()
+        .map(|c| write(c, if c.starts_with("c00") { 0.5 } else { 0.1 }, 10))
+        .collect();
+    store
+        .write_scores("x:1", TOP_N, 60_000, 10, &[("m", writes)])
+        .await
+        .unwrap();
+    check_split(&store, "m", 150).await;
+    let top = scores(&store, "m").await;
+    assert_eq!(top[0].0, "c001");
+    assert_eq!(top[1].0, "c000");
 }

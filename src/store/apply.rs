@@ -23,7 +23,7 @@ impl Store {
         vec![
             self.keys.pairs(member),
             self.keys.scored_as_of(member),
-            self.keys.all_scores(member),
+            self.keys.rest_scores(member),
             self.keys.scores(member),
         ]
     }

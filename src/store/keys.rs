@@ -47,9 +47,10 @@ impl Keys {
     pub fn scored_as_of(&self, member: &str) -> String {
         format!("{}:asof:{{{member}}}", self.prefix)
     }
-    /// Every scored candidate of the member; the top-N set is cut from it.
-    pub fn all_scores(&self, member: &str) -> String {
-        format!("{}:all:{{{member}}}", self.prefix)
+    /// Scored candidates of the member outside the top N (each scored candidate is in exactly one
+    /// of this set and the top-N set).
+    pub fn rest_scores(&self, member: &str) -> String {
+        format!("{}:rest:{{{member}}}", self.prefix)
     }
     pub fn member_features(&self, member: &str) -> String {
         format!("{}:mf:{{{member}}}", self.prefix)

@@ -1,6 +1,7 @@
 -- Write a member's new scores, each guarded by event time: a score computed as of an earlier time
 -- never replaces one computed as of a later time. Then refresh the top-N set, its TTL and meta.
--- KEYS[1] pairs hash, KEYS[2] scored-as_of hash, KEYS[3] all-scores zset, KEYS[4] top-N zset,
+-- KEYS[1] pairs hash, KEYS[2] scored-as_of hash, KEYS[3] rest zset (scored candidates outside the
+-- top N), KEYS[4] top-N zset,
 -- KEYS[5] meta hash
 -- ARGV[1] model, ARGV[2] top N, ARGV[3] ttl ms, ARGV[4] now ms, then candidate, score, as_of...
 -- Returns one {flag, as_of} per candidate: {1, as_of} written, {0, stored as_of} a later score is
@@ -18,22 +19,24 @@ local function write_all(cmd, key, args)
     redis.call(cmd, key, unpack(args, a, math.min(a + SLICE - 1, #args)))
   end
 end
-local function hmget_all(key, fields)
+local function read_all(cmd, key, fields)
   local out = {}
   for a = 1, #fields, SLICE do
-    local got = redis.call('HMGET', key, unpack(fields, a, math.min(a + SLICE - 1, #fields)))
-    for _, v in ipairs(got) do out[#out + 1] = v end
+    local got = redis.call(cmd, key, unpack(fields, a, math.min(a + SLICE - 1, #fields)))
+    for k = 1, #got do out[#out + 1] = got[k] end
   end
   return out
 end
 local cands = {}
 for i = 5, #ARGV, 3 do cands[#cands + 1] = ARGV[i] end
-local states = hmget_all(KEYS[1], cands)
-local stored = hmget_all(KEYS[2], cands)
+local states = read_all('HMGET', KEYS[1], cands)
+local stored = read_all('HMGET', KEYS[2], cands)
 -- The as_of each candidate holds so far in this call (a candidate may repeat when coalescing is
 -- off: each repeat is guarded against the one before it).
 local held = {}
-local as_of_args, score_args = {}, {}
+local as_of_args = {}
+-- The last written score of each candidate, in first-written order.
+local order, last = {}, {}
 for j = 1, #cands do
   local i = 5 + (j - 1) * 3
   local cand, score, asof = cands[j], ARGV[i + 1], tonumber(ARGV[i + 2])
@@ -50,8 +53,8 @@ for j = 1, #cands do
       held[cand] = ARGV[i + 2]
       as_of_args[#as_of_args + 1] = cand
       as_of_args[#as_of_args + 1] = ARGV[i + 2]
-      score_args[#score_args + 1] = score
-      score_args[#score_args + 1] = cand
+      if not last[cand] then order[#order + 1] = cand end
+      last[cand] = score
       written = written + 1
       if asof > max_asof then max_asof = asof; max_asof_str = ARGV[i + 2] end
       flags[#flags + 1] = {1, ARGV[i + 2]}
@@ -60,29 +63,78 @@ for j = 1, #cands do
     end
   end
 end
+
+-- Does (score a, member a) rank above (score b, member b) in ZREVRANGE order: higher score, then
+-- the greater member by bytes?
+local function above(sa, ma, sb, mb)
+  local x, y = tonumber(sa), tonumber(sb)
+  if x ~= y then return x > y end
+  local n = math.min(#ma, #mb)
+  for k = 1, n do
+    local p, q = string.byte(ma, k), string.byte(mb, k)
+    if p ~= q then return p > q end
+  end
+  return #ma > #mb
+end
+
+-- ZPOPMIN/ZPOPMAX replies (member, score, ...) as ZADD arguments (score, member, ...).
+local function as_zadd(popped)
+  local out = {}
+  for k = 1, #popped, 2 do
+    out[#out + 1] = popped[k + 1]
+    out[#out + 1] = popped[k]
+  end
+  return out
+end
+
 if written > 0 then
   local ttl = tonumber(ARGV[3])
   local n = tonumber(ARGV[2])
-  -- The top N, kept incrementally: the written scores go in, the lowest beyond N go out. That set
-  -- is exactly the N best of all scores unless a score in it fell below one outside it; the
-  -- check (as many entries as there should be, and its lowest is the N-th best of all) catches
-  -- that, and only then is the set rebuilt. Rebuilding on every write (ZRANGESTORE, or COPY of
-  -- a few hundred entries) costs 100-400 us per call; this costs a few us.
   write_all('HSET', KEYS[2], as_of_args)
-  write_all('ZADD', KEYS[3], score_args)
-  write_all('ZADD', KEYS[4], score_args)
+  -- Every scored candidate is in exactly one of two sets: the top N (the output) and the rest.
+  -- A written score goes to the set it belongs in by the top's lowest entry before this call, so
+  -- most writes touch one small set once; the top is then topped up or trimmed to N and, when a
+  -- lowered score left the top's lowest below the rest's highest, entries are swapped until the top
+  -- is exactly the N best of all (as ZREVRANGE orders them).
+  local in_top = read_all('ZMSCORE', KEYS[4], order)
   local card = redis.call('ZCARD', KEYS[4])
+  local lo = redis.call('ZRANGE', KEYS[4], 0, 0, 'WITHSCORES')
+  local to_top, to_rest, leave_rest = {}, {}, {}
+  for j, cand in ipairs(order) do
+    local score = last[cand]
+    if in_top[j] or card < n or (lo[1] and above(score, cand, lo[2], lo[1])) then
+      to_top[#to_top + 1] = score
+      to_top[#to_top + 1] = cand
+      if not in_top[j] then leave_rest[#leave_rest + 1] = cand end
+    else
+      to_rest[#to_rest + 1] = score
+      to_rest[#to_rest + 1] = cand
+    end
+  end
+  if #to_top > 0 then write_all('ZADD', KEYS[4], to_top) end
+  if #to_rest > 0 then write_all('ZADD', KEYS[3], to_rest) end
+  if #leave_rest > 0 and redis.call('EXISTS', KEYS[3]) == 1 then
+    write_all('ZREM', KEYS[3], leave_rest)
+  end
+  card = redis.call('ZCARD', KEYS[4])
   if card > n then
-    redis.call('ZREMRANGEBYRANK', KEYS[4], 0, card - n - 1)
-    card = n
+    write_all('ZADD', KEYS[3], as_zadd(redis.call('ZPOPMIN', KEYS[4], card - n)))
+  elseif card < n then
+    local back = redis.call('ZPOPMAX', KEYS[3], n - card)
+    if #back > 0 then write_all('ZADD', KEYS[4], as_zadd(back)) end
   end
-  local k = math.min(n, redis.call('ZCARD', KEYS[3]))
-  local lowest = redis.call('ZRANGE', KEYS[4], 0, 0)
-  local kth = redis.call('ZREVRANGE', KEYS[3], k - 1, k - 1)
-  if card ~= k or lowest[1] ~= kth[1] then
-    redis.call('ZRANGESTORE', KEYS[4], KEYS[3], 0, n - 1, 'REV')
+  while true do
+    local low = redis.call('ZRANGE', KEYS[4], 0, 0, 'WITHSCORES')
+    local high = redis.call('ZRANGE', KEYS[3], 0, 0, 'REV', 'WITHSCORES')
+    if not (low[1] and high[1] and above(high[2], high[1], low[2], low[1])) then break end
+    redis.call('ZREM', KEYS[4], low[1])
+    redis.call('ZREM', KEYS[3], high[1])
+    redis.call('ZADD', KEYS[4], high[2], high[1])
+    redis.call('ZADD', KEYS[3], low[2], low[1])
   end
+  -- Both sets expire together: a member who does not come back stops costing memory.
   redis.call('PEXPIRE', KEYS[4], ttl)
+  redis.call('PEXPIRE', KEYS[3], ttl)
   local cur_asof = tonumber(redis.call('HGET', KEYS[5], 'as_of') or '-1')
   if max_asof > cur_asof then redis.call('HSET', KEYS[5], 'as_of', max_asof_str) end
   redis.call('HSET', KEYS[5], 'model', ARGV[1], 'updated_at', ARGV[4])
