@@ -183,6 +183,10 @@ async fn a_member_with_thousands_of_pairs_is_written_in_one_call() {
 /// The top-N set and the rest are disjoint, hold `total` candidates between them, and the top is
 /// exactly the N best of both in ZREVRANGE order (score, then member bytes, descending).
 async fn check_split(store: &Store, member: &str, total: usize) {
+    check_split_n(store, member, total, TOP_N).await
+}
+
+async fn check_split_n(store: &Store, member: &str, total: usize, n: usize) {
     let mut c = store.conn();
     let top = scores(store, member).await;
     let rest: Vec<(String, f64)> = c
@@ -196,7 +200,7 @@ async fn check_split(store: &Store, member: &str, total: usize) {
     names.sort();
     names.dedup();
     assert_eq!(names.len(), total, "no candidate in both sets");
-    assert_eq!(top.len(), TOP_N.min(total));
+    assert_eq!(top.len(), n.min(total));
     assert_eq!(top, all[..top.len()].to_vec(), "the top is the N best");
 }
 
@@ -228,4 +232,95 @@ async fn equal_scores_split_at_the_boundary_as_zrevrange_orders_them() {
     let top = scores(&store, "m").await;
     assert_eq!(top[0].0, "c001");
     assert_eq!(top[1].0, "c000");
+}
+
+#[tokio::test]
+async fn a_top_short_of_n_fills_up_in_order() {
+    let redis = RedisServer::start();
+    let store = store(&redis).await;
+    let cands: Vec<String> = (0..120).map(|i| format!("c{i:03}")).collect();
+    upsert_pairs(&store, "m", &cands).await;
+    // 99 high scores, then one call with a low new score first and a higher one after it.
+    let writes: Vec<ScoreWrite> = cands[..99].iter().map(|c| write(c, 0.9, 1)).collect();
+    store
+        .write_scores("x:1", TOP_N, 60_000, 1, &[("m", writes)])
+        .await
+        .unwrap();
+    let writes = vec![
+        write("c100", 0.1, 2),
+        write("c101", 0.2, 2),
+        write("c102", 0.05, 2),
+    ];
+    store
+        .write_scores("x:1", TOP_N, 60_000, 2, &[("m", writes)])
+        .await
+        .unwrap();
+    check_split(&store, "m", 102).await;
+    let top = scores(&store, "m").await;
+    assert_eq!(top.last().map(|t| t.0.as_str()), Some("c101"));
+}
+
+#[tokio::test]
+async fn random_writes_and_removals_keep_the_top_exact() {
+    let redis = RedisServer::start();
+    let store = store(&redis).await;
+    const N: usize = 10;
+    let cands: Vec<String> = (0..40).map(|i| format!("c{i:02}")).collect();
+    let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut next = move |k: u64| {
+        seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+        (seed >> 33) % k
+    };
+    let mut live: std::collections::BTreeSet<String> = Default::default();
+    let mut scored: std::collections::BTreeSet<String> = Default::default();
+    let mut ts = 100;
+    for _ in 0..400 {
+        ts += 1;
+        let c = cands[next(40) as usize].clone();
+        match next(10) {
+            0 => {
+                let rm = Event::Remove(PairRemove {
+                    member_id: "m".into(),
+                    candidate_id: c.clone(),
+                    ts,
+                });
+                store.apply(&[(&rm, ts)], N).await.unwrap();
+                live.remove(&c);
+                scored.remove(&c);
+            }
+            1 | 2 if !live.contains(&c) => {
+                let up = Event::Upsert(PairUpsert {
+                    member_id: "m".into(),
+                    candidate_id: c.clone(),
+                    reason: "job_change".into(),
+                    pair_features: FeatureMap::new(),
+                    ts,
+                });
+                store.apply(&[(&up, ts)], N).await.unwrap();
+                live.insert(c);
+            }
+            _ => {
+                // A call of up to 6 scores (few distinct values, so ties happen), some lower.
+                let k = 1 + next(6) as usize;
+                let writes: Vec<ScoreWrite> = (0..k)
+                    .map(|_| {
+                        let c = &cands[next(40) as usize];
+                        write(c, next(8) as f32 / 8.0, ts)
+                    })
+                    .collect();
+                let flags = store
+                    .write_scores("x:1", N, 60_000, ts, &[("m", writes.clone())])
+                    .await
+                    .unwrap();
+                for (w, f) in writes.iter().zip(&flags[0]) {
+                    assert_eq!(*f == WriteFlag::Written, live.contains(&w.candidate));
+                    if *f == WriteFlag::Written {
+                        scored.insert(w.candidate.clone());
+                    }
+                }
+            }
+        }
+        check_split_n(&store, "m", scored.len(), N).await;
+    }
+    assert!(scored.len() > N, "the walk should leave more than N scored pairs");
 }

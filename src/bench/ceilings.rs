@@ -1,6 +1,7 @@
 //! The limits the worker is measured against, taken in the same run on the same machine: raw
 //! consume rate from the broker, raw model rows/s at the worker's batch size, and raw pipelined
-//! Redis score writes in the worker's own pattern (its Lua script, members of 8 pairs).
+//! Redis score writes in the worker's own pattern (its Lua script; 8 pairs rescored per call on
+//! members as large as the stored state, their scores changing every round).
 
 use std::time::{Duration, Instant};
 
@@ -142,13 +143,16 @@ pub fn model(scorer: &Scorer, batch: usize, seconds: f64) -> anyhow::Result<f64>
     Ok(r.results[0].rows_per_s)
 }
 
-/// Scores/s through the score script, 128 members × 8 pairs per pipeline (one flush of 1024).
-pub async fn redis(store: &Store, seconds: f64) -> anyhow::Result<f64> {
+/// Scores/s through the score script: 128 members of `stored_per_member` pairs (at least 8), 8
+/// of each rescored per call to new scores, one pipeline of 128 calls (1,024 pairs) at a time.
+/// The set sizes matter: a sorted-set write costs more in a larger set.
+pub async fn redis(store: &Store, stored_per_member: usize, seconds: f64) -> anyhow::Result<f64> {
     const MEMBERS: usize = 128;
     const PAIRS: usize = 8;
+    let stored = stored_per_member.max(PAIRS);
     let mut events = Vec::new();
     for m in 0..MEMBERS {
-        for c in 0..PAIRS {
+        for c in 0..stored {
             events.push(Event::Upsert(PairUpsert {
                 member_id: format!("bm{m}"),
                 candidate_id: format!("bc{c}"),
@@ -158,37 +162,63 @@ pub async fn redis(store: &Store, seconds: f64) -> anyhow::Result<f64> {
             }));
         }
     }
-    let refs: Vec<(&Event, i64)> = events
-        .iter()
-        .enumerate()
-        .map(|(i, e)| (e, i as i64))
-        .collect();
-    store.apply(&refs, 100).await?;
+    for chunk in events.chunks(4096) {
+        let refs: Vec<(&Event, i64)> = chunk
+            .iter()
+            .enumerate()
+            .map(|(i, e)| (e, i as i64))
+            .collect();
+        store.apply(&refs, 100).await?;
+    }
     let members: Vec<String> = (0..MEMBERS).map(|m| format!("bm{m}")).collect();
+    // Every stored pair scored once first, so later rounds update sets of the stored size.
+    for first in (0..stored).step_by(PAIRS) {
+        write_round(store, &members, first, stored, 0).await?;
+    }
     let started = Instant::now();
     let mut round: i64 = 0;
     let mut written = 0usize;
     while started.elapsed().as_secs_f64() < seconds {
         round += 1;
-        let batches: Vec<(&str, Vec<ScoreWrite>)> = members
-            .iter()
-            .map(|m| {
-                let writes = (0..PAIRS)
-                    .map(|c| ScoreWrite {
-                        candidate: format!("bc{c}"),
-                        score: 0.5 + c as f32 / 100.0,
-                        as_of: round,
-                    })
-                    .collect();
-                (m.as_str(), writes)
-            })
-            .collect();
-        store
-            .write_scores("bench:1", 100, 60_000, round, &batches)
-            .await?;
+        let first = (round as usize * PAIRS) % stored;
+        write_round(store, &members, first, stored, round).await?;
         written += MEMBERS * PAIRS;
     }
     Ok(written as f64 / started.elapsed().as_secs_f64())
+}
+
+/// One pipeline: each member's candidates `first..first + 8` (mod `stored`) get new scores.
+async fn write_round(
+    store: &Store,
+    members: &[String],
+    first: usize,
+    stored: usize,
+    round: i64,
+) -> anyhow::Result<()> {
+    let batches: Vec<(&str, Vec<ScoreWrite>)> = members
+        .iter()
+        .enumerate()
+        .map(|(m, member)| {
+            let writes = (0..8)
+                .map(|k| {
+                    let c = (first + k) % stored;
+                    // A score that moves every round (a Weyl sequence in [0, 1)).
+                    let x = (round as u64 * 2_654_435_761 + (m * stored + c) as u64 * 40_503)
+                        % 1_000_003;
+                    ScoreWrite {
+                        candidate: format!("bc{c}"),
+                        score: x as f32 / 1_000_003.0,
+                        as_of: round + 1,
+                    }
+                })
+                .collect();
+            (member.as_str(), writes)
+        })
+        .collect();
+    store
+        .write_scores("bench:1", 100, 60_000, round, &batches)
+        .await?;
+    Ok(())
 }
 
 /// A store on `settings.redis` under a scratch prefix.

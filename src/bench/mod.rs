@@ -516,7 +516,13 @@ pub async fn run(base: &Settings, opts: &BenchOptions) -> anyhow::Result<Report>
     let scorer = Scorer::load(&base.model, Metrics::new())?;
     let model = ceilings::model(&scorer, base.batch.max_pairs, 3.0)?;
     let store = ceilings::scratch_store(base, &format!("benchceil{}", suffix())).await?;
-    let redis = ceilings::redis(&store, 3.0).await?;
+    // Members as large as the stored state (the set sizes the worker's writes meet).
+    let stored_per_member = if opts.preload_members > 0 {
+        opts.preload_per_member
+    } else {
+        0
+    };
+    let redis = ceilings::redis(&store, stored_per_member, 3.0).await?;
     let cs = phase_settings(base, opts.partitions).await?;
     let consume =
         ceilings::consume(&cs, &cs.topics.feature_updates, opts.backlog.max(50_000)).await?;
@@ -610,7 +616,7 @@ impl Report {
             "# End-to-end benchmark\n\nMachine: {}. Broker (tansu), redis-server and the worker share it. {} pairs stored before \
              each run; backlog {} events, {} partitions per topic, Zipf traffic.\n\n\
              ## Ceilings (same run)\n\n| ceiling | rate |\n|---|---:|\n\
-             | consume (plain consumer) | {:.0} msgs/s |\n| model, batch {} | {:.0} rows/s |\n| Redis score writes, worker's script | {:.0} pairs/s |\n\
+             | consume (plain consumer) | {:.0} msgs/s |\n| model, batch {} | {:.0} rows/s |\n| Redis score writes, worker's script (8 pairs a call, members of the stored size) | {:.0} pairs/s |\n\
              | broker produce → consume at 200/s, worker's fetch settings (a freshness floor) | p50 {:.0} ms, p99 {:.0} ms |\n\n",
             self.machine, self.preloaded_pairs, self.backlog_events, self.partitions, c.consume_msgs_per_s, self.batch_default, c.model_rows_per_s, c.redis_pairs_per_s,
             c.broker_p50_ms, c.broker_p99_ms

@@ -97,15 +97,26 @@ if written > 0 then
   -- lowered score left the top's lowest below the rest's highest, entries are swapped until the top
   -- is exactly the N best of all (as ZREVRANGE orders them).
   local in_top = read_all('ZMSCORE', KEYS[4], order)
-  local card = redis.call('ZCARD', KEYS[4])
+  -- A top short of N means the rest is empty (or N was raised): then everything goes to the top.
+  local card0 = redis.call('ZCARD', KEYS[4])
+  local card = card0
   local lo = redis.call('ZRANGE', KEYS[4], 0, 0, 'WITHSCORES')
   local to_top, to_rest, leave_rest = {}, {}, {}
+  -- A top entry whose score went down may now rank below one in the rest: only then can the
+  -- sets be out of order after routing (everything routed to the rest ranks below the top's
+  -- lowest entry before this call, and trimming and topping up move the right ends).
+  local lowered = false
   for j, cand in ipairs(order) do
     local score = last[cand]
-    if in_top[j] or card < n or (lo[1] and above(score, cand, lo[2], lo[1])) then
+    if in_top[j] then
+      if tonumber(score) < tonumber(in_top[j]) then lowered = true end
       to_top[#to_top + 1] = score
       to_top[#to_top + 1] = cand
-      if not in_top[j] then leave_rest[#leave_rest + 1] = cand end
+    elseif card0 < n or (lo[1] and above(score, cand, lo[2], lo[1])) then
+      to_top[#to_top + 1] = score
+      to_top[#to_top + 1] = cand
+      leave_rest[#leave_rest + 1] = cand
+      card = card + 1
     else
       to_rest[#to_rest + 1] = score
       to_rest[#to_rest + 1] = cand
@@ -116,14 +127,13 @@ if written > 0 then
   if #leave_rest > 0 and redis.call('EXISTS', KEYS[3]) == 1 then
     write_all('ZREM', KEYS[3], leave_rest)
   end
-  card = redis.call('ZCARD', KEYS[4])
   if card > n then
     write_all('ZADD', KEYS[3], as_zadd(redis.call('ZPOPMIN', KEYS[4], card - n)))
   elseif card < n then
     local back = redis.call('ZPOPMAX', KEYS[3], n - card)
     if #back > 0 then write_all('ZADD', KEYS[4], as_zadd(back)) end
   end
-  while true do
+  while lowered do
     local low = redis.call('ZRANGE', KEYS[4], 0, 0, 'WITHSCORES')
     local high = redis.call('ZRANGE', KEYS[3], 0, 0, 'REV', 'WITHSCORES')
     if not (low[1] and high[1] and above(high[2], high[1], low[2], low[1])) then break end
