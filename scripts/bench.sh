@@ -5,6 +5,7 @@
 #   scripts/bench.sh --backlog 50000 --seconds 10
 # Set RESCORER_BENCH_SMOKE=1 for a tiny run that only proves the benchmark works end to end, and
 # RESCORER_BENCH_OUT=path.json to write the report elsewhere than perf/e2e.json.
+# RESCORER_BENCH_WORKER_LOG=<filter> sets the worker's RUST_LOG (its stderr joins the benchmark's).
 # TANSU_BIN picks the broker binary: the test suite's tansu is a debug build, which limits the
 # broker to about 1k events/s of produce while it is also serving fetches; a release build
 # (cargo install tansu --version 0.6.0 --locked --features dynostore --root DIR) does not.

@@ -23,8 +23,13 @@ pub struct Ceilings {
     pub consume_msgs_per_s: f64,
     /// Model rows/s at the worker's batch size.
     pub model_rows_per_s: f64,
-    /// Scores/s through the worker's score script, pipelined like a flush.
+    /// Scores/s through the worker's score script, pipelined like a flush: the mean of
+    /// `redis_samples`.
     pub redis_pairs_per_s: f64,
+    /// The Redis ceiling taken before and after the default drain (a shared machine's speed
+    /// drifts; the drain is measured against both).
+    #[serde(default)]
+    pub redis_samples: Vec<f64>,
     /// The broker's share of freshness: produce → a consumer configured like the worker's has
     /// the message (Kafka timestamp → receipt), p50 and p99 in ms, at 200 messages/s.
     #[serde(default)]

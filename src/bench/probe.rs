@@ -173,7 +173,11 @@ impl WorkerProcess {
         }
         let child = cmd
             .envs(env)
-            .env("RUST_LOG", "warn")
+            // RESCORER_BENCH_WORKER_LOG: the worker's log filter (e.g. to profile its windows).
+            .env(
+                "RUST_LOG",
+                std::env::var("RESCORER_BENCH_WORKER_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .stdout(std::process::Stdio::null())
             .kill_on_drop(true)
             .spawn()
