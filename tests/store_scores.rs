@@ -62,7 +62,13 @@ async fn guards_repeats_and_tombstones_in_one_call() {
     let cands: Vec<String> = ["a", "b", "c"].iter().map(|s| s.to_string()).collect();
     upsert_pairs(&store, "m", &cands).await;
     let first = store
-        .write_scores("x:1", TOP_N, 60_000, 1, &[("m", vec![write("a", 0.5, 100)])])
+        .write_scores(
+            "x:1",
+            TOP_N,
+            60_000,
+            1,
+            &[("m", vec![write("a", 0.5, 100)])],
+        )
         .await
         .unwrap();
     assert_eq!(first, vec![vec![WriteFlag::Written]]);
@@ -111,10 +117,7 @@ async fn guards_repeats_and_tombstones_in_one_call() {
     let top: Vec<(&str, f32)> = top.iter().map(|(c, s)| (c.as_str(), *s as f32)).collect();
     assert_eq!(top, vec![("a", 0.5), ("b", 0.3)]);
     let mut c = store.conn();
-    let as_of: Option<String> = c
-        .hget(store.keys().scored_as_of("m"), "b")
-        .await
-        .unwrap();
+    let as_of: Option<String> = c.hget(store.keys().scored_as_of("m"), "b").await.unwrap();
     assert_eq!(as_of.as_deref(), Some("300"));
     let meta_as_of: Option<String> = c.hget(store.keys().meta("m"), "as_of").await.unwrap();
     assert_eq!(meta_as_of.as_deref(), Some("300"));
@@ -164,7 +167,8 @@ async fn a_member_with_thousands_of_pairs_is_written_in_one_call() {
     check_split(&store, "big", 5000).await;
     let top = scores(&store, "big").await;
     assert!(
-        top.iter().all(|(c, _)| best[..150].iter().all(|w| &w.candidate != c)),
+        top.iter()
+            .all(|(c, _)| best[..150].iter().all(|w| &w.candidate != c)),
         "no lowered candidate stays in the top"
     );
 
@@ -194,7 +198,10 @@ async fn check_split_n(store: &Store, member: &str, total: usize, n: usize) {
         .await
         .unwrap();
     let mut all: Vec<(String, f64)> = top.iter().chain(&rest).cloned().collect();
-    all.sort_by(|a, b| b.1.total_cmp(&a.1).then_with(|| b.0.as_bytes().cmp(a.0.as_bytes())));
+    all.sort_by(|a, b| {
+        b.1.total_cmp(&a.1)
+            .then_with(|| b.0.as_bytes().cmp(a.0.as_bytes()))
+    });
     assert_eq!(all.len(), total, "every scored candidate in one set");
     let mut names: Vec<&String> = all.iter().map(|(c, _)| c).collect();
     names.sort();
@@ -217,7 +224,12 @@ async fn equal_scores_split_at_the_boundary_as_zrevrange_orders_them() {
             .write_scores("x:1", TOP_N, 60_000, round, &[("m", writes)])
             .await
             .unwrap();
-        check_split(&store, "m", if round == 1 { 50 } else { 50 * round as usize }).await;
+        check_split(
+            &store,
+            "m",
+            if round == 1 { 50 } else { 50 * round as usize },
+        )
+        .await;
     }
     // Raise two candidates of the rest, lower two of the top, to the same new value.
     let writes = ["c000", "c001", "c149", "c148"]
@@ -322,5 +334,8 @@ async fn random_writes_and_removals_keep_the_top_exact() {
         }
         check_split_n(&store, "m", scored.len(), N).await;
     }
-    assert!(scored.len() > N, "the walk should leave more than N scored pairs");
+    assert!(
+        scored.len() > N,
+        "the walk should leave more than N scored pairs"
+    );
 }
