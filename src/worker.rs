@@ -18,32 +18,34 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::FutureExt;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
-use rdkafka::message::BorrowedMessage;
 use rdkafka::producer::FutureProducer;
-use rdkafka::Message;
 use tokio::sync::mpsc;
 use tokio::time::{sleep, sleep_until, Instant};
 use tokio_util::sync::CancellationToken;
 
 mod catchup;
+mod intake;
+mod retry;
 mod shares;
+mod writer;
 
 use catchup::CatchupSession;
+use intake::take_fetched;
+use retry::backoff;
 use shares::LaneShares;
+use writer::InFlight;
 
 use crate::coalesce::{MsgRef, Window};
 use crate::config::Settings;
 use crate::consume::{Ctx, RebalanceEvent, Shared};
-use crate::decode::{decode, Entity, Event, TopicKind};
+use crate::decode::TopicKind;
 use crate::expand::Jobs;
-use crate::flush::{FlushStats, Flusher};
-use crate::internal_events::{EventHandled, RedisUnavailable, ScoresWritten};
+
 use crate::metrics::Metrics;
-use crate::offsets::{OffsetTracker, Received, Tp};
+use crate::offsets::{OffsetTracker, Tp};
 use crate::score::Scorer;
-use crate::store::{Applied, Store, StoreError};
+use crate::store::Store;
 
 /// Most messages taken from the consumer in one go.
 const MAX_INTAKE: usize = 512;
@@ -93,71 +95,6 @@ enum Source {
 enum Lane {
     Live,
     Backlog,
-}
-
-/// Records a failed Redis operation and waits before the next attempt; false once `cancel` fires.
-async fn backoff(
-    what: &str,
-    error: &str,
-    attempt: u32,
-    metrics: &Metrics,
-    health: &Health,
-    cancel: &CancellationToken,
-) -> bool {
-    let delay = (Duration::from_millis(100) * 2u32.saturating_pow(attempt.min(16) - 1))
-        .min(Duration::from_secs(5));
-    health.redis_ok.store(false, Ordering::Relaxed);
-    RedisUnavailable {
-        operation: what,
-        error: &error,
-        attempt,
-        retry_in: delay,
-    }
-    .emit(metrics);
-    tokio::select! {
-        _ = cancel.cancelled() => false,
-        _ = sleep(delay) => true,
-    }
-}
-
-/// Retries `op` with exponential backoff until it succeeds or `cancel` fires (then None).
-async fn retry<T, F, Fut>(
-    what: &str,
-    metrics: &Metrics,
-    health: &Health,
-    cancel: &CancellationToken,
-    mut op: F,
-) -> Option<T>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<T, StoreError>>,
-{
-    let mut attempt = 0;
-    loop {
-        match op().await {
-            Ok(v) => {
-                if !health.redis_ok.swap(true, Ordering::Relaxed) && attempt > 0 {
-                    tracing::info!(operation = what, "redis reachable again");
-                }
-                return Some(v);
-            }
-            Err(e) => {
-                attempt += 1;
-                if !backoff(what, &e.to_string(), attempt, metrics, health, cancel).await {
-                    return None;
-                }
-            }
-        }
-    }
-}
-
-type FlushResult = Result<Option<(FlushStats, Vec<MsgRef>)>, tokio::task::JoinError>;
-
-/// The window being written.
-struct InFlight {
-    seq: u64,
-    lane: Lane,
-    handle: tokio::task::JoinHandle<Option<(FlushStats, Vec<MsgRef>)>>,
 }
 
 impl Run {
@@ -504,284 +441,6 @@ impl Worker {
             }
         }
     }
-
-    /// Takes the current window and writes it on a task of its own, so intake (decode and
-    /// apply) goes on while it loads, scores and writes. One window is written at a time, in
-    /// order: a later window reads state after the earlier one's writes and wins every tie.
-    fn start_flush(&self, run: &mut Run, lane: Lane, hard_stop: &CancellationToken) -> InFlight {
-        let window = run.window_mut(lane).take();
-        run.seq += 1;
-        // Each lane's jobs put their chunks in that lane's window.
-        match lane {
-            Lane::Live => run.jobs.window_taken(run.seq),
-            Lane::Backlog => run.backlog_jobs.window_taken(run.seq),
-        }
-        let (store, scorer, settings) = (
-            self.store.clone(),
-            self.scorer.clone(),
-            self.settings.clone(),
-        );
-        let (metrics, health, hard_stop) =
-            (self.metrics.clone(), self.health.clone(), hard_stop.clone());
-        let handle = tokio::spawn(async move {
-            let flusher = Flusher {
-                store: &store,
-                scorer: &scorer,
-                output: &settings.output,
-                decay: &settings.decay,
-                max_pairs: settings.batch.max_pairs,
-            };
-            let stats = retry("flush", &metrics, &health, &hard_stop, || async {
-                flusher
-                    .flush(&window, chrono_now_ms())
-                    .await
-                    .map_err(|e| match e {
-                        crate::flush::FlushError::Store(s) => s,
-                        crate::flush::FlushError::Model(m) => {
-                            StoreError::Protocol(format!("model: {m}"))
-                        }
-                    })
-            })
-            .await?;
-            Some((stats, window.messages))
-        });
-        InFlight {
-            seq: run.seq,
-            lane,
-            handle,
-        }
-    }
-
-    /// A window's write ended: acknowledges its messages and those of jobs it finished.
-    fn finish_flush(&self, run: &mut Run, seq: u64, lane: Lane, result: FlushResult) {
-        let (stats, mut msgs) = match result {
-            Ok(Some(done)) => done,
-            // Hard stop during an outage: nothing acknowledged, replayed by the next owner.
-            Ok(None) => return,
-            Err(e) => {
-                tracing::error!(error = %e, "flush task failed; its messages stay unacknowledged");
-                return;
-            }
-        };
-        run.shares
-            .written(lane == Lane::Backlog, stats.pairs_scored);
-        // Windows are written one at a time in `seq` order, so every earlier window is written too.
-        msgs.extend(run.jobs.window_written(seq));
-        msgs.extend(run.backlog_jobs.window_written(seq));
-        if stats.member_triggers > 0 {
-            // Windows are sized in estimated rows: follow the recent pairs per member.
-            let seen = stats.member_rows as f64 / stats.member_triggers as f64;
-            run.member_weight = 0.8 * run.member_weight + 0.2 * seen;
-            let w = (run.member_weight.round() as usize).clamp(1, self.settings.batch.max_pairs);
-            run.window.set_member_weight(w);
-            run.backlog.set_member_weight(w);
-        }
-        ScoresWritten {
-            stats: &stats,
-            messages: msgs.len(),
-        }
-        .emit(&self.metrics);
-        self.complete(run, &msgs, true);
-    }
-
-    /// Writes the current window and waits for it (shutdown).
-    async fn flush_now(&self, run: &mut Run, lane: Lane, hard_stop: &CancellationToken) {
-        let f = self.start_flush(run, lane, hard_stop);
-        let result = f.handle.await;
-        self.finish_flush(run, f.seq, f.lane, result);
-    }
-
-    /// Decodes a run of messages, dead-letters the invalid ones, applies the rest to Redis in one
-    /// round trip (in order), then folds their triggers into the window or the jobs.
-    async fn handle_batch(
-        &self,
-        run: &mut Run,
-        msgs: &[BorrowedMessage<'_>],
-        source: Source,
-        hard_stop: &CancellationToken,
-    ) {
-        let mut valid: Vec<(Event, MsgRef)> = Vec::with_capacity(msgs.len());
-        for msg in msgs {
-            let tp: Tp = (msg.topic().to_owned(), msg.partition());
-            let Some(&kind) = run.kinds.get(msg.topic()) else {
-                continue;
-            };
-            let timestamp_ms = msg.timestamp().to_millis();
-            let lane = match source {
-                Source::Group => match run.tracker.received(&tp, msg.offset(), timestamp_ms) {
-                    Received::Live => Lane::Live,
-                    Received::Backlog => Lane::Backlog,
-                    Received::Duplicate => continue,
-                },
-                Source::Head if run.tracker.received_head(&tp, msg.offset(), timestamp_ms) => {
-                    Lane::Live
-                }
-                // Not taken from the head reader: the group's reader covers it.
-                Source::Head => continue,
-            };
-            let mref = MsgRef {
-                tp,
-                offset: msg.offset(),
-                timestamp_ms,
-                topic_label: kind.label(),
-                backlog: lane == Lane::Backlog,
-            };
-            match decode(kind, msg.payload()) {
-                Ok(ev) => valid.push((ev, mref)),
-                Err(e) => {
-                    if !self.dead_letter(msg, &e.0, hard_stop).await {
-                        return; // not acknowledged by the broker: stays uncommitted, replayed
-                    }
-                    EventHandled {
-                        topic: kind.label(),
-                        outcome: "dead_lettered",
-                        partition: msg.partition(),
-                        offset: msg.offset(),
-                        reason: Some(&e.0),
-                    }
-                    .emit(&self.metrics);
-                    self.complete(run, &[mref], false);
-                }
-            }
-        }
-        if valid.is_empty() {
-            return;
-        }
-        let refs: Vec<(&Event, i64)> = valid.iter().map(|(e, m)| (e, m.offset)).collect();
-        let top_n = self.settings.output.top_n;
-        let Some(applied) = retry("apply", &self.metrics, &self.health, hard_stop, || {
-            self.store.apply(&refs, top_n)
-        })
-        .await
-        else {
-            return; // hard stop during an outage: nothing acknowledged, replayed later
-        };
-        for ((event, mref), applied) in valid.into_iter().zip(applied) {
-            let lane = if mref.backlog {
-                Lane::Backlog
-            } else {
-                Lane::Live
-            };
-            let handled = |outcome| EventHandled {
-                topic: mref.topic_label,
-                outcome,
-                partition: mref.tp.1,
-                offset: mref.offset,
-                reason: None,
-            };
-            match (event, applied) {
-                (Event::Features(u), Applied::Features(out)) => {
-                    if out.applied == 0 && !u.features.is_empty() {
-                        handled("stale").emit(&self.metrics);
-                        self.complete(run, &[mref], false);
-                        continue;
-                    }
-                    handled("applied").emit(&self.metrics);
-                    match u.entity {
-                        Entity::Member => {
-                            let w = run.window_mut(lane);
-                            w.member(&u.id, u.ts);
-                            w.message(mref);
-                        }
-                        Entity::Candidate => run.jobs_mut(lane).fanout(&u.id, u.ts, mref),
-                    }
-                }
-                (Event::Upsert(u), Applied::Pair(true)) => {
-                    handled("applied").emit(&self.metrics);
-                    let w = run.window_mut(lane);
-                    w.pair(&u.member_id, &u.candidate_id, u.ts);
-                    w.message(mref);
-                }
-                (Event::Remove(_), Applied::Pair(true)) => {
-                    handled("applied").emit(&self.metrics);
-                    self.complete(run, &[mref], false);
-                }
-                (Event::Upsert(_) | Event::Remove(_), _) => {
-                    handled("stale").emit(&self.metrics);
-                    self.complete(run, &[mref], false);
-                }
-                (Event::Tick(t), _) => {
-                    let shards = self.tick_shards(run, &mref.tp.0, mref.tp.1).await;
-                    handled("applied").emit(&self.metrics);
-                    run.jobs_mut(lane).tick(shards, t.ts, mref);
-                }
-                (Event::Features(_), other) => {
-                    tracing::error!(
-                        ?other,
-                        "broken invariant: a feature update applied as something else"
-                    );
-                }
-            }
-        }
-    }
-
-    /// The decay-schedule shards a tick on `partition` covers: s with s mod partitions = p.
-    async fn tick_shards(&self, run: &mut Run, topic: &str, partition: i32) -> Vec<u32> {
-        let known = run.tick_partitions.filter(|n| partition < *n);
-        let n = match known {
-            Some(n) => n,
-            None => {
-                let consumer = self.consumer.clone();
-                let topic = topic.to_owned();
-                let n = tokio::task::spawn_blocking(move || {
-                    consumer
-                        .fetch_metadata(Some(&topic), Duration::from_secs(10))
-                        .ok()
-                        .and_then(|md| md.topics().first().map(|t| t.partitions().len() as i32))
-                })
-                .await
-                .ok()
-                .flatten()
-                .filter(|n| *n > partition)
-                .unwrap_or(partition + 1);
-                run.tick_partitions = Some(n);
-                n
-            }
-        };
-        (0..self.store.keys().shards())
-            .filter(|s| (*s as i32) % n == partition)
-            .collect()
-    }
-
-    /// Sends to the DLQ until the broker acknowledges (true) or the hard stop fires (false).
-    async fn dead_letter(
-        &self,
-        msg: &BorrowedMessage<'_>,
-        reason: &str,
-        hard_stop: &CancellationToken,
-    ) -> bool {
-        let mut delay = Duration::from_millis(100);
-        loop {
-            match crate::dlq::send(&self.producer, &self.settings.topics.dlq, msg, reason).await {
-                Ok(()) => return true,
-                Err(e) => {
-                    tracing::warn!(error = %e, "dead-letter write failed; retrying");
-                    tokio::select! {
-                        _ = hard_stop.cancelled() => return false,
-                        _ = sleep(delay) => {}
-                    }
-                    delay = (delay * 2).min(Duration::from_secs(5));
-                }
-            }
-        }
-    }
-}
-
-/// `first` and whatever else `consumer` has already fetched, up to `room` messages, so one Redis
-/// round trip applies a run of events.
-fn take_fetched<'a, C: rdkafka::consumer::ConsumerContext + 'static>(
-    consumer: &'a StreamConsumer<C>,
-    first: BorrowedMessage<'a>,
-    room: usize,
-) -> Vec<BorrowedMessage<'a>> {
-    let mut batch = vec![first];
-    while batch.len() < room {
-        match consumer.recv().now_or_never() {
-            Some(Ok(m)) => batch.push(m),
-            _ => break,
-        }
-    }
-    batch
 }
 
 /// Wall clock in ms (only for `updated_at`, freshness and lag; never for scoring).

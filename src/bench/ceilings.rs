@@ -148,12 +148,14 @@ pub fn model(scorer: &Scorer, batch: usize, seconds: f64) -> anyhow::Result<f64>
     Ok(r.results[0].rows_per_s)
 }
 
+/// Pairs rescored per score-script call in the Redis ceiling.
+const PAIRS: usize = 8;
+
 /// Scores/s through the score script: 128 members of `stored_per_member` pairs (at least 8), 8
 /// of each rescored per call to new scores, one pipeline of 128 calls (1,024 pairs) at a time.
 /// The set sizes matter: a sorted-set write costs more in a larger set.
 pub async fn redis(store: &Store, stored_per_member: usize, seconds: f64) -> anyhow::Result<f64> {
     const MEMBERS: usize = 128;
-    const PAIRS: usize = 8;
     let stored = stored_per_member.max(PAIRS);
     let mut events = Vec::new();
     for m in 0..MEMBERS {
@@ -204,7 +206,7 @@ async fn write_round(
         .iter()
         .enumerate()
         .map(|(m, member)| {
-            let writes = (0..8)
+            let writes = (0..PAIRS)
                 .map(|k| {
                     let c = (first + k) % stored;
                     // A score that moves every round (a Weyl sequence in [0, 1)).

@@ -1,0 +1,118 @@
+//! The benchmark report as markdown.
+
+use super::Report;
+
+impl Report {
+    pub fn markdown(&self) -> String {
+        let c = &self.ceilings;
+        let rows = self.sustained.rows_per_event;
+        // Every ceiling in pairs/s: the consume ceiling carries rows/event pairs per message.
+        let narrowest = [
+            ("consume", c.consume_msgs_per_s * rows),
+            ("model", c.model_rows_per_s),
+            ("redis", c.redis_pairs_per_s),
+        ]
+        .into_iter()
+        .min_by(|a, b| a.1.total_cmp(&b.1))
+        .unwrap_or(("none", 0.0));
+        let samples = c
+            .redis_samples
+            .iter()
+            .map(|v| format!("{v:.0}"))
+            .collect::<Vec<_>>()
+            .join(" before and ")
+            + " after the default drain";
+        let mut s = format!(
+            "# End-to-end benchmark\n\nMachine: {}. Broker (tansu), redis-server and the worker share it. {} pairs stored before \
+             each run; backlog {} events, {} partitions per topic, Zipf traffic.\n\n\
+             ## Ceilings (same run)\n\n| ceiling | rate |\n|---|---:|\n\
+             | consume (plain consumer) | {:.0} msgs/s |\n| model, batch {} | {:.0} rows/s |\n| Redis score writes, worker's script (8 pairs a call, members of the stored size; mean of {}) | {:.0} pairs/s |\n\
+             | broker produce → consume at 200/s, worker's fetch settings (a freshness floor) | p50 {:.0} ms, p99 {:.0} ms |\n\n",
+            self.machine, self.preloaded_pairs, self.backlog_events, self.partitions, c.consume_msgs_per_s, self.batch_default, c.model_rows_per_s, samples, c.redis_pairs_per_s,
+            c.broker_p50_ms, c.broker_p99_ms
+        );
+        s += "## Backlog drains\n\n| run | events/s | pairs/s | model rows / event | peak RSS MiB | complete |\n|---|---:|---:|---:|---:|---|\n";
+        let drains = std::iter::once(&self.sustained)
+            .chain(self.no_coalescing.as_ref())
+            .chain(self.batch_sizes.iter().map(|(_, d)| d));
+        for d in drains {
+            s += &format!(
+                "| {} | {:.0} | {:.0} | {:.2} | {:.0} | {} |\n",
+                d.label,
+                d.events_per_s,
+                d.pairs_per_s,
+                d.rows_per_event,
+                d.peak_rss_mib,
+                if d.timed_out {
+                    "no (time limit)"
+                } else {
+                    "yes"
+                }
+            );
+        }
+        s += &format!(
+            "\nSustained pairs/s vs the narrowest ceiling ({}, {:.0} pairs/s at {:.2} rows/event): **{:.0}%**.",
+            narrowest.0,
+            narrowest.1,
+            rows,
+            100.0 * self.sustained.pairs_per_s / narrowest.1.max(1.0),
+        );
+        if let Some(off) = &self.no_coalescing {
+            s += &format!(
+                " Coalescing cuts model rows per event {:.1}×.",
+                off.rows_per_event / rows.max(1e-9)
+            );
+        }
+        s += "\n\n";
+        if self.freshness.is_empty() {
+            return s;
+        }
+        s += "## Freshness, open loop\n\nWorker: its histogram, Kafka timestamp → Redis acknowledgement. Seen: the load generator's side, \
+              send → the member's published `as_of` reaches the event's time (every 5th member update, polled every 2 ms).\n\n\
+              | load | events/s | worker p50 ms | p95 | p99 | seen p50 ms | p95 | p99 | samples (unobserved) |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|\n";
+        for f in &self.freshness {
+            s += &format!(
+                "| {:.0}% | {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {} ({}) |\n",
+                f.target_fraction * 100.0,
+                f.rate,
+                f.p50_ms,
+                f.p95_ms,
+                f.p99_ms,
+                f.seen.p50_ms,
+                f.seen.p95_ms,
+                f.seen.p99_ms,
+                f.seen.samples,
+                f.seen.unobserved
+            );
+        }
+        let Some(b) = &self.backlog_live else {
+            return s;
+        };
+        s += &format!(
+            "\n## Backlog with live traffic on top\n\nBacklog: {} events ({} events/s stamped over the minutes before the start); live: {} events/s \
+             from readiness on ({} sent). Drained (backlog consumed, lag < 1 s) after: **{}**.\n\n\
+             | live events | p50 ms | p95 ms | p99 ms |\n|---|---:|---:|---:|\n\
+             | worker histogram, live lane | {:.1} | {:.1} | {:.1} |\n\
+             | seen in Redis, sent before the drain ended ({} samples, {} unobserved) | {:.1} | {:.1} | {:.1} |\n\n\
+             Backlog-lane events: p50 {:.1} s after their timestamp. Peak RSS {:.0} MiB. Lag and freshness over time: `e2e-backlog.svg`; throughput against batch size: `e2e-batch.svg`.\n",
+            b.backlog_events,
+            b.live_rate,
+            b.live_rate,
+            b.live_sent,
+            b.drained_after_s
+                .map(|d| format!("{d:.1} s"))
+                .unwrap_or_else(|| "not within the phase limit".into()),
+            b.worker_live_p50_ms,
+            b.worker_live_p95_ms,
+            b.worker_live_p99_ms,
+            b.seen_during_drain.samples,
+            b.seen_during_drain.unobserved,
+            b.seen_during_drain.p50_ms,
+            b.seen_during_drain.p95_ms,
+            b.seen_during_drain.p99_ms,
+            b.worker_backlog_p50_ms / 1000.0,
+            b.peak_rss_mib
+        );
+        s
+    }
+}

@@ -1,0 +1,213 @@
+//! Intake: a run of messages is decoded (invalid ones dead-lettered), applied to Redis in one
+//! round trip, and its triggers folded into the lane's window or jobs.
+
+use std::time::Duration;
+
+use futures::FutureExt;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::BorrowedMessage;
+use rdkafka::Message;
+use tokio::time::sleep;
+use tokio_util::sync::CancellationToken;
+
+use super::retry::retry;
+use super::{Lane, Run, Source, Worker};
+use crate::coalesce::MsgRef;
+use crate::decode::{decode, Entity, Event};
+use crate::internal_events::EventHandled;
+use crate::offsets::{Received, Tp};
+use crate::store::Applied;
+
+impl Worker {
+    /// Decodes a run of messages, dead-letters the invalid ones, applies the rest to Redis in one
+    /// round trip (in order), then folds their triggers into the window or the jobs.
+    pub(super) async fn handle_batch(
+        &self,
+        run: &mut Run,
+        msgs: &[BorrowedMessage<'_>],
+        source: Source,
+        hard_stop: &CancellationToken,
+    ) {
+        let mut valid: Vec<(Event, MsgRef)> = Vec::with_capacity(msgs.len());
+        for msg in msgs {
+            let tp: Tp = (msg.topic().to_owned(), msg.partition());
+            let Some(&kind) = run.kinds.get(msg.topic()) else {
+                continue;
+            };
+            let timestamp_ms = msg.timestamp().to_millis();
+            let lane = match source {
+                Source::Group => match run.tracker.received(&tp, msg.offset(), timestamp_ms) {
+                    Received::Live => Lane::Live,
+                    Received::Backlog => Lane::Backlog,
+                    Received::Duplicate => continue,
+                },
+                Source::Head if run.tracker.received_head(&tp, msg.offset(), timestamp_ms) => {
+                    Lane::Live
+                }
+                // Not taken from the head reader: the group's reader covers it.
+                Source::Head => continue,
+            };
+            let mref = MsgRef {
+                tp,
+                offset: msg.offset(),
+                timestamp_ms,
+                topic_label: kind.label(),
+                backlog: lane == Lane::Backlog,
+            };
+            match decode(kind, msg.payload()) {
+                Ok(ev) => valid.push((ev, mref)),
+                Err(e) => {
+                    if !self.dead_letter(msg, &e.0, hard_stop).await {
+                        return; // not acknowledged by the broker: stays uncommitted, replayed
+                    }
+                    EventHandled {
+                        topic: kind.label(),
+                        outcome: "dead_lettered",
+                        partition: msg.partition(),
+                        offset: msg.offset(),
+                        reason: Some(&e.0),
+                    }
+                    .emit(&self.metrics);
+                    self.complete(run, &[mref], false);
+                }
+            }
+        }
+        if valid.is_empty() {
+            return;
+        }
+        let refs: Vec<(&Event, i64)> = valid.iter().map(|(e, m)| (e, m.offset)).collect();
+        let top_n = self.settings.output.top_n;
+        let Some(applied) = retry("apply", &self.metrics, &self.health, hard_stop, || {
+            self.store.apply(&refs, top_n)
+        })
+        .await
+        else {
+            return; // hard stop during an outage: nothing acknowledged, replayed later
+        };
+        for ((event, mref), applied) in valid.into_iter().zip(applied) {
+            let lane = if mref.backlog {
+                Lane::Backlog
+            } else {
+                Lane::Live
+            };
+            let handled = |outcome| EventHandled {
+                topic: mref.topic_label,
+                outcome,
+                partition: mref.tp.1,
+                offset: mref.offset,
+                reason: None,
+            };
+            match (event, applied) {
+                (Event::Features(u), Applied::Features(out)) => {
+                    if out.applied == 0 && !u.features.is_empty() {
+                        handled("stale").emit(&self.metrics);
+                        self.complete(run, &[mref], false);
+                        continue;
+                    }
+                    handled("applied").emit(&self.metrics);
+                    match u.entity {
+                        Entity::Member => {
+                            let w = run.window_mut(lane);
+                            w.member(&u.id, u.ts);
+                            w.message(mref);
+                        }
+                        Entity::Candidate => run.jobs_mut(lane).fanout(&u.id, u.ts, mref),
+                    }
+                }
+                (Event::Upsert(u), Applied::Pair(true)) => {
+                    handled("applied").emit(&self.metrics);
+                    let w = run.window_mut(lane);
+                    w.pair(&u.member_id, &u.candidate_id, u.ts);
+                    w.message(mref);
+                }
+                (Event::Remove(_), Applied::Pair(true)) => {
+                    handled("applied").emit(&self.metrics);
+                    self.complete(run, &[mref], false);
+                }
+                (Event::Upsert(_) | Event::Remove(_), _) => {
+                    handled("stale").emit(&self.metrics);
+                    self.complete(run, &[mref], false);
+                }
+                (Event::Tick(t), _) => {
+                    let shards = self.tick_shards(run, &mref.tp.0, mref.tp.1).await;
+                    handled("applied").emit(&self.metrics);
+                    run.jobs_mut(lane).tick(shards, t.ts, mref);
+                }
+                (Event::Features(_), other) => {
+                    tracing::error!(
+                        ?other,
+                        "broken invariant: a feature update applied as something else"
+                    );
+                }
+            }
+        }
+    }
+
+    /// The decay-schedule shards a tick on `partition` covers: s with s mod partitions = p.
+    async fn tick_shards(&self, run: &mut Run, topic: &str, partition: i32) -> Vec<u32> {
+        let known = run.tick_partitions.filter(|n| partition < *n);
+        let n = match known {
+            Some(n) => n,
+            None => {
+                let consumer = self.consumer.clone();
+                let topic = topic.to_owned();
+                let n = tokio::task::spawn_blocking(move || {
+                    consumer
+                        .fetch_metadata(Some(&topic), Duration::from_secs(10))
+                        .ok()
+                        .and_then(|md| md.topics().first().map(|t| t.partitions().len() as i32))
+                })
+                .await
+                .ok()
+                .flatten()
+                .filter(|n| *n > partition)
+                .unwrap_or(partition + 1);
+                run.tick_partitions = Some(n);
+                n
+            }
+        };
+        (0..self.store.keys().shards())
+            .filter(|s| (*s as i32) % n == partition)
+            .collect()
+    }
+
+    /// Sends to the DLQ until the broker acknowledges (true) or the hard stop fires (false).
+    async fn dead_letter(
+        &self,
+        msg: &BorrowedMessage<'_>,
+        reason: &str,
+        hard_stop: &CancellationToken,
+    ) -> bool {
+        let mut delay = Duration::from_millis(100);
+        loop {
+            match crate::dlq::send(&self.producer, &self.settings.topics.dlq, msg, reason).await {
+                Ok(()) => return true,
+                Err(e) => {
+                    tracing::warn!(error = %e, "dead-letter write failed; retrying");
+                    tokio::select! {
+                        _ = hard_stop.cancelled() => return false,
+                        _ = sleep(delay) => {}
+                    }
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+}
+
+/// `first` and whatever else `consumer` has already fetched, up to `room` messages, so one Redis
+/// round trip applies a run of events.
+pub(super) fn take_fetched<'a, C: rdkafka::consumer::ConsumerContext + 'static>(
+    consumer: &'a StreamConsumer<C>,
+    first: BorrowedMessage<'a>,
+    room: usize,
+) -> Vec<BorrowedMessage<'a>> {
+    let mut batch = vec![first];
+    while batch.len() < room {
+        match consumer.recv().now_or_never() {
+            Some(Ok(m)) => batch.push(m),
+            _ => break,
+        }
+    }
+    batch
+}

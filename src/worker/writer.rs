@@ -1,0 +1,113 @@
+//! Handing windows to the writer: a taken window is loaded, scored and written on a task of its
+//! own; when it ends, its messages (and those of jobs it finished) are acknowledged.
+
+use tokio_util::sync::CancellationToken;
+
+use super::retry::retry;
+use super::{chrono_now_ms, Lane, Run, Worker};
+use crate::coalesce::MsgRef;
+use crate::flush::{FlushStats, Flusher};
+use crate::internal_events::ScoresWritten;
+use crate::store::StoreError;
+
+pub(super) type FlushResult = Result<Option<(FlushStats, Vec<MsgRef>)>, tokio::task::JoinError>;
+
+/// The window being written.
+pub(super) struct InFlight {
+    pub(super) seq: u64,
+    pub(super) lane: Lane,
+    pub(super) handle: tokio::task::JoinHandle<Option<(FlushStats, Vec<MsgRef>)>>,
+}
+
+impl Worker {
+    /// Takes the current window and writes it on a task of its own, so intake (decode and
+    /// apply) goes on while it loads, scores and writes. One window is written at a time, in
+    /// order: a later window reads state after the earlier one's writes and wins every tie.
+    pub(super) fn start_flush(
+        &self,
+        run: &mut Run,
+        lane: Lane,
+        hard_stop: &CancellationToken,
+    ) -> InFlight {
+        let window = run.window_mut(lane).take();
+        run.seq += 1;
+        // Each lane's jobs put their chunks in that lane's window.
+        match lane {
+            Lane::Live => run.jobs.window_taken(run.seq),
+            Lane::Backlog => run.backlog_jobs.window_taken(run.seq),
+        }
+        let (store, scorer, settings) = (
+            self.store.clone(),
+            self.scorer.clone(),
+            self.settings.clone(),
+        );
+        let (metrics, health, hard_stop) =
+            (self.metrics.clone(), self.health.clone(), hard_stop.clone());
+        let handle = tokio::spawn(async move {
+            let flusher = Flusher {
+                store: &store,
+                scorer: &scorer,
+                output: &settings.output,
+                decay: &settings.decay,
+                max_pairs: settings.batch.max_pairs,
+            };
+            let stats = retry("flush", &metrics, &health, &hard_stop, || async {
+                flusher
+                    .flush(&window, chrono_now_ms())
+                    .await
+                    .map_err(|e| match e {
+                        crate::flush::FlushError::Store(s) => s,
+                        crate::flush::FlushError::Model(m) => {
+                            StoreError::Protocol(format!("model: {m}"))
+                        }
+                    })
+            })
+            .await?;
+            Some((stats, window.messages))
+        });
+        InFlight {
+            seq: run.seq,
+            lane,
+            handle,
+        }
+    }
+
+    /// A window's write ended: acknowledges its messages and those of jobs it finished.
+    pub(super) fn finish_flush(&self, run: &mut Run, seq: u64, lane: Lane, result: FlushResult) {
+        let (stats, mut msgs) = match result {
+            Ok(Some(done)) => done,
+            // Hard stop during an outage: nothing acknowledged, replayed by the next owner.
+            Ok(None) => return,
+            Err(e) => {
+                tracing::error!(error = %e, "flush task failed; its messages stay unacknowledged");
+                return;
+            }
+        };
+        run.shares
+            .written(lane == Lane::Backlog, stats.pairs_scored);
+        // Windows are written one at a time in `seq` order, so every earlier window is written too.
+        msgs.extend(run.jobs.window_written(seq));
+        msgs.extend(run.backlog_jobs.window_written(seq));
+        if stats.member_triggers > 0 {
+            // Windows are sized in estimated rows: follow the recent pairs per member.
+            let seen = stats.member_rows as f64 / stats.member_triggers as f64;
+            run.member_weight = 0.8 * run.member_weight + 0.2 * seen;
+            let w = (run.member_weight.round() as usize).clamp(1, self.settings.batch.max_pairs);
+            run.window.set_member_weight(w);
+            run.backlog.set_member_weight(w);
+        }
+        ScoresWritten {
+            stats: &stats,
+            messages: msgs.len(),
+        }
+        .emit(&self.metrics);
+        self.complete(run, &msgs, true);
+    }
+
+    /// Writes the current window and waits for it (shutdown).
+    pub(super) async fn flush_now(&self, run: &mut Run, lane: Lane, hard_stop: &CancellationToken) {
+        let f = self.start_flush(run, lane, hard_stop);
+        let result = f.handle.await;
+        self.finish_flush(run, f.seq, f.lane, result);
+    }
+}
