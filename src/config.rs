@@ -171,7 +171,8 @@ impl Default for BatchSettings {
 pub struct CatchupSettings {
     /// Split lagging partitions (the default). Off, a backlog is read strictly in order.
     pub enabled: bool,
-    /// Split a partition when the last message read from it is at least this old...
+    /// Split a partition when the last message read from it is at least this old (or, when
+    /// nothing was read from it yet, the consumer has waited this long with messages behind)...
     pub lag_ms: u64,
     /// ...and at least this many messages are behind it.
     pub min_messages: u64,

@@ -33,6 +33,10 @@ pub enum RebalanceEvent {
 pub struct Shared {
     /// High watermark per partition, from the latest statistics.
     pub high_watermarks: Mutex<HashMap<Tp, i64>>,
+    /// Where the group's reader starts in each partition (the committed offset, or the log start
+    /// when nothing is committed), from the latest statistics: the lag of a partition it has
+    /// delivered nothing from yet.
+    pub starts: Mutex<HashMap<Tp, i64>>,
     /// Partitions currently assigned to this worker.
     pub assigned: Mutex<Vec<Tp>>,
 }
@@ -48,6 +52,10 @@ impl Shared {
             .unwrap_or_default();
         (assigned, hw)
     }
+
+    pub fn start(&self, tp: &Tp) -> Option<i64> {
+        self.starts.lock().ok()?.get(tp).copied()
+    }
 }
 
 pub struct Ctx {
@@ -62,10 +70,22 @@ impl ClientContext for Ctx {
             .high_watermarks
             .lock()
             .unwrap_or_else(|e| e.into_inner());
+        let mut starts = self.shared.starts.lock().unwrap_or_else(|e| e.into_inner());
         for (topic, t) in stats.topics {
             for (p, part) in t.partitions {
-                if p >= 0 && part.hi_offset >= 0 {
+                if p < 0 {
+                    continue;
+                }
+                if part.hi_offset >= 0 {
                     hw.insert((topic.clone(), p), part.hi_offset);
+                }
+                let start = if part.committed_offset >= 0 {
+                    part.committed_offset
+                } else {
+                    part.lo_offset
+                };
+                if start >= 0 {
+                    starts.insert((topic.clone(), p), start);
                 }
             }
         }

@@ -146,6 +146,10 @@ enum BenchCommand {
         /// Only the ceilings and the default drain (e.g. peak RSS with a large stored state).
         #[arg(long)]
         drain_only: bool,
+        /// Only the backlog + live phase, with live traffic at this many events/s (no ceilings
+        /// or other phases; for studying catch-up).
+        #[arg(long, conflicts_with = "drain_only")]
+        backlog_live_rate: Option<u64>,
         #[command(flatten)]
         traffic: TrafficArgs,
         /// Write the report here as JSON, and as markdown beside it (`.md`).
@@ -434,6 +438,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             backlog_minutes,
             phase_limit,
             drain_only,
+            backlog_live_rate,
             traffic:
                 TrafficArgs {
                     members,
@@ -458,6 +463,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 candidates,
                 zipf,
             };
+            if let Some(rate) = backlog_live_rate {
+                let phase =
+                    runtime()?.block_on(rescorer::bench::backlog_live(&settings, &opts, rate))?;
+                return write_report(out.as_deref(), &phase, &phase.markdown());
+            }
             let report = runtime()?.block_on(rescorer::bench::run(&settings, &opts))?;
             write_report(out.as_deref(), &report, &report.markdown())?;
             if let Some(out) = out.as_deref() {

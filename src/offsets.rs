@@ -24,6 +24,8 @@ struct Partition {
     last_done_ts: Option<i64>,
     /// Kafka timestamp of the last message the group's reader delivered.
     last_received_ts: Option<i64>,
+    /// The group's reader delivered something (a partition split before that has `next` 0).
+    delivered: bool,
     /// A split: the group's reader drains the backlog below `end` while the head reader takes
     /// `end` onwards.
     split: Option<Split>,
@@ -66,6 +68,7 @@ impl OffsetTracker {
     /// in increasing order).
     pub fn received(&mut self, tp: &Tp, offset: i64, timestamp_ms: Option<i64>) -> Received {
         let p = self.parts.entry(tp.clone()).or_default();
+        p.delivered = true;
         if offset < p.next {
             return Received::Duplicate; // a re-delivery after a seek or rebalance
         }
@@ -102,12 +105,11 @@ impl OffsetTracker {
     }
 
     /// Splits `tp` at `end` (the log end): the group's reader goes on draining the offsets
-    /// below it, the head reader takes `end` onwards. False when there is nothing to split
-    /// (nothing received yet, a split running, or nothing behind).
+    /// below it, the head reader takes `end` onwards. False when there is nothing to split (a
+    /// split running, or nothing behind). A partition the group's reader has delivered nothing
+    /// from yet can be split too: whatever it delivers below `end` is backlog.
     pub fn split(&mut self, tp: &Tp, end: i64) -> bool {
-        let Some(p) = self.parts.get_mut(tp) else {
-            return false;
-        };
+        let p = self.parts.entry(tp.clone()).or_default();
         if p.split.is_some() || end <= p.next {
             return false;
         }
@@ -133,8 +135,16 @@ impl OffsetTracker {
             return false;
         }
         if offset > sp.head_next {
-            sp.head_stopped = true;
-            return false;
+            if sp.head_next == sp.end {
+                // The head reader's first message lies past the split point (a broker whose
+                // log-end answer is not a batch boundary, or compaction). The group's reader has
+                // not reached the split point (it would have stopped the head), so the backlog
+                // simply extends to this message.
+                sp.end = offset;
+            } else {
+                sp.head_stopped = true;
+                return false;
+            }
         }
         sp.head_next = offset + 1;
         p.add(offset, timestamp_ms);
@@ -162,6 +172,11 @@ impl OffsetTracker {
     /// One past the highest offset the group's reader delivered.
     pub fn next(&self, tp: &Tp) -> Option<i64> {
         self.parts.get(tp).map(|p| p.next)
+    }
+
+    /// Whether the group's reader delivered anything from `tp` (since it was assigned).
+    pub fn delivered(&self, tp: &Tp) -> bool {
+        self.parts.get(tp).is_some_and(|p| p.delivered)
     }
 
     /// Timestamp of the last message the group's reader delivered.
@@ -343,6 +358,75 @@ mod tests {
             t.done(&tp, o);
         }
         assert_eq!(t.position(&tp), Some(7));
+    }
+
+    #[test]
+    fn a_head_reader_starting_past_the_split_point_extends_the_backlog() {
+        let tp: Tp = ("t".into(), 0);
+        let mut t = OffsetTracker::new();
+        t.received(&tp, 0, None);
+        assert!(t.split(&tp, 5), "the log end answer: 5");
+        assert!(
+            t.received_head(&tp, 8, None),
+            "the head's first message is 8 (its batch started past 5)"
+        );
+        assert!(t.received_head(&tp, 9, None));
+        assert!(t.head_active(&tp));
+        for o in 1..8 {
+            assert_eq!(t.received(&tp, o, None), Received::Backlog, "offset {o}");
+        }
+        assert!(!t.head_active(&tp), "backlog read up to the head's start");
+        assert_eq!(t.received(&tp, 8, None), Received::Duplicate);
+        assert_eq!(t.received(&tp, 9, None), Received::Duplicate);
+        assert!(!t.is_split(&tp), "merged");
+        assert_eq!(t.received(&tp, 10, None), Received::Live);
+        for o in 0..=10 {
+            t.done(&tp, o);
+        }
+        assert_eq!(t.position(&tp), Some(11), "every offset once, none skipped");
+    }
+
+    #[test]
+    fn a_head_reader_cannot_move_the_split_point_once_the_backlog_is_read() {
+        let tp: Tp = ("t".into(), 0);
+        let mut t = OffsetTracker::new();
+        t.received(&tp, 0, None);
+        assert!(t.split(&tp, 3));
+        for o in 1..3 {
+            assert_eq!(t.received(&tp, o, None), Received::Backlog);
+        }
+        assert_eq!(
+            t.received(&tp, 3, None),
+            Received::Live,
+            "group passed the split point"
+        );
+        assert!(
+            !t.received_head(&tp, 6, None),
+            "too late: the group's reader covers it"
+        );
+        assert_eq!(t.received(&tp, 4, None), Received::Live);
+    }
+
+    #[test]
+    fn a_partition_split_before_anything_was_delivered_keeps_every_offset() {
+        let tp: Tp = ("t".into(), 2);
+        let mut t = OffsetTracker::new();
+        assert!(!t.delivered(&tp));
+        assert!(t.split(&tp, 100), "starved partition split at its log end");
+        assert!(t.received_head(&tp, 100, Some(1)));
+        assert_eq!(t.done(&tp, 100), None, "the backlog holds the watermark");
+        assert_eq!(
+            t.received(&tp, 40, Some(0)),
+            Received::Backlog,
+            "the group's reader starts at the committed offset, 40"
+        );
+        assert!(t.delivered(&tp));
+        assert_eq!(t.done(&tp, 40), Some(40), "store 40: commit 41");
+        for o in 41..100 {
+            assert_eq!(t.received(&tp, o, None), Received::Backlog);
+            t.done(&tp, o);
+        }
+        assert_eq!(t.position(&tp), Some(101));
     }
 
     #[test]

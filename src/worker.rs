@@ -126,6 +126,9 @@ struct Run {
     /// Split partitions the head reader serves, and whether it has been given them yet.
     catching_up: HashMap<Tp, bool>,
     session: Option<CatchupSession>,
+    /// Assigned partitions with messages behind that the group's reader has delivered nothing
+    /// from yet, and since when (split once that is `catchup.lag_ms`).
+    unread_since: HashMap<Tp, std::time::Instant>,
     /// Recent average pairs per whole-member trigger (windows are sized in estimated rows).
     member_weight: f64,
     /// The writer's shares between the lanes (`catchup.backlog_share`, by rows).
@@ -156,6 +159,7 @@ impl Worker {
             backlog: Window::new(self.settings.batch.coalesce),
             catching_up: HashMap::new(),
             session: None,
+            unread_since: HashMap::new(),
             member_weight: 1.0,
             shares: LaneShares::new(
                 self.settings.catchup.backlog_share,
@@ -277,7 +281,7 @@ impl Worker {
                     None => std::future::pending().await,
                 } }, if head_intake => match msg {
                     Ok(first) => {
-                        let room = max_pairs.saturating_sub(run.window.size()).clamp(1, MAX_INTAKE);
+                        let room = intake_room(&run, max_pairs.saturating_sub(run.window.size()));
                         let batch = match catchup.as_ref() {
                             Some(c) => take_fetched(c, first, room),
                             None => vec![first],
@@ -295,10 +299,12 @@ impl Worker {
                     Ok(first) => {
                         // Take what is already fetched too, so one Redis round trip applies a run
                         // of events (bounded by the windows' room).
-                        let room = max_pairs
-                            .saturating_sub(run.window.size())
-                            .min(backlog_max_pairs.saturating_sub(run.backlog.size()))
-                            .clamp(1, MAX_INTAKE);
+                        let room = intake_room(
+                            &run,
+                            max_pairs
+                                .saturating_sub(run.window.size())
+                                .min(backlog_max_pairs.saturating_sub(run.backlog.size())),
+                        );
                         let batch = take_fetched(&consumer, first, room);
                         self.handle_batch(&mut run, &batch, Source::Group, &hard_stop).await;
                         self.catchup_progress(&mut run);
@@ -399,7 +405,13 @@ impl Worker {
         for tp in &assigned {
             let Some(&high) = hw.get(tp) else { continue };
             let p = tp.1.to_string();
-            let pos = tracker.position(tp).unwrap_or(high).min(high);
+            // A partition nothing was delivered from yet is behind from its start offset.
+            let pos = if tracker.delivered(tp) {
+                tracker.position(tp)
+            } else {
+                self.shared.start(tp)
+            };
+            let pos = pos.unwrap_or(high).min(high);
             let lag = (high - pos).max(0);
             self.metrics
                 .consumer_lag
@@ -441,6 +453,12 @@ impl Worker {
             }
         }
     }
+}
+
+/// Messages to take for `rows` of room in a window: a member update costs about
+/// `member_weight` rows, so a batch of them does not overshoot the window several times over.
+fn intake_room(run: &Run, rows: usize) -> usize {
+    ((rows as f64 / run.member_weight.max(1.0)).ceil() as usize).clamp(1, MAX_INTAKE)
 }
 
 /// Wall clock in ms (only for `updated_at`, freshness and lag; never for scoring).

@@ -389,7 +389,7 @@ async fn freshness(
 /// A backlog of `backlog_minutes` of traffic at `rate` (stamped as if produced over those
 /// minutes), then the worker starts and live traffic at `rate` runs on top until the backlog is
 /// consumed and lag is under a second (plus 5 s), or the phase limit.
-async fn backlog_live(
+pub async fn backlog_live(
     base: &Settings,
     opts: &BenchOptions,
     rate: u64,

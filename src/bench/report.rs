@@ -1,6 +1,6 @@
 //! The benchmark report as markdown.
 
-use super::Report;
+use super::{BacklogLive, Report};
 
 impl Report {
     pub fn markdown(&self) -> String {
@@ -85,16 +85,25 @@ impl Report {
                 f.seen.unobserved
             );
         }
-        let Some(b) = &self.backlog_live else {
-            return s;
-        };
-        s += &format!(
+        if let Some(b) = &self.backlog_live {
+            s += &b.markdown();
+            s += "Throughput against batch size: `e2e-batch.svg`.\n";
+        }
+        s
+    }
+}
+
+impl BacklogLive {
+    /// The backlog + live section: totals, then the phase in 30-second slices.
+    pub fn markdown(&self) -> String {
+        let b = self;
+        let mut s = format!(
             "\n## Backlog with live traffic on top\n\nBacklog: {} events ({} events/s stamped over the minutes before the start); live: {} events/s \
              from readiness on ({} sent). Drained (backlog consumed, lag < 1 s) after: **{}**.\n\n\
              | live events | p50 ms | p95 ms | p99 ms |\n|---|---:|---:|---:|\n\
              | worker histogram, live lane | {:.1} | {:.1} | {:.1} |\n\
              | seen in Redis, sent before the drain ended ({} samples, {} unobserved) | {:.1} | {:.1} | {:.1} |\n\n\
-             Backlog-lane events: p50 {:.1} s after their timestamp. Peak RSS {:.0} MiB. Lag and freshness over time: `e2e-backlog.svg`; throughput against batch size: `e2e-batch.svg`.\n",
+             Backlog-lane events: p50 {:.1} s after their timestamp. Peak RSS {:.0} MiB. Lag and freshness over time: `e2e-backlog.svg`.\n",
             b.backlog_events,
             b.live_rate,
             b.live_rate,
@@ -113,6 +122,49 @@ impl Report {
             b.worker_backlog_p50_ms / 1000.0,
             b.peak_rss_mib
         );
+        s += "\nOver time (seconds since the worker started; seen = live events sent in the slice):\n\n\
+              | slice s | events/s | lag at end (messages) | split partitions | seen p50 ms | seen p99 ms |\n\
+              |---|---:|---:|---:|---:|---:|\n";
+        const SLICE: f64 = 30.0;
+        let end = b.series.last().map(|x| x.t).unwrap_or(0.0);
+        let mut from = 0.0;
+        let mut prev_events = 0.0;
+        while from < end {
+            let to = from + SLICE;
+            let Some(last) = b.series.iter().rev().find(|x| x.t < to) else {
+                break;
+            };
+            let span = last.t - from;
+            if span < 1.0 {
+                break;
+            }
+            let mut seen: Vec<f64> = b
+                .seen_points
+                .iter()
+                .filter(|p| p.0 >= from && p.0 < to)
+                .map(|p| p.1)
+                .collect();
+            seen.sort_by(f64::total_cmp);
+            let q = |p: f64| {
+                if seen.is_empty() {
+                    f64::NAN
+                } else {
+                    seen[((seen.len() as f64 * p).ceil() as usize).clamp(1, seen.len()) - 1]
+                }
+            };
+            s += &format!(
+                "| {:.0}–{:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} |\n",
+                from,
+                to.min(last.t),
+                (last.events - prev_events) / span.max(1e-9),
+                last.lag_messages,
+                last.catchup_partitions,
+                q(0.5),
+                q(0.99)
+            );
+            prev_events = last.events;
+            from = to;
+        }
         s
     }
 }

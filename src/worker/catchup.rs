@@ -4,7 +4,7 @@
 //! [`crate::offsets`] (`split`, `received_head`).
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{Consumer, StreamConsumer};
 
@@ -32,6 +32,8 @@ impl Worker {
         }
         let (assigned, hw) = self.shared.snapshot();
         let now = chrono_now_ms();
+        run.unread_since
+            .retain(|tp, _| assigned.contains(tp) && !run.tracker.delivered(tp));
         for tp in &assigned {
             let finished_here = run
                 .session
@@ -40,14 +42,32 @@ impl Worker {
             if run.tracker.is_split(tp) || finished_here {
                 continue;
             }
-            let (Some(&high), Some(next), Some(ts)) = (
-                hw.get(tp),
-                run.tracker.next(tp),
-                run.tracker.last_received_ts(tp),
-            ) else {
-                continue;
+            let Some(&high) = hw.get(tp) else { continue };
+            // How far behind, and for how long: the age of the last message read, or, when the
+            // group's reader has delivered nothing from the partition yet (busy with other
+            // partitions' backlogs), how long it has been waiting with messages behind.
+            let (from, behind_ms) = if run.tracker.delivered(tp) {
+                let (Some(next), Some(ts)) =
+                    (run.tracker.next(tp), run.tracker.last_received_ts(tp))
+                else {
+                    continue;
+                };
+                (next, now - ts)
+            } else {
+                let Some(start) = self.shared.start(tp) else {
+                    continue;
+                };
+                if high - start < c.min_messages as i64 {
+                    run.unread_since.remove(tp);
+                    continue;
+                }
+                let since = run
+                    .unread_since
+                    .entry(tp.clone())
+                    .or_insert_with(Instant::now);
+                (start, since.elapsed().as_millis() as i64)
             };
-            if high - next < c.min_messages as i64 || now - ts < c.lag_ms as i64 {
+            if high - from < c.min_messages as i64 || behind_ms < c.lag_ms as i64 {
                 continue;
             }
             // The exact log end: the head reader must start on a batch boundary, and a
@@ -85,9 +105,9 @@ impl Worker {
             CatchupStarted {
                 topic: &tp.0,
                 partition: tp.1,
-                from: next,
+                from,
                 to: end,
-                behind_ms: now - ts,
+                behind_ms,
             }
             .emit(&self.metrics);
             run.catching_up.insert(tp.clone(), false);
