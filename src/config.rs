@@ -138,6 +138,11 @@ pub struct BatchSettings {
     /// all of its pairs on every update; 1 s caps that cost at the price of at most 1 s of extra
     /// staleness for those pairs.
     pub fanout_min_interval_ms: u64,
+    /// ...and once per `fanout_min_interval_ms` per this many members its last fan-out covered:
+    /// a candidate in 2,000 members' lists fans out at most every 4 s at the defaults, so hot
+    /// candidates in many lists cost a bounded rows per second and fresh member updates and new
+    /// candidates keep the writer.
+    pub fanout_interval_members: usize,
     /// Merge repeated triggers for a member or pair inside a window. Only the benchmark's
     /// ablation turns it off, to measure what it saves.
     pub coalesce: bool,
@@ -151,6 +156,7 @@ impl Default for BatchSettings {
             fanout_chunk: 500,
             max_jobs: 64,
             fanout_min_interval_ms: 1000,
+            fanout_interval_members: 500,
             coalesce: true,
         }
     }
@@ -171,8 +177,8 @@ impl Default for BatchSettings {
 pub struct CatchupSettings {
     /// Split lagging partitions (the default). Off, a backlog is read strictly in order.
     pub enabled: bool,
-    /// Split a partition when the last message read from it is at least this old (or, when
-    /// nothing was read from it yet, the consumer has waited this long with messages behind)...
+    /// Split a partition when the last message read from it is at least this old (a partition
+    /// nothing was read from yet is split at once)...
     pub lag_ms: u64,
     /// ...and at least this many messages are behind it.
     pub min_messages: u64,
@@ -187,6 +193,11 @@ pub struct CatchupSettings {
     /// at 0.5, a backlog window goes ahead of a due fresh one only after as many fresh rows were
     /// written as backlog rows. When no fresh window is due the backlog takes the whole writer.
     pub backlog_share: f64,
+    /// A member's whole rescoring from the backlog runs at most once per this interval (and a
+    /// candidate's backlog fan-out too, when longer than `batch.fanout_min_interval_ms`); updates
+    /// in between merge into the next run. A backlog replays minutes of traffic in seconds, so
+    /// this is where it coalesces most. 0 turns it off.
+    pub min_interval_ms: u64,
 }
 
 impl Default for CatchupSettings {
@@ -198,6 +209,7 @@ impl Default for CatchupSettings {
             max_wait_ms: 200,
             max_pairs: 4096,
             backlog_share: 0.5,
+            min_interval_ms: 2_000,
         }
     }
 }
@@ -483,6 +495,10 @@ impl Settings {
             ("batch.max_pairs", self.batch.max_pairs as u64),
             ("batch.fanout_chunk", self.batch.fanout_chunk as u64),
             ("batch.max_jobs", self.batch.max_jobs as u64),
+            (
+                "batch.fanout_interval_members",
+                self.batch.fanout_interval_members as u64,
+            ),
             ("catchup.min_messages", self.catchup.min_messages),
             ("catchup.max_pairs", self.catchup.max_pairs as u64),
             ("decay.shards", u64::from(self.decay.shards)),

@@ -56,16 +56,32 @@ pub struct Jobs {
     /// A candidate's fan-out starts at most once per this interval; updates in between merge
     /// into the next run. Bounds the cost of a hot candidate updated many times a second.
     min_fanout_interval: Duration,
-    /// When each recently fanned-out candidate's last run started.
-    last_fanout: HashMap<String, Instant>,
+    /// When each recently fanned-out candidate's last run started, and the members it covered.
+    last_fanout: HashMap<String, (Instant, usize)>,
+    /// The interval is one `min_fanout_interval` per this many members the candidate's last
+    /// fan-out covered, so a candidate in many members' lists costs a bounded rows per second.
+    members_per_interval: usize,
 }
 
 impl Jobs {
     pub fn new(min_fanout_interval: Duration) -> Self {
         Self {
             min_fanout_interval,
+            members_per_interval: usize::MAX,
             ..Self::default()
         }
+    }
+
+    /// Scales a candidate's interval with its size: one `min_fanout_interval` per `members`.
+    pub fn with_members_per_interval(mut self, members: usize) -> Self {
+        self.members_per_interval = members.max(1);
+        self
+    }
+
+    /// The interval after a fan-out that covered `members`.
+    fn interval_after(&self, members: usize) -> Duration {
+        let n = members.div_ceil(self.members_per_interval).max(1);
+        self.min_fanout_interval * u32::try_from(n).unwrap_or(u32::MAX)
     }
 
     pub fn len(&self) -> usize {
@@ -109,14 +125,16 @@ impl Jobs {
         }
         let now = Instant::now();
         if self.last_fanout.len() > 100_000 {
-            let keep = self.min_fanout_interval;
-            self.last_fanout
-                .retain(|_, t| now.duration_since(*t) < keep);
+            let (base, per) = (self.min_fanout_interval, self.members_per_interval);
+            self.last_fanout.retain(|_, (t, n)| {
+                now.duration_since(*t)
+                    < base * u32::try_from(n.div_ceil(per).max(1)).unwrap_or(u32::MAX)
+            });
         }
         let not_before = self
             .last_fanout
             .get(candidate)
-            .map(|t| *t + self.min_fanout_interval)
+            .map(|(t, n)| *t + self.interval_after(*n))
             .filter(|t| *t > now);
         self.queue.push_back(Job {
             kind: Kind::Fanout {
@@ -168,7 +186,10 @@ impl Jobs {
                 let (next, members) = store.scan_reverse(candidate, *cursor, fanout_chunk).await?;
                 if !*started {
                     *started = true;
-                    self.last_fanout.insert(candidate.clone(), now);
+                    self.last_fanout.insert(candidate.clone(), (now, 0));
+                }
+                if let Some((_, n)) = self.last_fanout.get_mut(candidate.as_str()) {
+                    *n += members.len();
                 }
                 for m in &members {
                     window.pair(m, candidate, job.as_of);
@@ -267,7 +288,7 @@ mod tests {
         assert_eq!(jobs.len(), 1, "a queued fan-out absorbs the next update");
         assert!(jobs.runnable());
         // Pretend the first run started now (what `step` records) and finished.
-        jobs.last_fanout.insert("hot".into(), Instant::now());
+        jobs.last_fanout.insert("hot".into(), (Instant::now(), 3));
         if let Kind::Fanout { started, .. } = &mut jobs.queue[0].kind {
             *started = true;
         }
@@ -285,5 +306,22 @@ mod tests {
         assert_eq!(jobs.queue[0].as_of, 40);
         jobs.fanout("cold", 5, msg(4));
         assert_eq!(jobs.len(), 2, "other candidates are not held back");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_candidate_in_many_lists_waits_one_interval_per_members_covered() {
+        let mut jobs = Jobs::new(Duration::from_secs(1)).with_members_per_interval(500);
+        // Its last fan-out covered 1,800 members: four intervals.
+        jobs.last_fanout
+            .insert("big".into(), (Instant::now(), 1_800));
+        jobs.last_fanout
+            .insert("small".into(), (Instant::now(), 40));
+        jobs.fanout("big", 1, msg(0));
+        jobs.fanout("small", 1, msg(1));
+        tokio::time::advance(Duration::from_millis(1001)).await;
+        assert!(jobs.queue[1].ready(Instant::now()), "small: one interval");
+        assert!(!jobs.queue[0].ready(Instant::now()));
+        tokio::time::advance(Duration::from_millis(3000)).await;
+        assert!(jobs.queue[0].ready(Instant::now()), "big: four intervals");
     }
 }

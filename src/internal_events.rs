@@ -142,7 +142,8 @@ pub struct CatchupStarted<'a> {
     pub partition: i32,
     pub from: i64,
     pub to: i64,
-    pub behind_ms: i64,
+    /// Age of the last message read; None when nothing was read from the partition yet.
+    pub behind_ms: Option<i64>,
 }
 
 impl CatchupStarted<'_> {
@@ -152,7 +153,7 @@ impl CatchupStarted<'_> {
             partition = self.partition,
             from = self.from,
             to = self.to,
-            behind_ms = self.behind_ms,
+            behind_ms = ?self.behind_ms,
             "partition far behind: fresh events go to the head reader while the backlog drains"
         );
     }

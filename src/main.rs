@@ -135,7 +135,7 @@ enum BenchCommand {
         #[arg(long, value_delimiter = ',', default_value = "1,16,128")]
         batch_sizes: Vec<usize>,
         /// Backlog + live phase: live traffic at this fraction of the drained rate...
-        #[arg(long, default_value_t = 0.25)]
+        #[arg(long, default_value_t = 0.1)]
         live_fraction: f64,
         /// ...on top of a backlog of this many minutes of that traffic.
         #[arg(long, default_value_t = 10.0)]

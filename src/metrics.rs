@@ -41,6 +41,8 @@ pub struct Metrics {
     pub ready: IntGauge,
     /// Split partitions: their backlog drains while a head reader takes their fresh events.
     pub catchup_partitions: IntGauge,
+    /// Fan-outs and decay ticks in progress, by lane (at `batch.max_jobs` intake waits).
+    pub jobs_in_progress: IntGaugeVec,
 }
 
 /// Latency buckets from 100 µs to 10 s.
@@ -150,6 +152,14 @@ impl Metrics {
             "Partitions whose backlog drains while a head reader takes their fresh events",
         )
         .expect("static metric definition is valid");
+        let jobs_in_progress = IntGaugeVec::new(
+            Opts::new(
+                "rescorer_jobs_in_progress",
+                "Fan-outs and decay ticks in progress, by lane (intake waits at batch.max_jobs)",
+            ),
+            &["lane"],
+        )
+        .expect("static metric definition is valid");
         let this = Self {
             registry,
             model_info,
@@ -166,6 +176,7 @@ impl Metrics {
             assigned_partitions,
             ready,
             catchup_partitions,
+            jobs_in_progress,
         };
         for c in this.collectors() {
             this.registry
@@ -191,6 +202,7 @@ impl Metrics {
             Box::new(self.assigned_partitions.clone()),
             Box::new(self.ready.clone()),
             Box::new(self.catchup_partitions.clone()),
+            Box::new(self.jobs_in_progress.clone()),
         ]
     }
 

@@ -142,6 +142,13 @@ impl OffsetTracker {
                 // simply extends to this message.
                 sp.end = offset;
             } else {
+                tracing::info!(
+                    topic = %tp.0,
+                    partition = tp.1,
+                    expected = sp.head_next,
+                    got = offset,
+                    "the head reader skipped offsets; the group's reader covers the rest"
+                );
                 sp.head_stopped = true;
                 return false;
             }

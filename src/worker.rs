@@ -25,12 +25,14 @@ use tokio::time::{sleep, sleep_until, Instant};
 use tokio_util::sync::CancellationToken;
 
 mod catchup;
+mod hold;
 mod intake;
 mod retry;
 mod shares;
 mod writer;
 
 use catchup::CatchupSession;
+use hold::MemberHold;
 use intake::take_fetched;
 use retry::backoff;
 use shares::LaneShares;
@@ -49,6 +51,9 @@ use crate::store::Store;
 
 /// Most messages taken from the consumer in one go.
 const MAX_INTAKE: usize = 512;
+
+/// How far a fresh window may grow (in `batch.max_pairs`) while the previous one is written.
+const LIVE_GROWTH: usize = 4;
 
 /// What `/readyz` reports.
 #[derive(Debug, Default)]
@@ -123,12 +128,11 @@ struct Run {
     window: Window,
     /// Triggers of backlog messages: written only when no live window is due.
     backlog: Window,
+    /// Backlog member updates held until their member's interval passes (`catchup.min_interval_ms`).
+    backlog_hold: MemberHold,
     /// Split partitions the head reader serves, and whether it has been given them yet.
     catching_up: HashMap<Tp, bool>,
     session: Option<CatchupSession>,
-    /// Assigned partitions with messages behind that the group's reader has delivered nothing
-    /// from yet, and since when (split once that is `catchup.lag_ms`).
-    unread_since: HashMap<Tp, std::time::Instant>,
     /// Recent average pairs per whole-member trigger (windows are sized in estimated rows).
     member_weight: f64,
     /// The writer's shares between the lanes (`catchup.backlog_share`, by rows).
@@ -137,6 +141,21 @@ struct Run {
     backlog_jobs: Jobs,
     kinds: HashMap<String, TopicKind>,
     tick_partitions: Option<i32>,
+    /// The head reader had the last intake turn.
+    head_turn_taken: bool,
+    /// What the loop did since the last `loop state` debug line.
+    counts: LoopCounts,
+}
+
+/// Loop activity per second, for the `loop state` debug line.
+#[derive(Debug, Default)]
+struct LoopCounts {
+    group_batches: u32,
+    group_messages: u32,
+    head_batches: u32,
+    head_messages: u32,
+    live_windows: u32,
+    backlog_windows: u32,
 }
 
 impl Worker {
@@ -157,9 +176,13 @@ impl Worker {
             tracker: OffsetTracker::new(),
             window: Window::new(self.settings.batch.coalesce),
             backlog: Window::new(self.settings.batch.coalesce),
+            backlog_hold: MemberHold::new(if self.settings.batch.coalesce {
+                Duration::from_millis(self.settings.catchup.min_interval_ms)
+            } else {
+                Duration::ZERO
+            }),
             catching_up: HashMap::new(),
             session: None,
-            unread_since: HashMap::new(),
             member_weight: 1.0,
             shares: LaneShares::new(
                 self.settings.catchup.backlog_share,
@@ -167,12 +190,22 @@ impl Worker {
             ),
             jobs: Jobs::new(Duration::from_millis(
                 self.settings.batch.fanout_min_interval_ms,
-            )),
-            backlog_jobs: Jobs::new(Duration::from_millis(
-                self.settings.batch.fanout_min_interval_ms,
-            )),
+            ))
+            .with_members_per_interval(self.settings.batch.fanout_interval_members),
+            // A backlog's fan-outs coalesce over the longer of the two intervals.
+            backlog_jobs: Jobs::new(Duration::from_millis(if self.settings.batch.coalesce {
+                self.settings
+                    .batch
+                    .fanout_min_interval_ms
+                    .max(self.settings.catchup.min_interval_ms)
+            } else {
+                self.settings.batch.fanout_min_interval_ms
+            }))
+            .with_members_per_interval(self.settings.batch.fanout_interval_members),
             kinds,
             tick_partitions: None,
+            head_turn_taken: false,
+            counts: LoopCounts::default(),
         };
         // Redis retries stop at `hard_stop`: 10 s after shutdown, so a drain during an outage
         // ends (leaving its messages uncommitted, to be replayed) instead of hanging.
@@ -196,6 +229,15 @@ impl Worker {
         let mut flight: Option<InFlight> = None;
         loop {
             let full = run.window.size() >= max_pairs;
+            // While a window is being written, the next fresh one keeps filling up to
+            // LIVE_GROWTH × max_pairs (a group commit: under load, more coalescing and fewer,
+            // larger writes; idle, windows stay small and fresh).
+            let live_cap = if flight.is_some() {
+                max_pairs * LIVE_GROWTH
+            } else {
+                max_pairs
+            };
+            let live_room = run.window.size() < live_cap;
             let deadline = run
                 .window
                 .started
@@ -216,11 +258,15 @@ impl Worker {
             // The group's reader also carries split partitions' backlog: it waits for room in both
             // lanes.
             let intake =
-                !full && !backlog_full && room_for_jobs && run.backlog_jobs.len() < max_jobs;
+                live_room && !backlog_full && room_for_jobs && run.backlog_jobs.len() < max_jobs;
             let catchup = run.session.as_ref().map(|s| s.consumer.clone());
             let head_intake =
-                catchup.is_some() && !run.catching_up.is_empty() && !full && room_for_jobs;
-            let step_live_jobs = !full && run.jobs.runnable();
+                catchup.is_some() && !run.catching_up.is_empty() && live_room && room_for_jobs;
+            // While the backlog is owed its share, the readers take turns; otherwise the head
+            // reader goes first.
+            let group_first = head_intake && run.head_turn_taken && run.shares.backlog_first();
+            let release_at = run.backlog_hold.next_release().filter(|_| !backlog_full);
+            let step_live_jobs = live_room && run.jobs.runnable();
             let step_backlog_jobs = !backlog_full && run.backlog_jobs.runnable();
             let step_jobs = step_live_jobs || step_backlog_jobs;
             let job_lane = if step_live_jobs {
@@ -230,7 +276,7 @@ impl Worker {
             };
             // A fan-out held back by its interval wakes the loop when it may start.
             let wake = [
-                (!full).then(|| run.jobs.next_wake()).flatten(),
+                live_room.then(|| run.jobs.next_wake()).flatten(),
                 (!backlog_full)
                     .then(|| run.backlog_jobs.next_wake())
                     .flatten(),
@@ -245,6 +291,23 @@ impl Worker {
                 _ = lag_timer.tick() => {
                     self.split_lagging(&mut run).await;
                     self.update_lag(&run.tracker);
+                    for (lane, jobs) in [("live", &run.jobs), ("backlog", &run.backlog_jobs)] {
+                        self.metrics.jobs_in_progress.with_label_values(&[lane]).set(jobs.len() as i64);
+                    }
+                    let counts = std::mem::take(&mut run.counts);
+                    tracing::debug!(
+                        live_window = run.window.size(),
+                        backlog_window = run.backlog.size(),
+                        live_jobs = run.jobs.len(),
+                        backlog_jobs = run.backlog_jobs.len(),
+                        backlog_held = run.backlog_hold.held(),
+                        writing = flight.is_some(),
+                        intake,
+                        head_intake,
+                        group_first,
+                        ?counts,
+                        "loop state"
+                    );
                 }
                 result = async { match flight.as_mut() {
                     Some(f) => (&mut f.handle).await,
@@ -268,6 +331,10 @@ impl Worker {
                 }
                 _ = std::future::ready(()), if backlog_full && can_flush => flight = Some(self.start_flush(&mut run, Lane::Backlog, &hard_stop)),
                 _ = sleep_until(backlog_deadline), if !run.backlog.is_empty() && can_flush => flight = Some(self.start_flush(&mut run, Lane::Backlog, &hard_stop)),
+                // Held backlog member updates whose interval passed join the backlog window.
+                _ = sleep_until(release_at.unwrap_or(deadline)), if release_at.is_some() => {
+                    run.backlog_hold.release(&mut run.backlog, false);
+                }
                 _ = sleep_until(wake.unwrap_or(deadline)), if wake.is_some() && !step_jobs => {}
                 // Fan-outs and ticks take turns with intake, so a steady stream of messages
                 // never starves them (their messages would wait, and the job cap stop intake).
@@ -275,17 +342,27 @@ impl Worker {
                     jobs_turn = false;
                     self.step_jobs(&mut run, job_lane, &hard_stop).await;
                 }
-                // Fresh events of split partitions first.
+                // The backlog's reader takes every other turn while the backlog lane is owed its
+                // share of the writer (else live traffic that keeps the head reader busy would
+                // stop the backlog from ever filling a window)...
+                msg = consumer.recv(), if intake && group_first => {
+                    self.group_intake(&mut run, &consumer, msg, live_cap, &hard_stop).await;
+                    jobs_turn = true;
+                }
+                // ...otherwise fresh events of split partitions first.
                 msg = async { match catchup.as_ref() {
                     Some(c) => c.recv().await,
                     None => std::future::pending().await,
                 } }, if head_intake => match msg {
                     Ok(first) => {
-                        let room = intake_room(&run, max_pairs.saturating_sub(run.window.size()));
+                        let room = intake_room(&run, live_cap.saturating_sub(run.window.size()));
                         let batch = match catchup.as_ref() {
                             Some(c) => take_fetched(c, first, room),
                             None => vec![first],
                         };
+                        run.head_turn_taken = true;
+                        run.counts.head_batches += 1;
+                        run.counts.head_messages += batch.len() as u32;
                         self.handle_batch(&mut run, &batch, Source::Head, &hard_stop).await;
                         self.catchup_progress(&mut run);
                         jobs_turn = true;
@@ -295,32 +372,15 @@ impl Worker {
                         sleep(Duration::from_millis(200)).await;
                     }
                 },
-                msg = consumer.recv(), if intake => match msg {
-                    Ok(first) => {
-                        // Take what is already fetched too, so one Redis round trip applies a run
-                        // of events (bounded by the windows' room).
-                        let room = intake_room(
-                            &run,
-                            max_pairs
-                                .saturating_sub(run.window.size())
-                                .min(backlog_max_pairs.saturating_sub(run.backlog.size())),
-                        );
-                        let batch = take_fetched(&consumer, first, room);
-                        self.handle_batch(&mut run, &batch, Source::Group, &hard_stop).await;
-                        self.catchup_progress(&mut run);
-                        // A partition far behind is split as soon as its messages show it.
-                        self.split_lagging(&mut run).await;
-                        jobs_turn = true;
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "consumer error; librdkafka retries");
-                        sleep(Duration::from_millis(200)).await;
-                    }
-                },
+                msg = consumer.recv(), if intake && !group_first => {
+                    self.group_intake(&mut run, &consumer, msg, live_cap, &hard_stop).await;
+                    jobs_turn = true;
+                }
                 _ = std::future::ready(()), if step_jobs => self.step_jobs(&mut run, job_lane, &hard_stop).await,
             }
         }
         tracing::info!("shutting down: writing the current batches, then committing");
+        run.backlog_hold.release(&mut run.backlog, true);
         if let Some(f) = flight.take() {
             let result = f.handle.await;
             self.finish_flush(&mut run, f.seq, f.lane, result);
@@ -349,6 +409,42 @@ impl Worker {
         }
         self.consumer.unsubscribe();
         Ok(())
+    }
+
+    /// A message from the group's reader, and whatever else it has fetched: one Redis round trip
+    /// applies a run of events (bounded by the windows' room).
+    async fn group_intake(
+        &self,
+        run: &mut Run,
+        consumer: &StreamConsumer<Ctx>,
+        msg: rdkafka::error::KafkaResult<rdkafka::message::BorrowedMessage<'_>>,
+        live_cap: usize,
+        hard_stop: &CancellationToken,
+    ) {
+        match msg {
+            Ok(first) => {
+                let backlog = self.settings.catchup.max_pairs;
+                let room = intake_room(
+                    run,
+                    live_cap
+                        .saturating_sub(run.window.size())
+                        .min(backlog.saturating_sub(run.backlog.size())),
+                );
+                let batch = take_fetched(consumer, first, room);
+                run.head_turn_taken = false;
+                run.counts.group_batches += 1;
+                run.counts.group_messages += batch.len() as u32;
+                self.handle_batch(run, &batch, Source::Group, hard_stop)
+                    .await;
+                self.catchup_progress(run);
+                // A partition far behind is split as soon as its messages show it.
+                self.split_lagging(run).await;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "consumer error; librdkafka retries");
+                sleep(Duration::from_millis(200)).await;
+            }
+        }
     }
 
     /// Advances one fan-out or tick by a chunk, retrying Redis until the hard stop.

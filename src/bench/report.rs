@@ -99,7 +99,7 @@ impl BacklogLive {
         let b = self;
         let mut s = format!(
             "\n## Backlog with live traffic on top\n\nBacklog: {} events ({} events/s stamped over the minutes before the start); live: {} events/s \
-             from readiness on ({} sent). Drained (backlog consumed, lag < 1 s) after: **{}**.\n\n\
+             from readiness on ({} sent). Drained (backlog consumed, less than 1 s of live traffic behind) after: **{}**.\n\n\
              | live events | p50 ms | p95 ms | p99 ms |\n|---|---:|---:|---:|\n\
              | worker histogram, live lane | {:.1} | {:.1} | {:.1} |\n\
              | seen in Redis, sent before the drain ended ({} samples, {} unobserved) | {:.1} | {:.1} | {:.1} |\n\n\

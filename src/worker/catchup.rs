@@ -4,7 +4,7 @@
 //! [`crate::offsets`] (`split`, `received_head`).
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use rdkafka::consumer::{Consumer, StreamConsumer};
 
@@ -32,8 +32,6 @@ impl Worker {
         }
         let (assigned, hw) = self.shared.snapshot();
         let now = chrono_now_ms();
-        run.unread_since
-            .retain(|tp, _| assigned.contains(tp) && !run.tracker.delivered(tp));
         for tp in &assigned {
             let finished_here = run
                 .session
@@ -43,31 +41,28 @@ impl Worker {
                 continue;
             }
             let Some(&high) = hw.get(tp) else { continue };
-            // How far behind, and for how long: the age of the last message read, or, when the
-            // group's reader has delivered nothing from the partition yet (busy with other
-            // partitions' backlogs), how long it has been waiting with messages behind.
+            // How far behind: the age of the last message read. A partition the group's reader
+            // has delivered nothing from yet (just assigned, or waiting behind other partitions'
+            // backlogs) is split at once when enough is behind it: its age is unknown until read,
+            // and every fresh event produced meanwhile would land below a later split point and
+            // wait for the whole backlog.
             let (from, behind_ms) = if run.tracker.delivered(tp) {
                 let (Some(next), Some(ts)) =
                     (run.tracker.next(tp), run.tracker.last_received_ts(tp))
                 else {
                     continue;
                 };
-                (next, now - ts)
+                if now - ts < c.lag_ms as i64 {
+                    continue;
+                }
+                (next, Some(now - ts))
             } else {
                 let Some(start) = self.shared.start(tp) else {
                     continue;
                 };
-                if high - start < c.min_messages as i64 {
-                    run.unread_since.remove(tp);
-                    continue;
-                }
-                let since = run
-                    .unread_since
-                    .entry(tp.clone())
-                    .or_insert_with(Instant::now);
-                (start, since.elapsed().as_millis() as i64)
+                (start, None)
             };
-            if high - from < c.min_messages as i64 || behind_ms < c.lag_ms as i64 {
+            if high - from < c.min_messages as i64 {
                 continue;
             }
             // The exact log end: the head reader must start on a batch boundary, and a

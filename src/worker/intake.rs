@@ -106,6 +106,9 @@ impl Worker {
                     }
                     handled("applied").emit(&self.metrics);
                     match u.entity {
+                        Entity::Member if lane == Lane::Backlog => {
+                            run.backlog_hold.member(&mut run.backlog, &u.id, u.ts, mref)
+                        }
                         Entity::Member => {
                             let w = run.window_mut(lane);
                             w.member(&u.id, u.ts);

@@ -30,6 +30,10 @@ impl Worker {
         hard_stop: &CancellationToken,
     ) -> InFlight {
         let window = run.window_mut(lane).take();
+        match lane {
+            Lane::Live => run.counts.live_windows += 1,
+            Lane::Backlog => run.counts.backlog_windows += 1,
+        }
         run.seq += 1;
         // Each lane's jobs put their chunks in that lane's window.
         match lane {
