@@ -56,6 +56,11 @@ pub struct Drain {
     pub peak_rss_mib: f64,
     /// The phase hit its time limit before the backlog was consumed.
     pub timed_out: bool,
+    /// Rows per event if every distinct trigger of the stream (a member's rescoring, a
+    /// candidate's fan-out, a pair) were scored exactly once, at the final state's sizes: what
+    /// perfect coalescing of this stream would cost (the default drain only).
+    #[serde(default)]
+    pub once_per_trigger_rows_per_event: Option<f64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -279,6 +284,57 @@ async fn preload(s: &Settings, opts: &BenchOptions) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Rows per event of the drain's stream if each distinct trigger were scored once: the members
+/// updated (each at its final number of pairs), the candidates updated (each at its final
+/// reverse-index size) and the distinct pairs upserted. Regenerates the stream from its seed.
+async fn once_per_trigger(s: &Settings, opts: &BenchOptions) -> anyhow::Result<f64> {
+    use std::collections::HashSet;
+    let lo = load_options(opts, 0, opts.backlog, 0, true);
+    let mut traffic =
+        crate::traffic::Traffic::new(lo.seed, lo.members, lo.candidates, lo.zipf, lo.mix);
+    let (mut members, mut candidates, mut pairs) = (HashSet::new(), HashSet::new(), HashSet::new());
+    for _ in 0..opts.backlog {
+        let v = traffic.next(0).value;
+        let text = |k: &str| v.get(k).and_then(|x| x.as_str()).map(str::to_owned);
+        match (text("entity").as_deref(), text("id")) {
+            (Some("member"), Some(id)) => {
+                members.insert(id);
+            }
+            (Some("candidate"), Some(id)) => {
+                candidates.insert(id);
+            }
+            _ => {
+                if let (Some(m), Some(c), None) =
+                    (text("member_id"), text("candidate_id"), text("op"))
+                {
+                    pairs.insert((m, c));
+                }
+            }
+        }
+    }
+    let store = ceilings::scratch_store(s, &s.output.key_prefix).await?;
+    let mut conn = store.conn();
+    let keys = store.keys();
+    let mut rows = pairs.len() as f64;
+    for chunk in members.iter().collect::<Vec<_>>().chunks(500) {
+        let mut p = redis::pipe();
+        for m in chunk {
+            p.cmd("HLEN").arg(keys.pairs(m));
+        }
+        let n: Vec<i64> = p.query_async(&mut conn).await?;
+        rows += n.iter().sum::<i64>() as f64;
+    }
+    for chunk in candidates.iter().collect::<Vec<_>>().chunks(500) {
+        let mut p = redis::pipe();
+        for c in chunk {
+            p.cmd("SCARD").arg(keys.reverse(c));
+        }
+        let n: Vec<i64> = p.query_async(&mut conn).await?;
+        rows += n.iter().sum::<i64>() as f64;
+    }
+    Ok(rows / opts.backlog.max(1) as f64)
+}
+
 /// Pre-loads the backlog, then times the worker consuming all of it.
 async fn drain(
     base: &Settings,
@@ -312,6 +368,11 @@ async fn drain(
     let rss = worker.peak_rss_mib();
     worker.stop().await;
     anyhow::ensure!(events > 0.0, "the worker consumed nothing");
+    let once = if label == "default" {
+        Some(once_per_trigger(&s, opts).await?)
+    } else {
+        None
+    };
     let seconds = finished
         .unwrap_or_else(Instant::now)
         .duration_since(last_idle)
@@ -326,6 +387,7 @@ async fn drain(
         rows_per_event: pairs / events.max(1.0),
         peak_rss_mib: rss,
         timed_out: events < opts.backlog as f64,
+        once_per_trigger_rows_per_event: once,
     };
     eprintln!(
         "  {label}: {:.0} events/s, {:.0} pairs/s, {:.2} rows/event, RSS {:.0} MiB",

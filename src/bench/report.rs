@@ -62,6 +62,15 @@ impl Report {
                 " Coalescing cuts model rows per event {:.1}×.",
                 off.rows_per_event / rows.max(1e-9)
             );
+            if let Some(once) = self.sustained.once_per_trigger_rows_per_event {
+                s += &format!(
+                    " Scoring each distinct trigger of this stream exactly once (every member, candidate \
+                     fan-out and pair it touches, at the final state's sizes) would cost {:.2} rows/event: \
+                     no coalescing can cut more than {:.1}× here.",
+                    once,
+                    off.rows_per_event / once.max(1e-9)
+                );
+            }
         }
         s += "\n\n";
         if self.freshness.is_empty() {
