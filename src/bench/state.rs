@@ -67,22 +67,24 @@ pub(super) async fn once_per_trigger(s: &Settings, opts: &BenchOptions) -> anyho
     let store = ceilings::scratch_store(s, &s.output.key_prefix).await?;
     let mut conn = store.conn();
     let keys = store.keys();
-    let mut rows = pairs.len() as f64;
-    for chunk in members.iter().collect::<Vec<_>>().chunks(500) {
+    let member_keys: Vec<String> = members.iter().map(|m| keys.pairs(m)).collect();
+    let candidate_keys: Vec<String> = candidates.iter().map(|c| keys.reverse(c)).collect();
+    let rows = pairs.len() as i64
+        + sizes(&mut conn, "HLEN", &member_keys).await?
+        + sizes(&mut conn, "SCARD", &candidate_keys).await?;
+    Ok(rows as f64 / opts.backlog.max(1) as f64)
+}
+
+/// The sum of `cmd` (a size command such as HLEN) over `keys`, pipelined in slices.
+async fn sizes(conn: &mut crate::store::Conn, cmd: &str, keys: &[String]) -> anyhow::Result<i64> {
+    let mut total = 0;
+    for chunk in keys.chunks(500) {
         let mut p = redis::pipe();
-        for m in chunk {
-            p.cmd("HLEN").arg(keys.pairs(m));
+        for k in chunk {
+            p.cmd(cmd).arg(k);
         }
-        let n: Vec<i64> = p.query_async(&mut conn).await?;
-        rows += n.iter().sum::<i64>() as f64;
+        let n: Vec<i64> = p.query_async(conn).await?;
+        total += n.iter().sum::<i64>();
     }
-    for chunk in candidates.iter().collect::<Vec<_>>().chunks(500) {
-        let mut p = redis::pipe();
-        for c in chunk {
-            p.cmd("SCARD").arg(keys.reverse(c));
-        }
-        let n: Vec<i64> = p.query_async(&mut conn).await?;
-        rows += n.iter().sum::<i64>() as f64;
-    }
-    Ok(rows / opts.backlog.max(1) as f64)
+    Ok(total)
 }
