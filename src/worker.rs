@@ -11,7 +11,10 @@
 //! takes their fresh events while the group's reader drains the backlog). Each lane has its own
 //! window and jobs; one window is written at a time, on a task of its own while intake goes on.
 //! Live windows go first; while both lanes have a window due, the backlog gets
-//! `catchup.backlog_share` of the rows written (a deficit counter), so neither starves.
+//! `catchup.backlog_share` of the rows written (a deficit counter), and while the backlog is owed
+//! its share the two readers take turns at intake, so neither starves. While a window is written
+//! the next fresh one may grow to `LIVE_GROWTH` × `batch.max_pairs` (a group commit). Backlog
+//! member updates are held per member for `catchup.min_interval_ms` (`worker/hold.rs`).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
