@@ -28,6 +28,20 @@ pub struct MsgRef {
     pub backlog: bool,
 }
 
+#[cfg(test)]
+impl MsgRef {
+    /// A message at `offset` of partition ("t", 0), for unit tests.
+    pub fn for_test(offset: i64, backlog: bool) -> Self {
+        Self {
+            tp: ("t".into(), 0),
+            offset,
+            timestamp_ms: None,
+            topic_label: "feature_updates",
+            backlog,
+        }
+    }
+}
+
 /// One batch window.
 #[derive(Debug)]
 pub struct Window {

@@ -271,13 +271,7 @@ mod tests {
     use super::*;
 
     fn msg(offset: i64) -> MsgRef {
-        MsgRef {
-            tp: ("t".into(), 0),
-            offset,
-            timestamp_ms: None,
-            topic_label: "feature_updates",
-            backlog: false,
-        }
+        MsgRef::for_test(offset, false)
     }
 
     #[tokio::test(start_paused = true)]
