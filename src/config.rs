@@ -126,8 +126,9 @@ pub struct BatchSettings {
     /// average pairs per member); also the most rows in one model run. 1024 amortises the
     /// per-run overhead (see perf/) while keeping a batch's Redis round trips small.
     pub max_pairs: usize,
-    /// Flush a batch this long after its first trigger, full or not: the freshness bound at low
-    /// load. 20 ms is well inside the freshness target while still coalescing bursts.
+    /// A fresh window is written as soon as the writer is free and no input is waiting; while
+    /// input keeps coming, at most this long after its first trigger, full or not. 20 ms keeps
+    /// a steady stream's windows large enough to coalesce bursts.
     pub max_wait_ms: u64,
     /// Members scanned per chunk of a candidate's fan-out (interleaved with other work).
     pub fanout_chunk: usize,
@@ -177,8 +178,9 @@ impl Default for BatchSettings {
 pub struct CatchupSettings {
     /// Split lagging partitions (the default). Off, a backlog is read strictly in order.
     pub enabled: bool,
-    /// Split a partition when the last message read from it is at least this old (a partition
-    /// nothing was read from yet is split at once)...
+    /// Split a partition when the last message read from it is at least this old, or when a
+    /// fresh event would wait at least this long behind what is unread (at the recent intake
+    /// rate); a partition nothing was read from yet is split at once...
     pub lag_ms: u64,
     /// ...and at least this many messages are behind it.
     pub min_messages: u64,

@@ -157,6 +157,12 @@ pub fn base_config(settings: &Settings) -> ClientConfig {
     c
 }
 
+/// How long a fetch may wait for data (librdkafka's default is 500 ms). Kafka answers a fetch as
+/// soon as data arrives, so there this only bounds idle fetches (100 a second per broker); some
+/// Kafka-protocol brokers (tansu among them) hold every fetch for the full wait and answer with
+/// what was there when it started, which puts 1 to 2 × this wait into every event's freshness.
+pub const FETCH_WAIT_MAX_MS: &str = "10";
+
 /// Settings both readers share, then `own`, then the operator's options (which win).
 fn reader_config(
     settings: &Settings,
@@ -167,10 +173,7 @@ fn reader_config(
     c.set("bootstrap.servers", &settings.kafka.bootstrap_servers)
         .set("group.id", group)
         .set("enable.auto.offset.store", "false")
-        // Bounds how long a fetch may wait for data: some Kafka-protocol brokers hold a fetch for
-        // the full wait even when data arrives, which would add up to librdkafka's 500 ms to
-        // freshness at low load.
-        .set("fetch.wait.max.ms", "50")
+        .set("fetch.wait.max.ms", FETCH_WAIT_MAX_MS)
         .set("enable.partition.eof", "false");
     own(&mut c);
     for (k, v) in &settings.kafka.options {

@@ -94,6 +94,8 @@ impl EventHandled<'_> {
 pub struct ScoresWritten<'a> {
     pub stats: &'a crate::flush::FlushStats,
     pub messages: usize,
+    /// "live" or "backlog".
+    pub lane: &'static str,
 }
 
 impl ScoresWritten<'_> {
@@ -104,7 +106,10 @@ impl ScoresWritten<'_> {
         }
         metrics.scores_superseded_total.inc_by(s.superseded as u64);
         tracing::debug!(
+            lane = self.lane,
             members = s.members,
+            member_triggers = s.member_triggers,
+            member_rows = s.member_rows,
             pairs = s.pairs_scored,
             written = s.written,
             superseded = s.superseded,

@@ -150,6 +150,10 @@ enum BenchCommand {
         /// or other phases; for studying catch-up).
         #[arg(long, conflicts_with = "drain_only")]
         backlog_live_rate: Option<u64>,
+        /// Only open-loop freshness phases, at these events/s (comma-separated; no ceilings or
+        /// other phases).
+        #[arg(long, value_delimiter = ',', conflicts_with_all = ["drain_only", "backlog_live_rate"])]
+        freshness_rates: Vec<u64>,
         #[command(flatten)]
         traffic: TrafficArgs,
         /// Write the report here as JSON, and as markdown beside it (`.md`).
@@ -439,6 +443,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             phase_limit,
             drain_only,
             backlog_live_rate,
+            freshness_rates,
             traffic:
                 TrafficArgs {
                     members,
@@ -467,6 +472,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 let phase =
                     runtime()?.block_on(rescorer::bench::backlog_live(&settings, &opts, rate))?;
                 return write_report(out.as_deref(), &phase, &phase.markdown());
+            }
+            if !freshness_rates.is_empty() {
+                let levels = runtime()?.block_on(rescorer::bench::freshness_levels(
+                    &settings,
+                    &opts,
+                    &freshness_rates,
+                ))?;
+                let md = rescorer::bench::freshness_table(&levels);
+                return write_report(out.as_deref(), &levels, &md);
             }
             let report = runtime()?.block_on(rescorer::bench::run(&settings, &opts))?;
             write_report(out.as_deref(), &report, &report.markdown())?;

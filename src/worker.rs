@@ -10,6 +10,8 @@
 //! Two lanes: fresh events, and the backlog of partitions split by `[catchup]` (a head reader
 //! takes their fresh events while the group's reader drains the backlog). Each lane has its own
 //! window and jobs; one window is written at a time, on a task of its own while intake goes on.
+//! A fresh window is written as soon as the writer is free and no input is waiting (smart
+//! batching: idle, no wait; busy, windows grow with the write time).
 //! Live windows go first; while both lanes have a window due, the backlog gets
 //! `catchup.backlog_share` of the rows written (a deficit counter), and while the backlog is owed
 //! its share the two readers take turns at intake, so neither starves. While a window is written
@@ -148,6 +150,8 @@ struct Run {
     head_turn_taken: bool,
     /// What the loop did since the last `loop state` debug line.
     counts: LoopCounts,
+    /// Messages taken in per second, both readers (smoothed over the last few seconds).
+    intake_per_s: f64,
 }
 
 /// Loop activity per second, for the `loop state` debug line.
@@ -159,6 +163,8 @@ struct LoopCounts {
     head_messages: u32,
     live_windows: u32,
     backlog_windows: u32,
+    /// Fresh windows written because nothing more was waiting (not full, not at their deadline).
+    idle_flushes: u32,
 }
 
 impl Worker {
@@ -209,6 +215,7 @@ impl Worker {
             tick_partitions: None,
             head_turn_taken: false,
             counts: LoopCounts::default(),
+            intake_per_s: 0.0,
         };
         // Redis retries stop at `hard_stop`: 10 s after shutdown, so a drain during an outage
         // ends (leaving its messages uncommitted, to be replayed) instead of hanging.
@@ -292,12 +299,14 @@ impl Worker {
                 _ = shutdown.cancelled() => break,
                 Some(ev) = self.rebalances.recv() => self.rebalanced(&mut run, ev),
                 _ = lag_timer.tick() => {
+                    let counts = std::mem::take(&mut run.counts);
+                    let taken = f64::from(counts.group_messages + counts.head_messages);
+                    run.intake_per_s = 0.5 * run.intake_per_s + 0.5 * taken;
                     self.split_lagging(&mut run).await;
                     self.update_lag(&run.tracker);
                     for (lane, jobs) in [("live", &run.jobs), ("backlog", &run.backlog_jobs)] {
                         self.metrics.jobs_in_progress.with_label_values(&[lane]).set(jobs.len() as i64);
                     }
-                    let counts = std::mem::take(&mut run.counts);
                     tracing::debug!(
                         live_window = run.window.size(),
                         backlog_window = run.backlog.size(),
@@ -378,6 +387,14 @@ impl Worker {
                 msg = consumer.recv(), if intake && !group_first => {
                     self.group_intake(&mut run, &consumer, msg, live_cap, &hard_stop).await;
                     jobs_turn = true;
+                }
+                // Nothing more to take in now and the writer free: the fresh window goes at once
+                // (idle, an event is scored as soon as it arrives; busy, what arrived during one
+                // write goes out in the next; `max_wait_ms` bounds a window while input keeps
+                // coming).
+                _ = std::future::ready(()), if !run.window.is_empty() && can_flush && !step_live_jobs => {
+                    run.counts.idle_flushes += 1;
+                    flight = Some(self.start_flush(&mut run, Lane::Live, &hard_stop));
                 }
                 _ = std::future::ready(()), if step_jobs => self.step_jobs(&mut run, job_lane, &hard_stop).await,
             }

@@ -52,7 +52,7 @@ pub async fn broker_latency(
         .set("group.id", format!("{topic}-latency"))
         .set("auto.offset.reset", "latest")
         .set("enable.auto.commit", "false")
-        .set("fetch.wait.max.ms", "50")
+        .set("fetch.wait.max.ms", crate::consume::FETCH_WAIT_MAX_MS)
         .create()?;
     consumer.subscribe(&[topic])?;
     // Wait for the assignment before producing (latest offset).

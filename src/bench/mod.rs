@@ -3,9 +3,11 @@
 //! asserts nothing about speed. `scripts/bench.sh` starts the broker and Redis and runs it.
 
 pub mod ceilings;
+mod freshness;
 pub mod plot;
 mod probe;
 mod report;
+pub use report::freshness_table;
 mod state;
 mod watch;
 
@@ -19,6 +21,8 @@ use crate::cli::loadgen::{run as loadgen, LoadgenOptions};
 use crate::config::Settings;
 use crate::metrics::Metrics;
 use crate::score::Scorer;
+use freshness::freshness;
+pub use freshness::freshness_levels;
 use probe::WorkerProcess;
 use state::{once_per_trigger, preload};
 
@@ -313,59 +317,6 @@ async fn drain(
         d.events_per_s, d.pairs_per_s, d.rows_per_event, d.peak_rss_mib
     );
     Ok(d)
-}
-
-/// Open-loop traffic at `rate` for `seconds`; freshness from the worker's histogram.
-async fn freshness(
-    base: &Settings,
-    opts: &BenchOptions,
-    fraction: f64,
-    rate: u64,
-) -> anyhow::Result<Freshness> {
-    let s = phase_settings(base, opts.partitions).await?;
-    preload(&s, opts).await?;
-    let worker = WorkerProcess::start(&s, &[]).await?;
-    worker.wait_ready().await?;
-    let (tx, stop, seen) = watcher(&s, Duration::from_secs(30)).await?;
-    let mut lo = load_options(opts, rate.max(1), 0, opts.freshness_seconds, false);
-    lo.watch = Some((WATCH_EVERY, tx));
-    let report = loadgen(&s, &lo).await?;
-    let until = Instant::now() + Duration::from_secs(60);
-    let mut m = worker.scrape().await?;
-    while m.sum("rescorer_events_total") < report.sent as f64 && Instant::now() < until {
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        m = worker.scrape().await?;
-    }
-    stop.cancel();
-    let seen = Seen::of(&seen.await?);
-    worker.stop().await;
-    for topic in ["feature_updates", "new_candidates"] {
-        let f = format!("topic=\"{topic}\"");
-        let tq = |p| m.histogram_quantile_where("rescorer_event_to_score_seconds", &f, p) * 1000.0;
-        eprintln!("    {topic}: p50 {:.1} ms, p99 {:.1} ms", tq(0.5), tq(0.99));
-    }
-    let q = |p| m.histogram_quantile("rescorer_event_to_score_seconds", p) * 1000.0;
-    let f = Freshness {
-        target_fraction: fraction,
-        rate,
-        sent: report.sent,
-        p50_ms: q(0.5),
-        p95_ms: q(0.95),
-        p99_ms: q(0.99),
-        seen,
-    };
-    eprintln!(
-        "  freshness at {:.0}% ({rate}/s): worker p50 {:.1} ms, p95 {:.1} ms, p99 {:.1} ms; seen in Redis p50 {:.1} ms, p99 {:.1} ms ({} samples, {} unobserved)",
-        fraction * 100.0,
-        f.p50_ms,
-        f.p95_ms,
-        f.p99_ms,
-        f.seen.p50_ms,
-        f.seen.p99_ms,
-        f.seen.samples,
-        f.seen.unobserved
-    );
-    Ok(f)
 }
 
 /// A backlog of `backlog_minutes` of traffic at `rate` (stamped as if produced over those

@@ -1,6 +1,6 @@
 //! The benchmark report as markdown.
 
-use super::{BacklogLive, Report};
+use super::{BacklogLive, Freshness, Report};
 
 impl Report {
     pub fn markdown(&self) -> String {
@@ -76,24 +76,7 @@ impl Report {
         if self.freshness.is_empty() {
             return s;
         }
-        s += "## Freshness, open loop\n\nWorker: its histogram, Kafka timestamp → Redis acknowledgement. Seen: the load generator's side, \
-              send → the member's published `as_of` reaches the event's time (every 5th member update, polled every 2 ms).\n\n\
-              | load | events/s | worker p50 ms | p95 | p99 | seen p50 ms | p95 | p99 | samples (unobserved) |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|\n";
-        for f in &self.freshness {
-            s += &format!(
-                "| {:.0}% | {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {} ({}) |\n",
-                f.target_fraction * 100.0,
-                f.rate,
-                f.p50_ms,
-                f.p95_ms,
-                f.p99_ms,
-                f.seen.p50_ms,
-                f.seen.p95_ms,
-                f.seen.p99_ms,
-                f.seen.samples,
-                f.seen.unobserved
-            );
-        }
+        s += &freshness_table(&self.freshness);
         if let Some(b) = &self.backlog_live {
             s += &b.markdown();
             s += "Throughput against batch size: `e2e-batch.svg`.\n";
@@ -176,4 +159,33 @@ impl BacklogLive {
         }
         s
     }
+}
+
+/// The open-loop freshness section.
+pub fn freshness_table(levels: &[Freshness]) -> String {
+    let mut s = String::from(
+        "## Freshness, open loop\n\nWorker: its histogram, Kafka timestamp → Redis acknowledgement. Seen: the load generator's side, \
+         send → the member's published `as_of` reaches the event's time (every 5th member update, polled every 2 ms).\n\n\
+         | load | events/s | worker p50 ms | p95 | p99 | seen p50 ms | p95 | p99 | samples (unobserved) |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+    );
+    for f in levels {
+        s += &format!(
+            "| {} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {} ({}) |\n",
+            if f.target_fraction > 0.0 {
+                format!("{:.0}%", f.target_fraction * 100.0)
+            } else {
+                "given".into()
+            },
+            f.rate,
+            f.p50_ms,
+            f.p95_ms,
+            f.p99_ms,
+            f.seen.p50_ms,
+            f.seen.p95_ms,
+            f.seen.p99_ms,
+            f.seen.samples,
+            f.seen.unobserved
+        );
+    }
+    s
 }

@@ -32,6 +32,15 @@ impl Worker {
         }
         let (assigned, hw) = self.shared.snapshot();
         let now = chrono_now_ms();
+        // How long a fresh event produced now would wait at the recent intake rate: everything
+        // behind in partitions read in order, over the messages taken in per second.
+        let behind_in_order: i64 = assigned
+            .iter()
+            .filter(|tp| run.tracker.delivered(tp) && !run.tracker.is_split(tp))
+            .filter_map(|tp| Some(hw.get(tp)? - run.tracker.next(tp)?))
+            .filter(|n| *n > 0)
+            .sum();
+        let wait_ms = behind_in_order as f64 * 1000.0 / run.intake_per_s.max(1.0);
         for tp in &assigned {
             let finished_here = run
                 .session
@@ -41,18 +50,19 @@ impl Worker {
                 continue;
             }
             let Some(&high) = hw.get(tp) else { continue };
-            // How far behind: the age of the last message read. A partition the group's reader
-            // has delivered nothing from yet (just assigned, or waiting behind other partitions'
-            // backlogs) is split at once when enough is behind it: its age is unknown until read,
-            // and every fresh event produced meanwhile would land below a later split point and
-            // wait for the whole backlog.
+            // How far behind: the age of the last message read, or the wait a fresh event would
+            // have at the recent intake rate (a backlog written moments ago is young, yet minutes
+            // long). A partition the group's reader has delivered nothing from yet (just
+            // assigned, or waiting behind other partitions' backlogs) is split at once when
+            // enough is behind it: its age is unknown until read, and every fresh event produced
+            // meanwhile would land below a later split point and wait for the whole backlog.
             let (from, behind_ms) = if run.tracker.delivered(tp) {
                 let (Some(next), Some(ts)) =
                     (run.tracker.next(tp), run.tracker.last_received_ts(tp))
                 else {
                     continue;
                 };
-                if now - ts < c.lag_ms as i64 {
+                if now - ts < c.lag_ms as i64 && wait_ms < c.lag_ms as f64 {
                     continue;
                 }
                 (next, Some(now - ts))
@@ -141,6 +151,10 @@ impl Worker {
             .filter(|tp| !run.tracker.head_active(tp))
             .cloned()
             .collect();
+        // Backlog member updates held for coalescing: nothing more merges into those of a
+        // partition whose backlog is read.
+        run.backlog_hold
+            .release_partitions(&mut run.backlog, &finished);
         for tp in finished {
             if let Some(given) = run.catching_up.remove(&tp) {
                 Self::release_catchup(run, &tp, given);

@@ -1,8 +1,10 @@
 //! Backlog coalescing over time (`catchup.min_interval_ms`): a member's whole rescoring from the
-//! backlog runs at most once per interval. An update that comes sooner is held, merging with any
-//! other held update of the member (the largest event time wins), and goes into the backlog
-//! window when the interval has passed. A backlog replays minutes of traffic in seconds, so a hot
-//! member updated many times over those minutes is rescored a few times, not once per update.
+//! backlog is held for the interval from its first update, merging every later update of the
+//! member (the largest event time wins) and the member's new pairs meanwhile, then goes into the
+//! backlog window once. A backlog replays minutes of traffic in seconds, so a member updated many
+//! times over those minutes is rescored once per interval of the drain, not once per update. A
+//! held member is also released as soon as the backlog of its partition is read (nothing more
+//! can merge into it), so the interval never delays the end of a drain.
 //!
 //! Guarantee: a held update's messages are done only after the window it is released into is
 //! written, so a crash or shutdown replays them; at shutdown everything held is released into
@@ -15,21 +17,23 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use crate::coalesce::{MsgRef, Window};
+use crate::offsets::Tp;
 
-/// A member update waiting for its interval.
+/// A member's rescoring waiting for its interval.
 #[derive(Debug)]
 struct Held {
     as_of: i64,
+    /// New pairs of the member that arrived while it was held (each as of its largest time).
+    pairs: HashMap<String, i64>,
     messages: Vec<MsgRef>,
 }
 
 #[derive(Debug, Default)]
 pub struct MemberHold {
     interval: Duration,
-    /// When each recently rescored member's last rescoring went into a window.
-    last: HashMap<String, Instant>,
     held: HashMap<String, Held>,
-    /// Release times of held members, earliest first (one entry per held member).
+    /// Release times of held members, earliest first (one entry per hold; an entry whose member
+    /// was released early is skipped).
     due: BinaryHeap<Reverse<(Instant, String)>>,
 }
 
@@ -42,35 +46,49 @@ impl MemberHold {
         }
     }
 
-    /// A whole-member rescoring as of `as_of`, caused by `msg`: into `window` now, or held when
-    /// the member went into a window less than the interval ago.
+    /// A whole-member rescoring as of `as_of`, caused by `msg`: merged into the member's hold, or
+    /// a new hold released after the interval (into `window` at once with a zero interval).
     pub fn member(&mut self, window: &mut Window, member: &str, as_of: i64, msg: MsgRef) {
-        let now = Instant::now();
         if let Some(h) = self.held.get_mut(member) {
             h.as_of = h.as_of.max(as_of);
             h.messages.push(msg);
             return;
         }
-        let recent = self
-            .last
-            .get(member)
-            .map(|t| *t + self.interval)
-            .filter(|t| *t > now);
-        match recent {
-            Some(release) => {
-                self.held.insert(
-                    member.to_owned(),
-                    Held {
-                        as_of,
-                        messages: vec![msg],
-                    },
-                );
-                self.due.push(Reverse((release, member.to_owned())));
+        if self.interval.is_zero() {
+            window.member(member, as_of);
+            window.message(msg);
+            return;
+        }
+        self.held.insert(
+            member.to_owned(),
+            Held {
+                as_of,
+                pairs: HashMap::new(),
+                messages: vec![msg],
+            },
+        );
+        self.due
+            .push(Reverse((Instant::now() + self.interval, member.to_owned())));
+    }
+
+    /// A new pair as of `as_of`, caused by `msg`: joins the member's hold when it is held (its
+    /// rescoring covers the pair), else goes into `window`.
+    pub fn pair(
+        &mut self,
+        window: &mut Window,
+        member: &str,
+        candidate: &str,
+        as_of: i64,
+        msg: MsgRef,
+    ) {
+        match self.held.get_mut(member) {
+            Some(h) => {
+                let t = h.pairs.entry(candidate.to_owned()).or_insert(as_of);
+                *t = (*t).max(as_of);
+                h.messages.push(msg);
             }
             None => {
-                self.prune(now);
-                self.last.insert(member.to_owned(), now);
-                window.member(member, as_of);
+                window.pair(member, candidate, as_of);
                 window.message(msg);
             }
         }
@@ -93,28 +111,47 @@ impl MemberHold {
             let Some(Reverse((_, member))) = self.due.pop() else {
                 break;
             };
-            if let Some(h) = self.held.remove(&member) {
-                self.last.insert(member.clone(), now);
-                window.member(&member, h.as_of);
-                for m in h.messages {
-                    window.message(m);
-                }
-                n += 1;
-            }
+            n += usize::from(self.release_one(window, &member));
         }
         n
     }
 
-    pub fn held(&self) -> usize {
-        self.held.len()
+    /// Moves every held member with a message from one of `partitions` into `window` (their
+    /// backlog is read: nothing more will merge into them from there). Returns how many.
+    pub fn release_partitions(&mut self, window: &mut Window, partitions: &[Tp]) -> usize {
+        if partitions.is_empty() {
+            return 0;
+        }
+        let members: Vec<String> = self
+            .held
+            .iter()
+            .filter(|(_, h)| h.messages.iter().any(|m| partitions.contains(&m.tp)))
+            .map(|(member, _)| member.clone())
+            .collect();
+        // Their entries in `due` go stale: `release` skips members no longer held. A member
+        // held again later is released by the stale entry early, never late.
+        members
+            .iter()
+            .filter(|m| self.release_one(window, m))
+            .count()
     }
 
-    /// Forgets members whose interval passed long ago (bounded memory over many members).
-    fn prune(&mut self, now: Instant) {
-        if self.last.len() > 100_000 {
-            let keep = self.interval;
-            self.last.retain(|_, t| now.duration_since(*t) < keep);
+    fn release_one(&mut self, window: &mut Window, member: &str) -> bool {
+        let Some(h) = self.held.remove(member) else {
+            return false;
+        };
+        window.member(member, h.as_of);
+        for (c, t) in h.pairs {
+            window.pair(member, &c, t);
         }
+        for m in h.messages {
+            window.message(m);
+        }
+        true
+    }
+
+    pub fn held(&self) -> usize {
+        self.held.len()
     }
 }
 
@@ -127,32 +164,38 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_member_is_rescored_at_most_once_per_interval_and_nothing_is_lost() {
+    async fn a_member_is_rescored_once_per_interval_and_nothing_is_lost() {
         let mut hold = MemberHold::new(Duration::from_secs(2));
         let mut w = Window::new(true);
         hold.member(&mut w, "m1", 10, msg(0));
-        assert_eq!(w.messages.len(), 1, "the first update goes straight in");
         hold.member(&mut w, "m1", 30, msg(1));
         hold.member(&mut w, "m1", 20, msg(2));
-        hold.member(&mut w, "m2", 5, msg(3));
-        assert_eq!(hold.held(), 1, "m1's repeats held and merged; m2 goes in");
-        assert_eq!(w.messages.len(), 2);
+        hold.pair(&mut w, "m1", "c1", 25, msg(3));
+        hold.pair(&mut w, "m2", "c1", 5, msg(4));
+        assert_eq!(
+            hold.held(),
+            1,
+            "m1's updates and new pair merge into one hold"
+        );
+        assert_eq!(w.messages.len(), 1, "m2 is not held: its pair goes in");
+        assert!(w.members["m2"].pairs.contains_key("c1"));
         assert_eq!(hold.release(&mut w, false), 0, "not yet due");
 
         tokio::time::advance(Duration::from_millis(2001)).await;
         let mut next = Window::new(true);
         assert_eq!(hold.release(&mut next, false), 1);
         assert_eq!(next.members["m1"].all, Some(30), "the largest event time");
+        assert_eq!(next.members["m1"].pairs["c1"], 25);
         let offsets: Vec<i64> = next.messages.iter().map(|m| m.offset).collect();
         assert_eq!(
             offsets,
-            vec![1, 2],
+            vec![0, 1, 2, 3],
             "every held message rides with the release"
         );
         assert_eq!(hold.next_release(), None);
 
-        hold.member(&mut next, "m1", 40, msg(4));
-        assert_eq!(hold.held(), 1, "released just now: held again");
+        hold.member(&mut next, "m1", 40, msg(5));
+        assert_eq!(hold.held(), 1, "held again");
         let mut last = Window::new(true);
         assert_eq!(
             hold.release(&mut last, true),
@@ -160,6 +203,35 @@ mod tests {
             "shutdown releases everything"
         );
         assert_eq!(last.messages.len(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn held_members_of_a_partition_whose_backlog_is_read_go_at_once() {
+        let mut hold = MemberHold::new(Duration::from_secs(10));
+        let mut w = Window::new(true);
+        let on = |p: i32, offset: i64| MsgRef {
+            tp: ("t".into(), p),
+            ..MsgRef::for_test(offset, true)
+        };
+        for (member, p, offset) in [("m1", 0, 0), ("m2", 1, 1), ("m1", 0, 2), ("m2", 1, 3)] {
+            hold.member(&mut w, member, offset, on(p, offset));
+        }
+        assert_eq!(hold.held(), 2);
+        let mut next = Window::new(true);
+        assert_eq!(
+            hold.release_partitions(&mut next, &[("t".into(), 0)]),
+            1,
+            "only partition 0's member"
+        );
+        assert_eq!(next.members["m1"].all, Some(2));
+        assert_eq!(next.messages.len(), 2);
+        assert_eq!(hold.held(), 1, "m2 still held");
+        // m1's stale release time releases nothing twice; m2 goes when due.
+        tokio::time::advance(Duration::from_secs(11)).await;
+        let mut last = Window::new(true);
+        assert_eq!(hold.release(&mut last, false), 1);
+        assert!(last.members.contains_key("m2") && !last.members.contains_key("m1"));
+        assert_eq!(hold.next_release(), None);
     }
 
     #[tokio::test(start_paused = true)]

@@ -119,9 +119,14 @@ impl Worker {
                 }
                 (Event::Upsert(u), Applied::Pair(true)) => {
                     handled("applied").emit(&self.metrics);
-                    let w = run.window_mut(lane);
-                    w.pair(&u.member_id, &u.candidate_id, u.ts);
-                    w.message(mref);
+                    if lane == Lane::Backlog {
+                        let (m, c) = (&u.member_id, &u.candidate_id);
+                        run.backlog_hold.pair(&mut run.backlog, m, c, u.ts, mref);
+                    } else {
+                        let w = run.window_mut(lane);
+                        w.pair(&u.member_id, &u.candidate_id, u.ts);
+                        w.message(mref);
+                    }
                 }
                 (Event::Remove(_), Applied::Pair(true)) => {
                     handled("applied").emit(&self.metrics);

@@ -103,6 +103,10 @@ impl Worker {
         ScoresWritten {
             stats: &stats,
             messages: msgs.len(),
+            lane: match lane {
+                Lane::Live => "live",
+                Lane::Backlog => "backlog",
+            },
         }
         .emit(&self.metrics);
         self.complete(run, &msgs, true);
