@@ -30,6 +30,10 @@ pub struct Ceilings {
     /// drifts; the drain is measured against both).
     #[serde(default)]
     pub redis_samples: Vec<f64>,
+    /// Events/s through the worker's state writes (the apply stage's scripts), pipelined like
+    /// its intake. 0 in reports taken before it was measured.
+    #[serde(default)]
+    pub redis_apply_events_per_s: f64,
     /// The broker's share of freshness: produce → a consumer configured like the worker's has
     /// the message (Kafka timestamp → receipt), p50 and p99 in ms, at 200 messages/s.
     #[serde(default)]
@@ -192,6 +196,43 @@ pub async fn redis(store: &Store, stored_per_member: usize, seconds: f64) -> any
         written += MEMBERS * PAIRS;
     }
     Ok(written as f64 / started.elapsed().as_secs_f64())
+}
+
+/// Events/s through the worker's state writes (feature and pair scripts, the apply stage),
+/// pipelined 512 events at a time like the worker's intake, on the load generator's event mix
+/// over `members` × `candidates` (the drain's traffic, on keys of its own under `store`). With
+/// the score ceiling it gives the Redis ceiling of the worker's whole write pattern: an event
+/// costs one state write plus its rows of score writes.
+pub async fn apply(
+    store: &Store,
+    members: usize,
+    candidates: usize,
+    zipf: f64,
+    seconds: f64,
+) -> anyhow::Result<f64> {
+    use crate::decode::{decode, TopicKind};
+    use crate::traffic::{Target, Traffic};
+    let mut traffic = Traffic::new(13, members, candidates, zipf, Default::default());
+    let mut ts = 1_764_000_000_000i64;
+    let mut applied = 0usize;
+    let started = Instant::now();
+    while started.elapsed().as_secs_f64() < seconds {
+        let events: Vec<Event> = (0..512)
+            .map(|_| {
+                ts += 1;
+                let g = traffic.next(ts);
+                let kind = match g.target {
+                    Target::FeatureUpdates => TopicKind::FeatureUpdates,
+                    Target::NewCandidates => TopicKind::NewCandidates,
+                };
+                decode(kind, Some(g.value.to_string().as_bytes()))
+            })
+            .collect::<Result<_, _>>()?;
+        let refs: Vec<(&Event, i64)> = events.iter().map(|e| (e, 0)).collect();
+        store.apply(&refs, 100).await?;
+        applied += refs.len();
+    }
+    Ok(applied as f64 / started.elapsed().as_secs_f64())
 }
 
 /// One pipeline: each member's candidates `first..first + 8` (mod `stored`) get new scores.

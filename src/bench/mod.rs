@@ -460,6 +460,9 @@ pub async fn run(base: &Settings, opts: &BenchOptions) -> anyhow::Result<Report>
         0
     };
     let redis = ceilings::redis(&store, stored_per_member, 3.0).await?;
+    let apply_store = ceilings::scratch_store(base, &format!("benchapply{}", suffix())).await?;
+    let apply =
+        ceilings::apply(&apply_store, opts.members, opts.candidates, opts.zipf, 3.0).await?;
     let cs = phase_settings(base, opts.partitions).await?;
     let consume =
         ceilings::consume(&cs, &cs.topics.feature_updates, opts.backlog.max(50_000)).await?;
@@ -470,10 +473,11 @@ pub async fn run(base: &Settings, opts: &BenchOptions) -> anyhow::Result<Report>
         model_rows_per_s: model,
         redis_pairs_per_s: redis,
         redis_samples: vec![redis],
+        redis_apply_events_per_s: apply,
         broker_p50_ms: broker_p50,
         broker_p99_ms: broker_p99,
     };
-    eprintln!("  consume {consume:.0} msgs/s, model {model:.0} rows/s, redis {redis:.0} pairs/s; broker produce→consume p50 {broker_p50:.0} ms, p99 {broker_p99:.0} ms");
+    eprintln!("  consume {consume:.0} msgs/s, model {model:.0} rows/s, redis {redis:.0} pairs/s, state writes {apply:.0} events/s; broker produce→consume p50 {broker_p50:.0} ms, p99 {broker_p99:.0} ms");
 
     eprintln!("backlog drains ({} events)", opts.backlog);
     let sustained = drain(base, opts, "default", &[]).await?;
