@@ -195,10 +195,12 @@ pub struct CatchupSettings {
     /// at 0.5, a backlog window goes ahead of a due fresh one only after as many fresh rows were
     /// written as backlog rows. When no fresh window is due the backlog takes the whole writer.
     pub backlog_share: f64,
-    /// A member's whole rescoring from the backlog runs at most once per this interval (and a
-    /// candidate's backlog fan-out too, when longer than `batch.fanout_min_interval_ms`); updates
-    /// in between merge into the next run. A backlog replays minutes of traffic in seconds, so
-    /// this is where it coalesces most. 0 turns it off.
+    /// A member's whole rescoring from the backlog is held this long from its first update,
+    /// taking in the member's later updates and new pairs, then runs once (sooner when its
+    /// partition's backlog is read); a candidate's backlog fan-out runs at most once per this
+    /// interval too, when longer than `batch.fanout_min_interval_ms`. A backlog replays minutes
+    /// of traffic in seconds, so this is where it coalesces most; the backlog is behind anyway,
+    /// and a held message's offset waits for the release. 0 turns it off.
     pub min_interval_ms: u64,
 }
 
