@@ -297,7 +297,18 @@ impl Worker {
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break,
-                Some(ev) = self.rebalances.recv() => self.rebalanced(&mut run, ev),
+                Some(ev) = self.rebalances.recv() => {
+                    let assigned = match &ev {
+                        RebalanceEvent::Assigned(tps) if self.settings.catchup.enabled => tps.clone(),
+                        _ => Vec::new(),
+                    };
+                    self.rebalanced(&mut run, ev);
+                    // Partitions that start far behind are split before they are read.
+                    if !assigned.is_empty() {
+                        self.probe_assigned(assigned).await;
+                        self.split_lagging(&mut run).await;
+                    }
+                }
                 _ = lag_timer.tick() => {
                     let counts = std::mem::take(&mut run.counts);
                     let taken = f64::from(counts.group_messages + counts.head_messages);
@@ -313,6 +324,8 @@ impl Worker {
                         live_jobs = run.jobs.len(),
                         backlog_jobs = run.backlog_jobs.len(),
                         backlog_held = run.backlog_hold.held(),
+                        holds_started = run.backlog_hold.started,
+                        holds_merged = run.backlog_hold.merged,
                         writing = flight.is_some(),
                         intake,
                         head_intake,

@@ -68,7 +68,7 @@ impl Report {
         );
         if c.redis_apply_events_per_s > 0.0 {
             s += &format!(
-                " Redis's ceiling for the whole write pattern (one state write and {rows:.2} score writes an event) is                  {redis_events:.0} events/s: the drain reached {:.0}% of it, and {:.0}% of the score writes' ceiling alone.",
+                " Redis's ceiling for the whole write pattern (one state write and {rows:.2} score writes an event) is {redis_events:.0} events/s: the drain reached {:.0}% of it, and {:.0}% of the score writes' ceiling alone.",
                 100.0 * self.sustained.events_per_s / redis_events.max(1.0),
                 100.0 * self.sustained.pairs_per_s / c.redis_pairs_per_s.max(1.0),
             );

@@ -1,7 +1,7 @@
-//! Backlog coalescing over time (`catchup.min_interval_ms`): a member's whole rescoring from the
-//! backlog is held for the interval from its first update, merging every later update of the
-//! member (the largest event time wins) and the member's new pairs meanwhile, then goes into the
-//! backlog window once. A backlog replays minutes of traffic in seconds, so a member updated many
+//! Backlog coalescing over time (`catchup.min_interval_ms`): a member's rescoring from the
+//! backlog (a whole-member update or a new pair) is held for the interval from its first
+//! trigger, merging every later update of the member (the largest event time wins) and the
+//! member's new pairs meanwhile, then goes into the backlog window once. A backlog replays minutes of traffic in seconds, so a member updated many
 //! times over those minutes is rescored once per interval of the drain, not once per update. A
 //! held member is also released as soon as the backlog of its partition is read (nothing more
 //! can merge into it), so the interval never delays the end of a drain.
@@ -22,7 +22,8 @@ use crate::offsets::Tp;
 /// A member's rescoring waiting for its interval.
 #[derive(Debug)]
 struct Held {
-    as_of: i64,
+    /// The whole member as of this time (None: only new pairs are held).
+    as_of: Option<i64>,
     /// New pairs of the member that arrived while it was held (each as of its largest time).
     pairs: HashMap<String, i64>,
     messages: Vec<MsgRef>,
@@ -35,6 +36,9 @@ pub struct MemberHold {
     /// Release times of held members, earliest first (one entry per hold; an entry whose member
     /// was released early is skipped).
     due: BinaryHeap<Reverse<(Instant, String)>>,
+    /// Holds started and triggers merged into a hold, since the start (for the debug log).
+    pub started: u64,
+    pub merged: u64,
 }
 
 impl MemberHold {
@@ -50,7 +54,8 @@ impl MemberHold {
     /// a new hold released after the interval (into `window` at once with a zero interval).
     pub fn member(&mut self, window: &mut Window, member: &str, as_of: i64, msg: MsgRef) {
         if let Some(h) = self.held.get_mut(member) {
-            h.as_of = h.as_of.max(as_of);
+            self.merged += 1;
+            h.as_of = Some(h.as_of.map_or(as_of, |t| t.max(as_of)));
             h.messages.push(msg);
             return;
         }
@@ -59,10 +64,11 @@ impl MemberHold {
             window.message(msg);
             return;
         }
+        self.started += 1;
         self.held.insert(
             member.to_owned(),
             Held {
-                as_of,
+                as_of: Some(as_of),
                 pairs: HashMap::new(),
                 messages: vec![msg],
             },
@@ -71,8 +77,8 @@ impl MemberHold {
             .push(Reverse((Instant::now() + self.interval, member.to_owned())));
     }
 
-    /// A new pair as of `as_of`, caused by `msg`: joins the member's hold when it is held (its
-    /// rescoring covers the pair), else goes into `window`.
+    /// A new pair as of `as_of`, caused by `msg`: held like a member update (merging into the
+    /// member's hold, or starting one), so a member update within the interval covers it.
     pub fn pair(
         &mut self,
         window: &mut Window,
@@ -83,13 +89,27 @@ impl MemberHold {
     ) {
         match self.held.get_mut(member) {
             Some(h) => {
+                self.merged += 1;
                 let t = h.pairs.entry(candidate.to_owned()).or_insert(as_of);
                 *t = (*t).max(as_of);
                 h.messages.push(msg);
             }
-            None => {
+            None if self.interval.is_zero() => {
                 window.pair(member, candidate, as_of);
                 window.message(msg);
+            }
+            None => {
+                self.started += 1;
+                self.held.insert(
+                    member.to_owned(),
+                    Held {
+                        as_of: None,
+                        pairs: HashMap::from([(candidate.to_owned(), as_of)]),
+                        messages: vec![msg],
+                    },
+                );
+                self.due
+                    .push(Reverse((Instant::now() + self.interval, member.to_owned())));
             }
         }
     }
@@ -140,7 +160,9 @@ impl MemberHold {
         let Some(h) = self.held.remove(member) else {
             return false;
         };
-        window.member(member, h.as_of);
+        if let Some(t) = h.as_of {
+            window.member(member, t);
+        }
         for (c, t) in h.pairs {
             window.pair(member, &c, t);
         }
@@ -174,22 +196,24 @@ mod tests {
         hold.pair(&mut w, "m2", "c1", 5, msg(4));
         assert_eq!(
             hold.held(),
-            1,
-            "m1's updates and new pair merge into one hold"
+            2,
+            "m1's updates and pair in one hold; m2's pair held"
         );
-        assert_eq!(w.messages.len(), 1, "m2 is not held: its pair goes in");
-        assert!(w.members["m2"].pairs.contains_key("c1"));
+        assert!(w.messages.is_empty() && w.members.is_empty());
         assert_eq!(hold.release(&mut w, false), 0, "not yet due");
 
         tokio::time::advance(Duration::from_millis(2001)).await;
         let mut next = Window::new(true);
-        assert_eq!(hold.release(&mut next, false), 1);
+        assert_eq!(hold.release(&mut next, false), 2);
         assert_eq!(next.members["m1"].all, Some(30), "the largest event time");
         assert_eq!(next.members["m1"].pairs["c1"], 25);
-        let offsets: Vec<i64> = next.messages.iter().map(|m| m.offset).collect();
+        assert_eq!(next.members["m2"].all, None, "only m2's new pair");
+        assert_eq!(next.members["m2"].pairs["c1"], 5);
+        let mut offsets: Vec<i64> = next.messages.iter().map(|m| m.offset).collect();
+        offsets.sort_unstable();
         assert_eq!(
             offsets,
-            vec![0, 1, 2, 3],
+            vec![0, 1, 2, 3, 4],
             "every held message rides with the release"
         );
         assert_eq!(hold.next_release(), None);
