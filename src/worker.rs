@@ -297,18 +297,7 @@ impl Worker {
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break,
-                Some(ev) = self.rebalances.recv() => {
-                    let assigned = match &ev {
-                        RebalanceEvent::Assigned(tps) if self.settings.catchup.enabled => tps.clone(),
-                        _ => Vec::new(),
-                    };
-                    self.rebalanced(&mut run, ev);
-                    // Partitions that start far behind are split before they are read.
-                    if !assigned.is_empty() {
-                        self.probe_assigned(assigned).await;
-                        self.split_lagging(&mut run).await;
-                    }
-                }
+                Some(ev) = self.rebalances.recv() => self.rebalanced(&mut run, ev),
                 _ = lag_timer.tick() => {
                     let counts = std::mem::take(&mut run.counts);
                     let taken = f64::from(counts.group_messages + counts.head_messages);
@@ -358,7 +347,7 @@ impl Worker {
                 _ = sleep_until(backlog_deadline), if !run.backlog.is_empty() && can_flush => flight = Some(self.start_flush(&mut run, Lane::Backlog, &hard_stop)),
                 // Held backlog member updates whose interval passed join the backlog window.
                 _ = sleep_until(release_at.unwrap_or(deadline)), if release_at.is_some() => {
-                    run.backlog_hold.release(&mut run.backlog, false);
+                    run.backlog_hold.release(&mut run.backlog, false, backlog_max_pairs);
                 }
                 _ = sleep_until(wake.unwrap_or(deadline)), if wake.is_some() && !step_jobs => {}
                 // Fan-outs and ticks take turns with intake, so a steady stream of messages
@@ -413,7 +402,7 @@ impl Worker {
             }
         }
         tracing::info!("shutting down: writing the current batches, then committing");
-        run.backlog_hold.release(&mut run.backlog, true);
+        run.backlog_hold.release(&mut run.backlog, true, 0);
         if let Some(f) = flight.take() {
             let result = f.handle.await;
             self.finish_flush(&mut run, f.seq, f.lane, result);

@@ -133,55 +133,6 @@ impl Worker {
         self.set_catchup_gauge(run);
     }
 
-    /// Reads the log bounds and committed offsets of newly assigned partitions straight from the
-    /// broker (librdkafka's statistics have none yet), so a partition that starts far behind is
-    /// split before anything is read from it; otherwise what the group's reader takes in its
-    /// first second goes through the fresh lane, uncoalesced.
-    pub(super) async fn probe_assigned(&self, assigned: Vec<Tp>) {
-        let reset_to_end = self
-            .settings
-            .kafka
-            .options
-            .get("auto.offset.reset")
-            .is_some_and(|v| matches!(v.as_str(), "latest" | "largest" | "end"));
-        let consumer = self.consumer.clone();
-        let found = tokio::task::spawn_blocking(move || {
-            let timeout = Duration::from_secs(5);
-            let mut list = rdkafka::TopicPartitionList::new();
-            for (topic, partition) in &assigned {
-                list.add_partition(topic, *partition);
-            }
-            let committed = consumer.committed_offsets(list, timeout).ok();
-            let mut found = Vec::new();
-            for tp in &assigned {
-                let Ok((lo, hi)) = consumer.fetch_watermarks(&tp.0, tp.1, timeout) else {
-                    continue;
-                };
-                let start = committed
-                    .as_ref()
-                    .and_then(|c| c.find_partition(&tp.0, tp.1))
-                    .and_then(|e| e.offset().to_raw())
-                    .filter(|o| *o >= 0)
-                    .unwrap_or(if reset_to_end { hi } else { lo });
-                found.push((tp.clone(), start, hi));
-            }
-            found
-        })
-        .await
-        .unwrap_or_default();
-        let mut hw = self
-            .shared
-            .high_watermarks
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        let mut starts = self.shared.starts.lock().unwrap_or_else(|e| e.into_inner());
-        for (tp, start, hi) in found {
-            // Statistics that came in meanwhile are as good: keep them.
-            hw.entry(tp.clone()).or_insert(hi);
-            starts.entry(tp).or_insert(start);
-        }
-    }
-
     fn set_catchup_gauge(&self, run: &Run) {
         let split = run
             .tracker
@@ -202,8 +153,7 @@ impl Worker {
             .collect();
         // Backlog member updates held for coalescing: nothing more merges into those of a
         // partition whose backlog is read.
-        run.backlog_hold
-            .release_partitions(&mut run.backlog, &finished);
+        run.backlog_hold.due_now(&finished);
         for tp in finished {
             if let Some(given) = run.catching_up.remove(&tp) {
                 Self::release_catchup(run, &tp, given);

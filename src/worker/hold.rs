@@ -1,10 +1,11 @@
-//! Backlog coalescing over time (`catchup.min_interval_ms`): a member's rescoring from the
-//! backlog (a whole-member update or a new pair) is held for the interval from its first
-//! trigger, merging every later update of the member (the largest event time wins) and the
-//! member's new pairs meanwhile, then goes into the backlog window once. A backlog replays minutes of traffic in seconds, so a member updated many
+//! Backlog coalescing over time (`catchup.min_interval_ms`): a member's whole rescoring from the
+//! backlog is held for the interval from its first update, merging every later update of the
+//! member (the largest event time wins) and the member's new pairs meanwhile, then goes into the
+//! backlog window once. A backlog replays minutes of traffic in seconds, so a member updated many
 //! times over those minutes is rescored once per interval of the drain, not once per update. A
-//! held member is also released as soon as the backlog of its partition is read (nothing more
-//! can merge into it), so the interval never delays the end of a drain.
+//! held member is also due as soon as the backlog of its partition is read (nothing more can
+//! merge into it), so the interval never delays the end of a drain. Released members go into the
+//! backlog window only while it has room, so a mass release never makes one huge write.
 //!
 //! Guarantee: a held update's messages are done only after the window it is released into is
 //! written, so a crash or shutdown replays them; at shutdown everything held is released into
@@ -22,8 +23,7 @@ use crate::offsets::Tp;
 /// A member's rescoring waiting for its interval.
 #[derive(Debug)]
 struct Held {
-    /// The whole member as of this time (None: only new pairs are held).
-    as_of: Option<i64>,
+    as_of: i64,
     /// New pairs of the member that arrived while it was held (each as of its largest time).
     pairs: HashMap<String, i64>,
     messages: Vec<MsgRef>,
@@ -55,7 +55,7 @@ impl MemberHold {
     pub fn member(&mut self, window: &mut Window, member: &str, as_of: i64, msg: MsgRef) {
         if let Some(h) = self.held.get_mut(member) {
             self.merged += 1;
-            h.as_of = Some(h.as_of.map_or(as_of, |t| t.max(as_of)));
+            h.as_of = h.as_of.max(as_of);
             h.messages.push(msg);
             return;
         }
@@ -68,7 +68,7 @@ impl MemberHold {
         self.held.insert(
             member.to_owned(),
             Held {
-                as_of: Some(as_of),
+                as_of,
                 pairs: HashMap::new(),
                 messages: vec![msg],
             },
@@ -77,8 +77,8 @@ impl MemberHold {
             .push(Reverse((Instant::now() + self.interval, member.to_owned())));
     }
 
-    /// A new pair as of `as_of`, caused by `msg`: held like a member update (merging into the
-    /// member's hold, or starting one), so a member update within the interval covers it.
+    /// A new pair as of `as_of`, caused by `msg`: joins the member's hold when it is held (its
+    /// rescoring covers the pair), else goes into `window`.
     pub fn pair(
         &mut self,
         window: &mut Window,
@@ -94,22 +94,9 @@ impl MemberHold {
                 *t = (*t).max(as_of);
                 h.messages.push(msg);
             }
-            None if self.interval.is_zero() => {
+            None => {
                 window.pair(member, candidate, as_of);
                 window.message(msg);
-            }
-            None => {
-                self.started += 1;
-                self.held.insert(
-                    member.to_owned(),
-                    Held {
-                        as_of: None,
-                        pairs: HashMap::from([(candidate.to_owned(), as_of)]),
-                        messages: vec![msg],
-                    },
-                );
-                self.due
-                    .push(Reverse((Instant::now() + self.interval, member.to_owned())));
             }
         }
     }
@@ -119,13 +106,14 @@ impl MemberHold {
         self.due.peek().map(|Reverse((t, _))| *t)
     }
 
-    /// Moves every held member whose interval has passed (all of them with `all`) into `window`.
+    /// Moves held members whose interval has passed (all of them with `all`) into `window`,
+    /// earliest first, while the window is under `cap` (estimated rows; `all` ignores it).
     /// Returns how many were released.
-    pub fn release(&mut self, window: &mut Window, all: bool) -> usize {
+    pub fn release(&mut self, window: &mut Window, all: bool, cap: usize) -> usize {
         let now = Instant::now();
         let mut n = 0;
         while let Some(Reverse((t, _))) = self.due.peek() {
-            if *t > now && !all {
+            if !all && (*t > now || window.size() >= cap) {
                 break;
             }
             let Some(Reverse((_, member))) = self.due.pop() else {
@@ -136,33 +124,33 @@ impl MemberHold {
         n
     }
 
-    /// Moves every held member with a message from one of `partitions` into `window` (their
-    /// backlog is read: nothing more will merge into them from there). Returns how many.
-    pub fn release_partitions(&mut self, window: &mut Window, partitions: &[Tp]) -> usize {
+    /// Makes every held member with a message from one of `partitions` due now (their backlog
+    /// is read: nothing more will merge into them from there); `release` then moves them into
+    /// windows as they have room. Returns how many.
+    pub fn due_now(&mut self, partitions: &[Tp]) -> usize {
         if partitions.is_empty() {
             return 0;
         }
+        let now = Instant::now();
         let members: Vec<String> = self
             .held
             .iter()
             .filter(|(_, h)| h.messages.iter().any(|m| partitions.contains(&m.tp)))
             .map(|(member, _)| member.clone())
             .collect();
-        // Their entries in `due` go stale: `release` skips members no longer held. A member
-        // held again later is released by the stale entry early, never late.
-        members
-            .iter()
-            .filter(|m| self.release_one(window, m))
-            .count()
+        // Their later entries in `due` go stale: `release` skips members no longer held, and a
+        // member held again later is released by a stale entry early, never late.
+        for member in &members {
+            self.due.push(Reverse((now, member.clone())));
+        }
+        members.len()
     }
 
     fn release_one(&mut self, window: &mut Window, member: &str) -> bool {
         let Some(h) = self.held.remove(member) else {
             return false;
         };
-        if let Some(t) = h.as_of {
-            window.member(member, t);
-        }
+        window.member(member, h.as_of);
         for (c, t) in h.pairs {
             window.pair(member, &c, t);
         }
@@ -196,24 +184,22 @@ mod tests {
         hold.pair(&mut w, "m2", "c1", 5, msg(4));
         assert_eq!(
             hold.held(),
-            2,
-            "m1's updates and pair in one hold; m2's pair held"
+            1,
+            "m1's updates and new pair merge into one hold"
         );
-        assert!(w.messages.is_empty() && w.members.is_empty());
-        assert_eq!(hold.release(&mut w, false), 0, "not yet due");
+        assert_eq!(w.messages.len(), 1, "m2 is not held: its pair goes in");
+        assert!(w.members["m2"].pairs.contains_key("c1"));
+        assert_eq!(hold.release(&mut w, false, usize::MAX), 0, "not yet due");
 
         tokio::time::advance(Duration::from_millis(2001)).await;
         let mut next = Window::new(true);
-        assert_eq!(hold.release(&mut next, false), 2);
+        assert_eq!(hold.release(&mut next, false, usize::MAX), 1);
         assert_eq!(next.members["m1"].all, Some(30), "the largest event time");
         assert_eq!(next.members["m1"].pairs["c1"], 25);
-        assert_eq!(next.members["m2"].all, None, "only m2's new pair");
-        assert_eq!(next.members["m2"].pairs["c1"], 5);
-        let mut offsets: Vec<i64> = next.messages.iter().map(|m| m.offset).collect();
-        offsets.sort_unstable();
+        let offsets: Vec<i64> = next.messages.iter().map(|m| m.offset).collect();
         assert_eq!(
             offsets,
-            vec![0, 1, 2, 3, 4],
+            vec![0, 1, 2, 3],
             "every held message rides with the release"
         );
         assert_eq!(hold.next_release(), None);
@@ -222,7 +208,7 @@ mod tests {
         assert_eq!(hold.held(), 1, "held again");
         let mut last = Window::new(true);
         assert_eq!(
-            hold.release(&mut last, true),
+            hold.release(&mut last, true, 0),
             1,
             "shutdown releases everything"
         );
@@ -243,17 +229,19 @@ mod tests {
         assert_eq!(hold.held(), 2);
         let mut next = Window::new(true);
         assert_eq!(
-            hold.release_partitions(&mut next, &[("t".into(), 0)]),
+            hold.due_now(&[("t".into(), 0)]),
             1,
             "only partition 0's member"
         );
+        assert_eq!(hold.release(&mut next, false, 0), 0, "no room");
+        assert_eq!(hold.release(&mut next, false, usize::MAX), 1);
         assert_eq!(next.members["m1"].all, Some(2));
         assert_eq!(next.messages.len(), 2);
         assert_eq!(hold.held(), 1, "m2 still held");
         // m1's stale release time releases nothing twice; m2 goes when due.
         tokio::time::advance(Duration::from_secs(11)).await;
         let mut last = Window::new(true);
-        assert_eq!(hold.release(&mut last, false), 1);
+        assert_eq!(hold.release(&mut last, false, usize::MAX), 1);
         assert!(last.members.contains_key("m2") && !last.members.contains_key("m1"));
         assert_eq!(hold.next_release(), None);
     }
