@@ -9,13 +9,21 @@
 # TANSU_BIN picks the broker binary: the test suite's tansu is a debug build, which limits the
 # broker to about 1k events/s of produce while it is also serving fetches; a release build
 # (cargo install tansu --version 0.6.0 --locked --features dynostore --root DIR) does not.
+# With `--device cuda` it builds with `--features cuda` and installs the GPU wheel's libraries
+# (CUDA 13 and cuDNN 9 must be on the library path).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
 tansu="${TANSU_BIN:-tansu}"
 command -v "$tansu" >/dev/null || { echo "tansu missing: run scripts/test.sh once (it installs it)"; exit 1; }
 command -v redis-server >/dev/null || { echo "redis-server missing: apt-get install redis-server"; exit 1; }
-scripts/install-onnxruntime.sh >/dev/null
+features=()
+ort=()
+if [[ " $* " == *" --device cuda "* || " $* " == *" --device=cuda "* ]]; then
+  features=(--features cuda)
+  ort=(--gpu)
+fi
+scripts/install-onnxruntime.sh "${ort[@]}" >/dev/null
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 work="$(mktemp -d)"
@@ -33,7 +41,7 @@ bootstrap_servers = "127.0.0.1:$kport"
 url = "redis://127.0.0.1:$rport"
 TOML
 sleep 1
-cargo build --release --locked -q
+cargo build --release --locked -q "${features[@]}"
 out="${RESCORER_BENCH_OUT:-perf/e2e.json}"
 extra=()
 if [ -n "${RESCORER_BENCH_SMOKE:-}" ]; then

@@ -314,6 +314,17 @@ pub enum Device {
     Auto,
 }
 
+impl Device {
+    /// The name used in settings files and on the command line.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Device::Cpu => "cpu",
+            Device::Cuda => "cuda",
+            Device::Auto => "auto",
+        }
+    }
+}
+
 /// `[model]`: the ranking model and how ONNX Runtime runs it.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]

@@ -156,6 +156,9 @@ enum BenchCommand {
         freshness_rates: Vec<u64>,
         #[command(flatten)]
         traffic: TrafficArgs,
+        /// Where the model runs, for the model ceiling and the worker (overrides `model.device`).
+        #[arg(long, value_enum)]
+        device: Option<Device>,
         /// Write the report here as JSON, and as markdown beside it (`.md`).
         #[arg(long)]
         out: Option<PathBuf>,
@@ -450,9 +453,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     candidates,
                     zipf,
                 },
+            device,
             out,
         }) => {
-            let settings = config.load()?;
+            let mut settings = config.load()?;
+            if let Some(device) = device {
+                settings.model.device = device;
+            }
             let opts = rescorer::bench::BenchOptions {
                 preload_members,
                 preload_per_member,

@@ -492,7 +492,11 @@ pub async fn run(base: &Settings, opts: &BenchOptions) -> anyhow::Result<Report>
         ceilings.redis_pairs_per_s
     );
     let mut report = Report {
-        machine: machine(),
+        machine: format!(
+            "{}, model on {}",
+            machine(),
+            scorer.engine().device().as_str()
+        ),
         preloaded_pairs: opts.preload_members * opts.preload_per_member,
         backlog_events: opts.backlog,
         partitions: opts.partitions,

@@ -163,6 +163,10 @@ impl WorkerProcess {
             ("RESCORER__REDIS__URL", s.redis.url.clone()),
             ("RESCORER__OUTPUT__KEY_PREFIX", s.output.key_prefix.clone()),
             ("RESCORER__MODEL__SPEC", s.model.spec.display().to_string()),
+            (
+                "RESCORER__MODEL__DEVICE",
+                s.model.device.as_str().to_string(),
+            ),
         ];
         let mut cmd = tokio::process::Command::new(std::env::current_exe()?);
         cmd.arg("run")
@@ -170,6 +174,9 @@ impl WorkerProcess {
             .arg(format!("http.listen=\"127.0.0.1:{port}\""));
         for x in set {
             cmd.arg("--set").arg(x);
+        }
+        if let Some(lib) = &s.model.runtime_library {
+            cmd.env("ORT_DYLIB_PATH", lib);
         }
         let child = cmd
             .envs(env)
