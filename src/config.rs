@@ -7,10 +7,10 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// The whole settings tree.
-#[derive(Debug, Clone, PartialEq, Deserialize, Default)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize, Default)]
 #[serde(deny_unknown_fields, default)]
 pub struct Settings {
     pub kafka: KafkaSettings,
@@ -25,7 +25,7 @@ pub struct Settings {
 }
 
 /// `[kafka]`: the consumer group and any librdkafka option.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct KafkaSettings {
     /// `bootstrap.servers`.
@@ -74,7 +74,7 @@ impl Default for KafkaSettings {
 }
 
 /// `[topics]`: names of the four topics.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TopicSettings {
     pub feature_updates: String,
@@ -96,7 +96,7 @@ impl Default for TopicSettings {
 }
 
 /// `[redis]`: the shared store.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RedisSettings {
     /// `redis://[:password@]host:port[/db]` or `rediss://` for TLS. With `cluster`, a
@@ -119,7 +119,7 @@ impl Default for RedisSettings {
 }
 
 /// `[batch]`: how triggers become model runs.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct BatchSettings {
     /// Flush a batch at this many pairs (estimated: a member-wide trigger counts as the recent
@@ -173,7 +173,7 @@ impl Default for BatchSettings {
 /// again.
 /// Offsets are committed up to the first unfinished backlog message, so a crash replays the
 /// backlog, never skips it.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct CatchupSettings {
     /// Split lagging partitions (the default). Off, a backlog is read strictly in order.
@@ -219,7 +219,7 @@ impl Default for CatchupSettings {
 }
 
 /// `[decay]`: when scored pairs are due for rescoring.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DecaySettings {
     /// A pair is due again after `age_fraction` × its moment's age (young moments decay fast),
@@ -263,7 +263,7 @@ impl DecaySettings {
 }
 
 /// `[output]`: what the Catch Up service reads.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct OutputSettings {
     /// Prefix of every key, output and state; tenants and tests use their own.
@@ -287,7 +287,7 @@ impl Default for OutputSettings {
 }
 
 /// `[http]`: `/metrics`, `/healthz`, `/readyz`.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct HttpSettings {
     pub listen: String,
@@ -302,7 +302,7 @@ impl Default for HttpSettings {
 }
 
 /// Where the model runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
 pub enum Device {
     /// ONNX Runtime's CPU provider. The default: every host has one.
@@ -326,7 +326,7 @@ impl Device {
 }
 
 /// `[model]`: the ranking model and how ONNX Runtime runs it.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ModelSettings {
     /// The feature spec (JSON); it names the ONNX file, relative to itself.

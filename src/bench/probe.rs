@@ -11,6 +11,8 @@ use crate::config::Settings;
 pub struct WorkerProcess {
     child: tokio::process::Child,
     port: u16,
+    /// The benchmark's settings as the worker's config file (removed when the worker is dropped).
+    _config: tempfile::NamedTempFile,
 }
 
 /// Parsed Prometheus text: series (name with labels) → value.
@@ -135,7 +137,9 @@ fn quantile(buckets: &[(f64, f64)], q: f64) -> f64 {
 }
 
 impl WorkerProcess {
-    /// Starts `rescorer run` on `settings` (passed as environment), with extra `--set`s.
+    /// Starts `rescorer run` on `settings` (a config file of them, with the scratch names also
+    /// in the environment so that inherited `RESCORER__*` variables cannot replace them), with
+    /// extra `--set`s.
     pub async fn start(settings: &Settings, set: &[String]) -> anyhow::Result<Self> {
         let port = std::net::TcpListener::bind("127.0.0.1:0")?
             .local_addr()?
@@ -168,8 +172,12 @@ impl WorkerProcess {
                 s.model.device.as_str().to_string(),
             ),
         ];
+        let mut config = tempfile::Builder::new().suffix(".toml").tempfile()?;
+        std::io::Write::write_all(&mut config, toml::to_string(settings)?.as_bytes())?;
         let mut cmd = tokio::process::Command::new(std::env::current_exe()?);
         cmd.arg("run")
+            .arg("--config")
+            .arg(config.path())
             .arg("--set")
             .arg(format!("http.listen=\"127.0.0.1:{port}\""));
         for x in set {
@@ -189,7 +197,11 @@ impl WorkerProcess {
             .kill_on_drop(true)
             .spawn()
             .context("starting the worker process")?;
-        let p = Self { child, port };
+        let p = Self {
+            child,
+            port,
+            _config: config,
+        };
         let until = Instant::now() + Duration::from_secs(30);
         while p.get("/healthz").await.is_err() {
             if Instant::now() > until {

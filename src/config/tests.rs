@@ -108,3 +108,29 @@ fn the_example_file_parses_to_the_defaults() {
     let s = Settings::load(Some(&p), vec![], &[]).unwrap();
     assert_eq!(s, Settings::default());
 }
+
+#[test]
+fn settings_written_as_toml_load_back_the_same() {
+    // The benchmark hands its settings to the worker process this way.
+    let env = vec![
+        (
+            "RESCORER__KAFKA__OPTIONS__SECURITY.PROTOCOL".to_string(),
+            "SSL".to_string(),
+        ),
+        ("RESCORER__MODEL__DEVICE".to_string(), "auto".to_string()),
+    ];
+    let s = Settings::load(
+        None,
+        env,
+        &[
+            "batch.fanout_min_interval_ms=0".into(),
+            "catchup.backlog_share=0.25".into(),
+        ],
+    )
+    .unwrap();
+    let (_d, p) = write(&toml::to_string(&s).unwrap());
+    let back = Settings::load(Some(&p), Vec::<(String, String)>::new(), &[]).unwrap();
+    assert_eq!(back, s);
+    assert_eq!(back.batch.fanout_min_interval_ms, 0);
+    assert_eq!(back.kafka.options["security.protocol"], "SSL");
+}
