@@ -271,8 +271,8 @@ pub struct OutputSettings {
     /// Candidates kept in `<prefix>:scores:{member}`; the rest stay in state and come back when
     /// their scores rise.
     pub top_n: usize,
-    /// TTL of the output keys, refreshed on every write (7 days: members who do not come back
-    /// stop costing memory).
+    /// TTL of the output keys (7 days: members who do not come back stop costing memory), set
+    /// again by a write once a 64th of it has passed.
     pub ttl_secs: u64,
 }
 

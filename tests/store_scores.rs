@@ -339,3 +339,62 @@ async fn random_writes_and_removals_keep_the_top_exact() {
         "the walk should leave more than N scored pairs"
     );
 }
+
+#[tokio::test]
+async fn ttls_are_set_on_creation_and_again_once_a_64th_of_the_ttl_has_passed() {
+    let redis = RedisServer::start();
+    let store = store(&redis).await;
+    let cands: Vec<String> = ["a", "b", "c"].iter().map(|s| s.to_string()).collect();
+    upsert_pairs(&store, "m", &cands).await;
+    let ttl: u64 = 6_400_000; // a 64th: 100 s
+    let (top, rest, meta) = (
+        store.keys().scores("m"),
+        store.keys().rest_scores("m"),
+        store.keys().meta("m"),
+    );
+    let mut c = store.conn();
+    let pttl = |k: String| {
+        let mut c = store.conn();
+        async move { c.pttl::<_, i64>(k).await.unwrap() }
+    };
+    store
+        .write_scores("x:1", 2, ttl, 1_000, &[("m", vec![write("a", 0.5, 1)])])
+        .await
+        .unwrap();
+    assert!(pttl(top.clone()).await > 6_300_000);
+    assert!(pttl(meta.clone()).await > 6_300_000);
+    let set_at: String = c.hget(&meta, "ttl_set_at").await.unwrap();
+    assert_eq!(set_at, "1000");
+
+    // 50 s later (worker clock): no refresh, but the rest set made now gets the time left.
+    let _: () = c.pexpire(&top, 5_000_000).await.unwrap();
+    store
+        .write_scores(
+            "x:1",
+            2,
+            ttl,
+            51_000,
+            &[("m", vec![write("b", 0.4, 2), write("c", 0.3, 2)])],
+        )
+        .await
+        .unwrap();
+    assert!(pttl(top.clone()).await <= 5_000_000, "not refreshed yet");
+    let rest_ttl = pttl(rest.clone()).await;
+    assert!(
+        rest_ttl > 6_300_000 && rest_ttl <= 6_350_000,
+        "the rest set expires with the others: {rest_ttl}"
+    );
+    let set_at: String = c.hget(&meta, "ttl_set_at").await.unwrap();
+    assert_eq!(set_at, "1000");
+
+    // 200 s after the last refresh: every key's TTL is set again.
+    store
+        .write_scores("x:1", 2, ttl, 201_000, &[("m", vec![write("a", 0.6, 3)])])
+        .await
+        .unwrap();
+    for k in [&top, &rest, &meta] {
+        assert!(pttl(k.clone()).await > 6_300_000, "{k} refreshed");
+    }
+    let set_at: String = c.hget(&meta, "ttl_set_at").await.unwrap();
+    assert_eq!(set_at, "201000");
+}

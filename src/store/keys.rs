@@ -35,7 +35,7 @@ impl Keys {
     pub fn scores(&self, member: &str) -> String {
         format!("{}:scores:{{{member}}}", self.prefix)
     }
-    /// The member's meta hash: model, as_of, updated_at (output).
+    /// The member's meta hash: model, as_of, updated_at, ttl_set_at (output).
     pub fn meta(&self, member: &str) -> String {
         format!("{}:meta:{{{member}}}", self.prefix)
     }

@@ -123,12 +123,14 @@ if written > 0 then
     end
   end
   if #to_top > 0 then write_all('ZADD', KEYS[4], to_top) end
-  if #to_rest > 0 then write_all('ZADD', KEYS[3], to_rest) end
+  local rest_written = #to_rest > 0
+  if rest_written then write_all('ZADD', KEYS[3], to_rest) end
   if #leave_rest > 0 and redis.call('EXISTS', KEYS[3]) == 1 then
     write_all('ZREM', KEYS[3], leave_rest)
   end
   if card > n then
     write_all('ZADD', KEYS[3], as_zadd(redis.call('ZPOPMIN', KEYS[4], card - n)))
+    rest_written = true
   elseif card < n then
     local back = redis.call('ZPOPMAX', KEYS[3], n - card)
     if #back > 0 then write_all('ZADD', KEYS[4], as_zadd(back)) end
@@ -142,12 +144,32 @@ if written > 0 then
     redis.call('ZADD', KEYS[4], high[2], high[1])
     redis.call('ZADD', KEYS[3], low[2], low[1])
   end
-  -- Both sets expire together: a member who does not come back stops costing memory.
-  redis.call('PEXPIRE', KEYS[4], ttl)
-  redis.call('PEXPIRE', KEYS[3], ttl)
-  local cur_asof = tonumber(redis.call('HGET', KEYS[5], 'as_of') or '-1')
-  if max_asof > cur_asof then redis.call('HSET', KEYS[5], 'as_of', max_asof_str) end
-  redis.call('HSET', KEYS[5], 'model', ARGV[1], 'updated_at', ARGV[4])
-  redis.call('PEXPIRE', KEYS[5], ttl)
+  -- The member's keys expire together, ttl after their TTL was last set (meta's ttl_set_at):
+  -- a member who does not come back stops costing memory. Setting it on every write would cost
+  -- three calls a member (as much as the rest of a one-pair write), so it is set again once
+  -- ttl/64 has passed, and a key this call made (or wrote to, for the rest set) gets the same
+  -- remaining time.
+  local meta = redis.call('HMGET', KEYS[5], 'as_of', 'ttl_set_at')
+  local now = tonumber(ARGV[4])
+  local cur_asof = tonumber(meta[1] or '-1')
+  local ttl_set = tonumber(meta[2] or '-1')
+  local refresh = ttl_set < 0 or now < ttl_set or now - ttl_set >= ttl / 64
+  local fields = {'model', ARGV[1], 'updated_at', ARGV[4]}
+  if max_asof > cur_asof then
+    fields[#fields + 1] = 'as_of'
+    fields[#fields + 1] = max_asof_str
+  end
+  if refresh then
+    fields[#fields + 1] = 'ttl_set_at'
+    fields[#fields + 1] = ARGV[4]
+    redis.call('PEXPIRE', KEYS[4], ttl)
+    redis.call('PEXPIRE', KEYS[3], ttl)
+  else
+    local left = math.max(1, ttl - (now - ttl_set))
+    if card0 == 0 then redis.call('PEXPIRE', KEYS[4], left) end
+    if rest_written then redis.call('PEXPIRE', KEYS[3], left) end
+  end
+  redis.call('HSET', KEYS[5], unpack(fields))
+  if refresh then redis.call('PEXPIRE', KEYS[5], ttl) end
 end
 return flags
