@@ -140,9 +140,9 @@ pub struct BatchSettings {
     /// staleness for those pairs.
     pub fanout_min_interval_ms: u64,
     /// ...and once per `fanout_min_interval_ms` per this many members its last fan-out covered:
-    /// a candidate in 2,000 members' lists fans out at most every 4 s at the defaults, so hot
-    /// candidates in many lists cost a bounded rows per second and fresh member updates and new
-    /// candidates keep the writer.
+    /// a candidate in 2,000 members' lists fans out at most every 8 s at the defaults, so each
+    /// hot candidate costs at most ~250 rows/s and fresh member updates and new candidates keep
+    /// the writer (perf/README.md, seventh run: 500 left a grown graph's live lane behind).
     pub fanout_interval_members: usize,
     /// Merge repeated triggers for a member or pair inside a window. Only the benchmark's
     /// ablation turns it off, to measure what it saves.
@@ -157,7 +157,7 @@ impl Default for BatchSettings {
             fanout_chunk: 500,
             max_jobs: 64,
             fanout_min_interval_ms: 1000,
-            fanout_interval_members: 500,
+            fanout_interval_members: 250,
             coalesce: true,
         }
     }
