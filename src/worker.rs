@@ -579,7 +579,7 @@ fn intake_room(rows: usize) -> usize {
     rows.clamp(1, MAX_INTAKE)
 }
 
-/// Wall clock in ms (only for `updated_at`, freshness and lag; never for scoring).
+/// Wall clock in ms (only for `updated_at`, `ttl_set_at`, freshness and lag; never for scoring).
 pub fn chrono_now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
