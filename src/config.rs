@@ -133,6 +133,7 @@ pub struct BatchSettings {
     /// Members scanned per chunk of a candidate's fan-out (interleaved with other work).
     pub fanout_chunk: usize,
     /// Fan-outs and decay ticks in progress at once; beyond it the worker stops taking input.
+    /// Fan-outs waiting for their candidate's interval do not count (they hold no work).
     pub max_jobs: usize,
     /// A candidate's fan-out starts at most once per this interval; its updates in between merge
     /// into the next run. A hot candidate (many members, frequent updates) would otherwise rescore

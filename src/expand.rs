@@ -92,6 +92,18 @@ impl Jobs {
         self.queue.is_empty()
     }
 
+    /// Jobs that count against `batch.max_jobs`: all but fan-outs waiting for their candidate's
+    /// interval. Those hold no work in progress, only the messages merged into them (one job per
+    /// candidate), so they must not stop intake: a few dozen hot candidates waiting out their
+    /// intervals would otherwise stall every other event.
+    pub fn active(&self) -> usize {
+        let now = Instant::now();
+        self.queue
+            .iter()
+            .filter(|j| j.not_before.is_none_or(|t| t <= now))
+            .count()
+    }
+
     /// Whether any job can take a step now.
     pub fn runnable(&self) -> bool {
         let now = Instant::now();
@@ -300,6 +312,20 @@ mod tests {
         assert_eq!(jobs.queue[0].as_of, 40);
         jobs.fanout("cold", 5, msg(4));
         assert_eq!(jobs.len(), 2, "other candidates are not held back");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn fanouts_waiting_for_their_interval_do_not_count_against_the_job_cap() {
+        let mut jobs = Jobs::new(Duration::from_secs(1));
+        for (i, c) in ["a", "b", "c"].into_iter().enumerate() {
+            jobs.last_fanout.insert(c.into(), (Instant::now(), 10));
+            jobs.fanout(c, 1, msg(i as i64));
+        }
+        jobs.fanout("fresh", 1, msg(3));
+        assert_eq!(jobs.len(), 4);
+        assert_eq!(jobs.active(), 1, "only the one that may run now");
+        tokio::time::advance(Duration::from_millis(1001)).await;
+        assert_eq!(jobs.active(), 4, "the interval passed: all may run");
     }
 
     #[tokio::test(start_paused = true)]

@@ -264,11 +264,11 @@ impl Worker {
                 !run.backlog.is_empty() && (backlog_full || backlog_deadline <= Instant::now());
             let backlog_first = backlog_due && run.shares.backlog_first();
             let max_jobs = self.settings.batch.max_jobs;
-            let room_for_jobs = run.jobs.len() < max_jobs;
+            let room_for_jobs = run.jobs.active() < max_jobs;
             // The group's reader also carries split partitions' backlog: it waits for room in both
             // lanes.
             let intake =
-                live_room && !backlog_full && room_for_jobs && run.backlog_jobs.len() < max_jobs;
+                live_room && !backlog_full && room_for_jobs && run.backlog_jobs.active() < max_jobs;
             let catchup = run.session.as_ref().map(|s| s.consumer.clone());
             let head_intake =
                 catchup.is_some() && !run.catching_up.is_empty() && live_room && room_for_jobs;
