@@ -132,8 +132,10 @@ pub struct BatchSettings {
     pub max_wait_ms: u64,
     /// Members scanned per chunk of a candidate's fan-out (interleaved with other work).
     pub fanout_chunk: usize,
-    /// Fan-outs and decay ticks in progress at once; beyond it the worker stops taking input.
-    /// Fan-outs waiting for their candidate's interval do not count (they hold no work).
+    /// Fan-outs and decay ticks in progress at once. A queued fan-out starts when fewer are in
+    /// progress (its candidate's later updates merge into it meanwhile: at most one queued per
+    /// candidate, so fresh events keep flowing); with this many decay ticks in progress the
+    /// worker stops taking input.
     pub max_jobs: usize,
     /// A candidate's fan-out starts at most once per this interval; its updates in between merge
     /// into the next run. A hot candidate (many members, frequent updates) would otherwise rescore

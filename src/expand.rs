@@ -44,8 +44,20 @@ struct Job {
 }
 
 impl Job {
-    fn ready(&self, now: Instant) -> bool {
-        !self.waiting && !self.finishing && self.not_before.is_none_or(|t| t <= now)
+    /// A tick, or a fan-out that has fetched its first chunk: work in progress.
+    fn started(&self) -> bool {
+        match &self.kind {
+            Kind::Fanout { started, .. } => *started,
+            Kind::Tick { .. } => true,
+        }
+    }
+
+    /// Can take a step now; a job not started yet only while `may_start`.
+    fn ready(&self, now: Instant, may_start: bool) -> bool {
+        !self.waiting
+            && !self.finishing
+            && self.not_before.is_none_or(|t| t <= now)
+            && (may_start || self.started())
     }
 }
 
@@ -61,6 +73,8 @@ pub struct Jobs {
     /// The interval is one `min_fanout_interval` per this many members the candidate's last
     /// fan-out covered, so a candidate in many members' lists costs a bounded rows per second.
     members_per_interval: usize,
+    /// Jobs in progress at once (`batch.max_jobs`); a queued fan-out starts when one ends.
+    max_started: usize,
 }
 
 impl Jobs {
@@ -68,8 +82,19 @@ impl Jobs {
         Self {
             min_fanout_interval,
             members_per_interval: usize::MAX,
+            max_started: usize::MAX,
             ..Self::default()
         }
+    }
+
+    /// At most `jobs` in progress at once; queued fan-outs start as earlier ones end.
+    pub fn with_max_started(mut self, jobs: usize) -> Self {
+        self.max_started = jobs.max(1);
+        self
+    }
+
+    fn may_start(&self) -> bool {
+        self.active() < self.max_started
     }
 
     /// Scales a candidate's interval with its size: one `min_fanout_interval` per `members`.
@@ -92,26 +117,35 @@ impl Jobs {
         self.queue.is_empty()
     }
 
-    /// Jobs that count against `batch.max_jobs`: all but fan-outs waiting for their candidate's
-    /// interval. Those hold no work in progress, only the messages merged into them (one job per
-    /// candidate), so they must not stop intake: a few dozen hot candidates waiting out their
-    /// intervals would otherwise stall every other event.
+    /// Jobs in progress, which count against `batch.max_jobs`: ticks and fan-outs that have
+    /// started. A queued fan-out (waiting for its candidate's interval, or for a free slot)
+    /// holds no work in progress, only the messages merged into it, one job per candidate, so
+    /// it does not stop intake: fresh events keep flowing while hot candidates' updates merge.
     pub fn active(&self) -> usize {
-        let now = Instant::now();
+        self.queue.iter().filter(|j| j.started()).count()
+    }
+
+    /// Decay ticks in progress (intake stops at `batch.max_jobs` of them; fan-outs need no such
+    /// stop: one queued per candidate, started as slots free up).
+    pub fn ticks(&self) -> usize {
         self.queue
             .iter()
-            .filter(|j| j.not_before.is_none_or(|t| t <= now))
+            .filter(|j| matches!(j.kind, Kind::Tick { .. }))
             .count()
     }
 
     /// Whether any job can take a step now.
     pub fn runnable(&self) -> bool {
-        let now = Instant::now();
-        self.queue.iter().any(|j| j.ready(now))
+        let (now, may_start) = (Instant::now(), self.may_start());
+        self.queue.iter().any(|j| j.ready(now, may_start))
     }
 
-    /// When a job held back by its fan-out interval becomes runnable, if one is.
+    /// When a job held back by its fan-out interval becomes runnable, if one is (none while
+    /// no job may start: the end of a running one wakes the loop).
     pub fn next_wake(&self) -> Option<Instant> {
+        if !self.may_start() {
+            return None;
+        }
         self.queue
             .iter()
             .filter(|j| !j.waiting && !j.finishing)
@@ -184,8 +218,8 @@ impl Jobs {
         fanout_chunk: usize,
         tick_chunk: usize,
     ) -> Result<(), StoreError> {
-        let now = Instant::now();
-        let Some(idx) = self.queue.iter().position(|j| j.ready(now)) else {
+        let (now, may_start) = (Instant::now(), self.may_start());
+        let Some(idx) = self.queue.iter().position(|j| j.ready(now, may_start)) else {
             return Ok(());
         };
         let job = &mut self.queue[idx];
@@ -315,17 +349,35 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn fanouts_waiting_for_their_interval_do_not_count_against_the_job_cap() {
-        let mut jobs = Jobs::new(Duration::from_secs(1));
+    async fn only_started_jobs_count_against_the_job_cap_and_queued_fanouts_wait_for_a_slot() {
+        let mut jobs = Jobs::new(Duration::from_secs(1)).with_max_started(2);
         for (i, c) in ["a", "b", "c"].into_iter().enumerate() {
             jobs.last_fanout.insert(c.into(), (Instant::now(), 10));
             jobs.fanout(c, 1, msg(i as i64));
         }
         jobs.fanout("fresh", 1, msg(3));
         assert_eq!(jobs.len(), 4);
-        assert_eq!(jobs.active(), 1, "only the one that may run now");
+        assert_eq!(jobs.active(), 0, "queued fan-outs hold no work in progress");
+        assert!(jobs.runnable(), "the fresh one may start now");
+        // Two start (what `step` records on the first chunk): the cap is reached.
+        for j in jobs.queue.iter_mut().take(2) {
+            if let Kind::Fanout { started, .. } = &mut j.kind {
+                *started = true;
+            }
+            j.not_before = None;
+        }
+        assert_eq!(jobs.active(), 2);
         tokio::time::advance(Duration::from_millis(1001)).await;
-        assert_eq!(jobs.active(), 4, "the interval passed: all may run");
+        assert!(
+            !jobs.queue[2].ready(Instant::now(), jobs.may_start()),
+            "its interval passed, but no slot is free"
+        );
+        assert!(jobs.next_wake().is_none(), "no wake-up while no job may start");
+        assert!(jobs.runnable(), "the started ones go on");
+        jobs.queue[0].finishing = true;
+        jobs.window_taken(1);
+        assert_eq!(jobs.window_written(1).len(), 1);
+        assert!(jobs.queue[1].ready(Instant::now(), jobs.may_start()), "a slot is free");
     }
 
     #[tokio::test(start_paused = true)]
@@ -339,9 +391,9 @@ mod tests {
         jobs.fanout("big", 1, msg(0));
         jobs.fanout("small", 1, msg(1));
         tokio::time::advance(Duration::from_millis(1001)).await;
-        assert!(jobs.queue[1].ready(Instant::now()), "small: one interval");
-        assert!(!jobs.queue[0].ready(Instant::now()));
+        assert!(jobs.queue[1].ready(Instant::now(), true), "small: one interval");
+        assert!(!jobs.queue[0].ready(Instant::now(), true));
         tokio::time::advance(Duration::from_millis(3000)).await;
-        assert!(jobs.queue[0].ready(Instant::now()), "big: four intervals");
+        assert!(jobs.queue[0].ready(Instant::now(), true), "big: four intervals");
     }
 }

@@ -200,7 +200,8 @@ impl Worker {
             jobs: Jobs::new(Duration::from_millis(
                 self.settings.batch.fanout_min_interval_ms,
             ))
-            .with_members_per_interval(self.settings.batch.fanout_interval_members),
+            .with_members_per_interval(self.settings.batch.fanout_interval_members)
+            .with_max_started(self.settings.batch.max_jobs),
             // A backlog's fan-outs coalesce over the longer of the two intervals.
             backlog_jobs: Jobs::new(Duration::from_millis(if self.settings.batch.coalesce {
                 self.settings
@@ -210,7 +211,8 @@ impl Worker {
             } else {
                 self.settings.batch.fanout_min_interval_ms
             }))
-            .with_members_per_interval(self.settings.batch.fanout_interval_members),
+            .with_members_per_interval(self.settings.batch.fanout_interval_members)
+            .with_max_started(self.settings.batch.max_jobs),
             kinds,
             tick_partitions: None,
             head_turn_taken: false,
@@ -264,11 +266,11 @@ impl Worker {
                 !run.backlog.is_empty() && (backlog_full || backlog_deadline <= Instant::now());
             let backlog_first = backlog_due && run.shares.backlog_first();
             let max_jobs = self.settings.batch.max_jobs;
-            let room_for_jobs = run.jobs.active() < max_jobs;
+            let room_for_jobs = run.jobs.ticks() < max_jobs;
             // The group's reader also carries split partitions' backlog: it waits for room in both
             // lanes.
             let intake =
-                live_room && !backlog_full && room_for_jobs && run.backlog_jobs.active() < max_jobs;
+                live_room && !backlog_full && room_for_jobs && run.backlog_jobs.ticks() < max_jobs;
             let catchup = run.session.as_ref().map(|s| s.consumer.clone());
             let head_intake =
                 catchup.is_some() && !run.catching_up.is_empty() && live_room && room_for_jobs;
@@ -276,7 +278,15 @@ impl Worker {
             // reader goes first.
             let group_first = head_intake && run.head_turn_taken && run.shares.backlog_first();
             let release_at = run.backlog_hold.next_release().filter(|_| !backlog_full);
-            let step_live_jobs = live_room && run.jobs.runnable();
+            // Fan-out and tick chunks fill a fresh window only up to one `max_pairs` below its
+            // cap: fresh events keep that room, so they are never left waiting in the consumer
+            // behind a window filled with fan-out rows.
+            let jobs_cap = if flight.is_some() {
+                max_pairs * (LIVE_GROWTH - 1)
+            } else {
+                max_pairs
+            };
+            let step_live_jobs = run.window.size() < jobs_cap && run.jobs.runnable();
             let step_backlog_jobs = !backlog_full && run.backlog_jobs.runnable();
             let step_jobs = step_live_jobs || step_backlog_jobs;
             let job_lane = if step_live_jobs {
@@ -286,7 +296,9 @@ impl Worker {
             };
             // A fan-out held back by its interval wakes the loop when it may start.
             let wake = [
-                live_room.then(|| run.jobs.next_wake()).flatten(),
+                (run.window.size() < jobs_cap)
+                    .then(|| run.jobs.next_wake())
+                    .flatten(),
                 (!backlog_full)
                     .then(|| run.backlog_jobs.next_wake())
                     .flatten(),
