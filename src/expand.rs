@@ -372,12 +372,18 @@ mod tests {
             !jobs.queue[2].ready(Instant::now(), jobs.may_start()),
             "its interval passed, but no slot is free"
         );
-        assert!(jobs.next_wake().is_none(), "no wake-up while no job may start");
+        assert!(
+            jobs.next_wake().is_none(),
+            "no wake-up while no job may start"
+        );
         assert!(jobs.runnable(), "the started ones go on");
         jobs.queue[0].finishing = true;
         jobs.window_taken(1);
         assert_eq!(jobs.window_written(1).len(), 1);
-        assert!(jobs.queue[1].ready(Instant::now(), jobs.may_start()), "a slot is free");
+        assert!(
+            jobs.queue[1].ready(Instant::now(), jobs.may_start()),
+            "a slot is free"
+        );
     }
 
     #[tokio::test(start_paused = true)]
@@ -391,9 +397,15 @@ mod tests {
         jobs.fanout("big", 1, msg(0));
         jobs.fanout("small", 1, msg(1));
         tokio::time::advance(Duration::from_millis(1001)).await;
-        assert!(jobs.queue[1].ready(Instant::now(), true), "small: one interval");
+        assert!(
+            jobs.queue[1].ready(Instant::now(), true),
+            "small: one interval"
+        );
         assert!(!jobs.queue[0].ready(Instant::now(), true));
         tokio::time::advance(Duration::from_millis(3000)).await;
-        assert!(jobs.queue[0].ready(Instant::now(), true), "big: four intervals");
+        assert!(
+            jobs.queue[0].ready(Instant::now(), true),
+            "big: four intervals"
+        );
     }
 }
