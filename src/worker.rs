@@ -278,14 +278,11 @@ impl Worker {
             // reader goes first.
             let group_first = head_intake && run.head_turn_taken && run.shares.backlog_first();
             let release_at = run.backlog_hold.next_release().filter(|_| !backlog_full);
-            // Fan-out and tick chunks fill a fresh window only up to one `max_pairs` below its
-            // cap: fresh events keep that room, so they are never left waiting in the consumer
-            // behind a window filled with fan-out rows.
-            let jobs_cap = if flight.is_some() {
-                max_pairs * (LIVE_GROWTH - 1)
-            } else {
-                max_pairs
-            };
+            // Fan-out and tick chunks fill a fresh window only up to `max_pairs`; the growth
+            // beyond it is for fresh events. Fan-outs soak up whatever the writer has to spare,
+            // so with more they would make every window, and the wait of every fresh event in
+            // it, as large as the group commit allows.
+            let jobs_cap = max_pairs;
             let step_live_jobs = run.window.size() < jobs_cap && run.jobs.runnable();
             let step_backlog_jobs = !backlog_full && run.backlog_jobs.runnable();
             let step_jobs = step_live_jobs || step_backlog_jobs;

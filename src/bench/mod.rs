@@ -3,6 +3,7 @@
 //! asserts nothing about speed. `scripts/bench.sh` starts the broker and Redis and runs it.
 
 pub mod ceilings;
+mod committed;
 mod freshness;
 pub mod plot;
 mod probe;
@@ -134,6 +135,9 @@ pub struct BacklogLive {
     /// Seconds from the worker's start until the backlog was consumed, no partition was split and
     /// less than a second of live traffic was behind.
     pub drained_after_s: Option<f64>,
+    /// Seconds from the worker's start until the group had committed every backlog message.
+    #[serde(default)]
+    pub backlog_done_after_s: Option<f64>,
     /// Live-lane events (worker histogram) over the whole phase.
     #[serde(deserialize_with = "nan_if_null")]
     pub worker_live_p50_ms: f64,
@@ -144,7 +148,7 @@ pub struct BacklogLive {
     /// Backlog-lane events, for contrast.
     #[serde(deserialize_with = "nan_if_null")]
     pub worker_backlog_p50_ms: f64,
-    /// Load generator's side, for live events sent while the backlog drained.
+    /// Load generator's side, for live events sent until the backlog was done (or drained).
     pub seen_during_drain: Seen,
     pub peak_rss_mib: f64,
     pub series: Vec<Sample>,
@@ -339,6 +343,7 @@ pub async fn backlog_live(
     ));
     lo.kafka_time = true;
     loadgen(&s, &lo).await?;
+    let backlog_end = committed::BacklogEnd::now(&s, opts.partitions).await?;
     eprintln!("  backlog of {backlog} events written; live traffic at {rate}/s on top");
 
     let worker = WorkerProcess::start(&s, &[]).await?;
@@ -360,6 +365,7 @@ pub async fn backlog_live(
     let mut series = Vec::new();
     let mut prev = worker.scrape().await?;
     let mut drained_at: Option<f64> = None;
+    let mut done_at: Option<f64> = None;
     loop {
         tokio::time::sleep(Duration::from_millis(500)).await;
         let m = worker.scrape().await?;
@@ -388,9 +394,17 @@ pub async fn backlog_live(
             drained_at = Some(t);
             eprintln!("  drained after {t:.1} s");
         }
+        if done_at.is_none() && backlog_end.reached().await {
+            done_at = Some(t);
+            eprintln!("  backlog done (every message committed) after {t:.1} s");
+        }
         series.push(sample);
         prev = m;
-        if drained_at.is_some_and(|d| t - d > 5.0) || started.elapsed() > limit {
+        // A minute past the backlog's end shows what live traffic alone keeps behind.
+        if drained_at.is_some_and(|d| t - d > 5.0)
+            || done_at.is_some_and(|d| t - d > 60.0)
+            || started.elapsed() > limit
+        {
             break;
         }
     }
@@ -408,8 +422,8 @@ pub async fn backlog_live(
             p,
         ) * 1000.0
     };
-    // Samples sent before the drain ended (the watcher's clock starts at readiness).
-    let until = drained_at.unwrap_or(f64::INFINITY) - ready_after;
+    // Samples sent before the backlog was done (the watcher's clock starts at readiness).
+    let until = done_at.or(drained_at).unwrap_or(f64::INFINITY) - ready_after;
     let during = watch::Observed {
         points: observed
             .points
@@ -424,6 +438,7 @@ pub async fn backlog_live(
         backlog_events: backlog,
         live_sent,
         drained_after_s: drained_at,
+        backlog_done_after_s: done_at,
         worker_live_p50_ms: q("live", 0.5),
         worker_live_p95_ms: q("live", 0.95),
         worker_live_p99_ms: q("live", 0.99),

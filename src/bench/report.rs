@@ -107,15 +107,19 @@ impl BacklogLive {
         let b = self;
         let mut s = format!(
             "\n## Backlog with live traffic on top\n\nBacklog: {} events ({} events/s stamped over the minutes before the start); live: {} events/s \
-             from readiness on ({} sent). Drained (backlog consumed, less than 1 s of live traffic behind) after: **{}**.\n\n\
+             from readiness on ({} sent). Backlog done (every backlog message committed) after: **{}**; \
+             drained (backlog consumed, less than 1 s of live traffic behind) after: **{}**.\n\n\
              | live events | p50 ms | p95 ms | p99 ms |\n|---|---:|---:|---:|\n\
              | worker histogram, live lane | {:.1} | {:.1} | {:.1} |\n\
-             | seen in Redis, sent before the drain ended ({} samples, {} unobserved) | {:.1} | {:.1} | {:.1} |\n\n\
+             | seen in Redis, sent before the backlog was done ({} samples, {} unobserved) | {:.1} | {:.1} | {:.1} |\n\n\
              Backlog-lane events: p50 {:.1} s after their timestamp. Peak RSS {:.0} MiB. Lag and freshness over time: `e2e-backlog.svg`.\n",
             b.backlog_events,
             b.live_rate,
             b.live_rate,
             b.live_sent,
+            b.backlog_done_after_s
+                .map(|d| format!("{d:.1} s"))
+                .unwrap_or_else(|| "not within the phase".into()),
             b.drained_after_s
                 .map(|d| format!("{d:.1} s"))
                 .unwrap_or_else(|| "not within the phase limit".into()),
