@@ -100,7 +100,17 @@ if written > 0 then
   -- A top short of N means the rest is empty (or N was raised): then everything goes to the top.
   local card0 = redis.call('ZCARD', KEYS[4])
   local card = card0
-  local lo = redis.call('ZRANGE', KEYS[4], 0, 0, 'WITHSCORES')
+  -- The top's lowest entry routes candidates not in the top; with every one in the top already
+  -- (most candidate fan-outs), or the top short of N, it is not needed.
+  local lo = {}
+  if card0 >= n then
+    for j = 1, #order do
+      if not in_top[j] then
+        lo = redis.call('ZRANGE', KEYS[4], 0, 0, 'WITHSCORES')
+        break
+      end
+    end
+  end
   local to_top, to_rest, leave_rest = {}, {}, {}
   -- A top entry whose score went down may now rank below one in the rest: only then can the
   -- sets be out of order after routing (everything routed to the rest ranks below the top's
