@@ -54,6 +54,11 @@ use crate::offsets::{OffsetTracker, Tp};
 use crate::score::Scorer;
 use crate::store::Store;
 
+/// Rows a whole-member trigger is taken to cost until a written window has measured it (a
+/// Catch Up member holds on the order of a hundred candidates). Starting from one row let the
+/// first window take in thousands of member-wide rescorings (hundreds of MiB at start-up).
+const INITIAL_MEMBER_WEIGHT: usize = 100;
+
 /// Most messages taken from the consumer in one go.
 const MAX_INTAKE: usize = 512;
 
@@ -138,8 +143,9 @@ struct Run {
     /// Split partitions the head reader serves, and whether it has been given them yet.
     catching_up: HashMap<Tp, bool>,
     session: Option<CatchupSession>,
-    /// Recent average pairs per whole-member trigger (windows are sized in estimated rows).
-    member_weight: f64,
+    /// Recent average pairs per whole-member trigger (windows are sized in estimated rows);
+    /// `None` until a window has measured it.
+    member_weight: Option<f64>,
     /// The writer's shares between the lanes (`catchup.backlog_share`, by rows).
     shares: LaneShares,
     jobs: Jobs,
@@ -192,7 +198,7 @@ impl Worker {
             }),
             catching_up: HashMap::new(),
             session: None,
-            member_weight: 1.0,
+            member_weight: None,
             shares: LaneShares::new(
                 self.settings.catchup.backlog_share,
                 self.settings.catchup.max_pairs,
@@ -219,6 +225,9 @@ impl Worker {
             counts: LoopCounts::default(),
             intake_per_s: 0.0,
         };
+        let initial = INITIAL_MEMBER_WEIGHT.min(self.settings.batch.max_pairs);
+        run.window.set_member_weight(initial);
+        run.backlog.set_member_weight(initial);
         // Redis retries stop at `hard_stop`: 10 s after shutdown, so a drain during an outage
         // ends (leaving its messages uncommitted, to be replayed) instead of hanging.
         let hard_stop = CancellationToken::new();
@@ -378,7 +387,7 @@ impl Worker {
                     None => std::future::pending().await,
                 } }, if head_intake => match msg {
                     Ok(first) => {
-                        let room = intake_room(live_cap.saturating_sub(run.window.size()));
+                        let room = self.intake_room(&run, live_cap.saturating_sub(run.window.size()));
                         let batch = match catchup.as_ref() {
                             Some(c) => take_fetched(c, first, room),
                             None => vec![first],
@@ -455,7 +464,8 @@ impl Worker {
         match msg {
             Ok(first) => {
                 let backlog = self.settings.catchup.max_pairs;
-                let room = intake_room(
+                let room = self.intake_room(
+                    run,
                     live_cap
                         .saturating_sub(run.window.size())
                         .min(backlog.saturating_sub(run.backlog.size())),
@@ -475,6 +485,23 @@ impl Worker {
                 sleep(Duration::from_millis(200)).await;
             }
         }
+    }
+
+    /// Messages to take for `rows` of room in a window. Counting each message as one row lets a
+    /// window of member updates overshoot (each costs many rows), which is cheaper than the extra
+    /// Redis round trips of smaller intake batches (measured: a third fewer events/s); merging
+    /// bounds it to the members' pairs. With coalescing off nothing merges, so each message
+    /// counts as a member's pairs (else one intake could put 512 member-wide rescorings in a
+    /// window, and the window's rows, hence memory, grow without bound).
+    fn intake_room(&self, run: &Run, rows: usize) -> usize {
+        let per_message = if self.settings.batch.coalesce {
+            1
+        } else {
+            run.member_weight
+                .map_or(INITIAL_MEMBER_WEIGHT, |w| w.round() as usize)
+                .max(1)
+        };
+        (rows / per_message).clamp(1, MAX_INTAKE)
     }
 
     /// Advances one fan-out or tick by a chunk, retrying Redis until the hard stop.
@@ -579,13 +606,6 @@ impl Worker {
             }
         }
     }
-}
-
-/// Messages to take for `rows` of room in a window. Counting each message as one row lets a
-/// window of member updates overshoot (each costs many rows), which is cheaper than the extra
-/// Redis round trips of smaller intake batches (measured: a third fewer events/s).
-fn intake_room(rows: usize) -> usize {
-    rows.clamp(1, MAX_INTAKE)
 }
 
 /// Wall clock in ms (only for `updated_at`, `ttl_set_at`, freshness and lag; never for scoring).

@@ -95,8 +95,9 @@ impl Worker {
         if stats.member_triggers > 0 {
             // Windows are sized in estimated rows: follow the recent pairs per member.
             let seen = stats.member_rows as f64 / stats.member_triggers as f64;
-            run.member_weight = 0.8 * run.member_weight + 0.2 * seen;
-            let w = (run.member_weight.round() as usize).clamp(1, self.settings.batch.max_pairs);
+            let weight = run.member_weight.map_or(seen, |w| 0.8 * w + 0.2 * seen);
+            run.member_weight = Some(weight);
+            let w = (weight.round() as usize).clamp(1, self.settings.batch.max_pairs);
             run.window.set_member_weight(w);
             run.backlog.set_member_weight(w);
         }
