@@ -369,7 +369,8 @@ impl Worker {
                 }
                 _ = sleep_until(wake.unwrap_or(deadline)), if wake.is_some() && !step_jobs => {}
                 // Fan-outs and ticks take turns with intake, so a steady stream of messages
-                // never starves them (their messages would wait, and the job cap stop intake).
+                // never starves them (their messages would wait uncommitted, and their
+                // candidates' updates pile up in the queue).
                 _ = std::future::ready(()), if step_jobs && jobs_turn => {
                     jobs_turn = false;
                     self.step_jobs(&mut run, job_lane, &hard_stop).await;
