@@ -452,59 +452,6 @@ impl Worker {
         Ok(())
     }
 
-    /// A message from the group's reader, and whatever else it has fetched: one Redis round trip
-    /// applies a run of events (bounded by the windows' room).
-    async fn group_intake(
-        &self,
-        run: &mut Run,
-        consumer: &StreamConsumer<Ctx>,
-        msg: rdkafka::error::KafkaResult<rdkafka::message::BorrowedMessage<'_>>,
-        live_cap: usize,
-        hard_stop: &CancellationToken,
-    ) {
-        match msg {
-            Ok(first) => {
-                let backlog = self.settings.catchup.max_pairs;
-                let room = self.intake_room(
-                    run,
-                    live_cap
-                        .saturating_sub(run.window.size())
-                        .min(backlog.saturating_sub(run.backlog.size())),
-                );
-                let batch = take_fetched(consumer, first, room);
-                run.head_turn_taken = false;
-                run.counts.group_batches += 1;
-                run.counts.group_messages += batch.len() as u32;
-                self.handle_batch(run, &batch, Source::Group, hard_stop)
-                    .await;
-                self.catchup_progress(run);
-                // A partition far behind is split as soon as its messages show it.
-                self.split_lagging(run).await;
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "consumer error; librdkafka retries");
-                sleep(Duration::from_millis(200)).await;
-            }
-        }
-    }
-
-    /// Messages to take for `rows` of room in a window. Counting each message as one row lets a
-    /// window of member updates overshoot (each costs many rows), which is cheaper than the extra
-    /// Redis round trips of smaller intake batches (measured: a third fewer events/s); merging
-    /// bounds it to the members' pairs. With coalescing off nothing merges, so each message
-    /// counts as a member's pairs (else one intake could put 512 member-wide rescorings in a
-    /// window, and the window's rows, hence memory, grow without bound).
-    fn intake_room(&self, run: &Run, rows: usize) -> usize {
-        let per_message = if self.settings.batch.coalesce {
-            1
-        } else {
-            run.member_weight
-                .map_or(INITIAL_MEMBER_WEIGHT, |w| w.round() as usize)
-                .max(1)
-        };
-        (rows / per_message).clamp(1, MAX_INTAKE)
-    }
-
     /// Advances one fan-out or tick by a chunk, retrying Redis until the hard stop.
     async fn step_jobs(&self, run: &mut Run, lane: Lane, hard_stop: &CancellationToken) {
         let (fc, tc) = (self.settings.batch.fanout_chunk, self.settings.decay.chunk);

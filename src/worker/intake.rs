@@ -11,8 +11,9 @@ use tokio::time::sleep;
 use tokio_util::sync::CancellationToken;
 
 use super::retry::retry;
-use super::{Lane, Run, Source, Worker};
+use super::{Lane, Run, Source, Worker, INITIAL_MEMBER_WEIGHT, MAX_INTAKE};
 use crate::coalesce::MsgRef;
+use crate::consume::Ctx;
 use crate::decode::{decode, Entity, Event};
 use crate::internal_events::EventHandled;
 use crate::offsets::{Received, Tp};
@@ -218,4 +219,59 @@ pub(super) fn take_fetched<'a, C: rdkafka::consumer::ConsumerContext + 'static>(
         }
     }
     batch
+}
+
+impl Worker {
+    /// A message from the group's reader, and whatever else it has fetched: one Redis round trip
+    /// applies a run of events (bounded by the windows' room).
+    pub(super) async fn group_intake(
+        &self,
+        run: &mut Run,
+        consumer: &StreamConsumer<Ctx>,
+        msg: rdkafka::error::KafkaResult<BorrowedMessage<'_>>,
+        live_cap: usize,
+        hard_stop: &CancellationToken,
+    ) {
+        match msg {
+            Ok(first) => {
+                let backlog = self.settings.catchup.max_pairs;
+                let room = self.intake_room(
+                    run,
+                    live_cap
+                        .saturating_sub(run.window.size())
+                        .min(backlog.saturating_sub(run.backlog.size())),
+                );
+                let batch = take_fetched(consumer, first, room);
+                run.head_turn_taken = false;
+                run.counts.group_batches += 1;
+                run.counts.group_messages += batch.len() as u32;
+                self.handle_batch(run, &batch, Source::Group, hard_stop)
+                    .await;
+                self.catchup_progress(run);
+                // A partition far behind is split as soon as its messages show it.
+                self.split_lagging(run).await;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "consumer error; librdkafka retries");
+                sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+
+    /// Messages to take for `rows` of room in a window. Counting each message as one row lets a
+    /// window of member updates overshoot (each costs many rows), which is cheaper than the extra
+    /// Redis round trips of smaller intake batches (measured: a third fewer events/s); merging
+    /// bounds it to the members' pairs. With coalescing off nothing merges, so each message
+    /// counts as a member's pairs (else one intake could put 512 member-wide rescorings in a
+    /// window, and the window's rows, hence memory, grow without bound).
+    pub(super) fn intake_room(&self, run: &Run, rows: usize) -> usize {
+        let per_message = if self.settings.batch.coalesce {
+            1
+        } else {
+            run.member_weight
+                .map_or(INITIAL_MEMBER_WEIGHT, |w| w.round() as usize)
+                .max(1)
+        };
+        (rows / per_message).clamp(1, MAX_INTAKE)
+    }
 }
