@@ -340,6 +340,103 @@ async fn random_writes_and_removals_keep_the_top_exact() {
     );
 }
 
+/// Member-wide calls that lower many top entries at once, and N raised and lowered between calls:
+/// the top is exact after every call, and each call's flags say which scores it kept out.
+#[tokio::test]
+async fn member_wide_rewrites_and_a_changed_n_keep_the_top_exact() {
+    let redis = RedisServer::start();
+    let store = store(&redis).await;
+    let cands: Vec<String> = (0..60).map(|i| format!("c{i:02}")).collect();
+    upsert_pairs(&store, "m", &cands[..50]).await;
+    let mut seed: u64 = 0x2545_f491_4f6c_dd1d;
+    let mut next = move |k: u64| {
+        seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+        (seed >> 33) % k
+    };
+    let mut scored: std::collections::BTreeSet<String> = Default::default();
+    let mut moved = 0;
+    for step in 0..120i64 {
+        // N steps between 8, 20 and 35; most calls rewrite most of the member, some few pairs.
+        let n = [8, 20, 35][(step / 10 % 3) as usize];
+        let k = if next(4) == 0 {
+            1 + next(3)
+        } else {
+            30 + next(30)
+        } as usize;
+        let writes: Vec<ScoreWrite> = (0..k)
+            .map(|_| {
+                write(
+                    &cands[next(60) as usize],
+                    next(16) as f32 / 16.0,
+                    100 + step,
+                )
+            })
+            .collect();
+        let before = scores(&store, "m").await;
+        let flags = store
+            .write_scores("x:1", n, 60_000, 100 + step, &[("m", writes.clone())])
+            .await
+            .unwrap();
+        for (w, f) in writes.iter().zip(&flags[0]) {
+            // Candidates 50..59 were never stored: gone; the rest written (as_of only grows).
+            let stored = w.candidate.as_str() < "c50";
+            assert_eq!(*f == WriteFlag::Gone, !stored, "{}", w.candidate);
+            assert_eq!(*f == WriteFlag::Written, stored, "{}", w.candidate);
+            if stored {
+                scored.insert(w.candidate.clone());
+            }
+        }
+        check_split_n(&store, "m", scored.len(), n).await;
+        let after = scores(&store, "m").await;
+        moved += after.iter().filter(|e| !before.contains(e)).count();
+    }
+    assert!(
+        moved > 500,
+        "the walk should reorder the top often ({moved})"
+    );
+}
+
+/// A call with one stale score among written ones flags exactly that one.
+#[tokio::test]
+async fn only_scores_kept_out_are_flagged() {
+    let redis = RedisServer::start();
+    let store = store(&redis).await;
+    let cands: Vec<String> = (0..5).map(|i| format!("c{i}")).collect();
+    upsert_pairs(&store, "m", &cands).await;
+    store
+        .write_scores(
+            "x:1",
+            TOP_N,
+            60_000,
+            50,
+            &[("m", vec![write("c2", 0.5, 50)])],
+        )
+        .await
+        .unwrap();
+    let writes = vec![
+        write("c0", 0.1, 40),
+        write("c1", 0.2, 40),
+        write("c2", 0.3, 40),
+        write("gone", 0.4, 40),
+        write("c4", 0.6, 40),
+    ];
+    let flags = store
+        .write_scores("x:1", TOP_N, 60_000, 60, &[("m", writes)])
+        .await
+        .unwrap();
+    assert_eq!(
+        flags[0],
+        vec![
+            WriteFlag::Written,
+            WriteFlag::Written,
+            WriteFlag::Superseded(50),
+            WriteFlag::Gone,
+            WriteFlag::Written,
+        ]
+    );
+    check_split(&store, "m", 4).await;
+}
+
 #[tokio::test]
 async fn ttls_are_set_on_creation_and_again_once_a_64th_of_the_ttl_has_passed() {
     let redis = RedisServer::start();

@@ -4,9 +4,16 @@
 -- top N), KEYS[4] top-N zset,
 -- KEYS[5] meta hash
 -- ARGV[1] model, ARGV[2] top N, ARGV[3] ttl ms, ARGV[4] now ms, then candidate, score, as_of...
--- Returns one {flag, as_of} per candidate: {1, as_of} written, {0, stored as_of} a later score is
--- already there, {-1, '0'} the pair is gone (removed or never stored).
+-- Returns the candidates not written, flat: position (1-based), flag, as_of for each: 0 with the
+-- stored as_of when a later score is already there, -1 with '0' when the pair is gone (removed or
+-- never stored). Every other candidate was written as of its own as_of. (A flat reply of the
+-- exceptions: a table per candidate cost as much as the guard reads.)
 local flags = {}
+local function skip(j, flag, asof)
+  flags[#flags + 1] = j
+  flags[#flags + 1] = flag
+  flags[#flags + 1] = asof
+end
 local written = 0
 local max_asof = -1
 local max_asof_str = nil
@@ -44,7 +51,7 @@ for j = 1, #cands do
   -- Tombstones are serialised with "rm":true (see PairState); a plain find is much cheaper
   -- than decoding the JSON for every score.
   if (not cur) or string.find(cur, '"rm":true', 1, true) then
-    flags[#flags + 1] = {-1, '0'}
+    skip(j, -1, '0')
   else
     local sa_str = held[cand] or stored[j]
     if sa_str == false then sa_str = nil end
@@ -57,9 +64,8 @@ for j = 1, #cands do
       last[cand] = score
       written = written + 1
       if asof > max_asof then max_asof = asof; max_asof_str = ARGV[i + 2] end
-      flags[#flags + 1] = {1, ARGV[i + 2]}
     else
-      flags[#flags + 1] = {0, sa_str}
+      skip(j, 0, sa_str)
     end
   end
 end
@@ -94,8 +100,8 @@ if written > 0 then
   -- Every scored candidate is in exactly one of two sets: the top N (the output) and the rest.
   -- A written score goes to the set it belongs in by the top's lowest entry before this call, so
   -- most writes touch one small set once; the top is then topped up or trimmed to N and, when a
-  -- lowered score left the top's lowest below the rest's highest, entries are swapped until the top
-  -- is exactly the N best of all (as ZREVRANGE orders them).
+  -- lowered score left the top's lowest below the rest's highest, entries are swapped in one move
+  -- so that the top is exactly the N best of all (as ZREVRANGE orders them).
   local in_top = read_all('ZMSCORE', KEYS[4], order)
   -- A top short of N means the rest is empty (or N was raised): then everything goes to the top.
   local card0 = redis.call('ZCARD', KEYS[4])
@@ -115,11 +121,14 @@ if written > 0 then
   -- A top entry whose score went down may now rank below one in the rest: only then can the
   -- sets be out of order after routing (everything routed to the rest ranks below the top's
   -- lowest entry before this call, and trimming and topping up move the right ends).
-  local lowered = false
+  local lowered = 0
+  -- Candidates sent to a top short of N without a comparison: out of place only when the rest is
+  -- not empty (N was raised).
+  local blind = 0
   for j, cand in ipairs(order) do
     local score = last[cand]
     if in_top[j] then
-      if tonumber(score) < tonumber(in_top[j]) then lowered = true end
+      if tonumber(score) < tonumber(in_top[j]) then lowered = lowered + 1 end
       to_top[#to_top + 1] = score
       to_top[#to_top + 1] = cand
     elseif card0 < n or (lo[1] and above(score, cand, lo[2], lo[1])) then
@@ -127,6 +136,7 @@ if written > 0 then
       to_top[#to_top + 1] = cand
       leave_rest[#leave_rest + 1] = cand
       card = card + 1
+      if card0 < n then blind = blind + 1 end
     else
       to_rest[#to_rest + 1] = score
       to_rest[#to_rest + 1] = cand
@@ -135,8 +145,10 @@ if written > 0 then
   if #to_top > 0 then write_all('ZADD', KEYS[4], to_top) end
   local rest_written = #to_rest > 0
   if rest_written then write_all('ZADD', KEYS[3], to_rest) end
+  local unsure = lowered
   if #leave_rest > 0 and redis.call('EXISTS', KEYS[3]) == 1 then
     write_all('ZREM', KEYS[3], leave_rest)
+    unsure = unsure + blind
   end
   if card > n then
     write_all('ZADD', KEYS[3], as_zadd(redis.call('ZPOPMIN', KEYS[4], card - n)))
@@ -145,14 +157,24 @@ if written > 0 then
     local back = redis.call('ZPOPMAX', KEYS[3], n - card)
     if #back > 0 then write_all('ZADD', KEYS[4], as_zadd(back)) end
   end
-  while lowered do
+  -- Only a lowered top entry (or one sent to the top blind) can rank below one in the rest, so at
+  -- most `unsure` entries are out of place: the rest's best `unsure` entries at or above the top's
+  -- lowest score move to the top and as many of the top's lowest go back. The top and the moved
+  -- entries hold the N best of all, so popping the lowest leaves the top exact, in a fixed number
+  -- of calls however many move.
+  if unsure > 0 then
     local low = redis.call('ZRANGE', KEYS[4], 0, 0, 'WITHSCORES')
-    local high = redis.call('ZRANGE', KEYS[3], 0, 0, 'REV', 'WITHSCORES')
-    if not (low[1] and high[1] and above(high[2], high[1], low[2], low[1])) then break end
-    redis.call('ZREM', KEYS[4], low[1])
-    redis.call('ZREM', KEYS[3], high[1])
-    redis.call('ZADD', KEYS[4], high[2], high[1])
-    redis.call('ZADD', KEYS[3], low[2], low[1])
+    if low[1] then
+      local high = redis.call('ZRANGE', KEYS[3], '+inf', low[2], 'BYSCORE', 'REV', 'LIMIT', 0,
+        unsure, 'WITHSCORES')
+      if #high > 0 then
+        local moved = {}
+        for k = 1, #high, 2 do moved[#moved + 1] = high[k] end
+        write_all('ZADD', KEYS[4], as_zadd(high))
+        write_all('ZREM', KEYS[3], moved)
+        write_all('ZADD', KEYS[3], as_zadd(redis.call('ZPOPMIN', KEYS[4], #moved)))
+      end
+    end
   end
   -- The member's keys expire together, ttl after their TTL was last set (meta's ttl_set_at):
   -- a member who does not come back stops costing memory. Setting it on every write would cost

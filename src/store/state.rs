@@ -309,17 +309,27 @@ impl Store {
             })
             .collect();
         let out = self.eval_many(&self.scripts.scores, calls).await?;
+        // The script replies with the candidates it did not write (position, flag, as_of).
         out.iter()
-            .map(|v| {
-                let flags: Vec<(i64, i64)> = FromRedisValue::from_redis_value(v)?;
-                Ok(flags
-                    .into_iter()
-                    .map(|(f, sa)| match f {
-                        1 => WriteFlag::Written,
-                        0 => WriteFlag::Superseded(sa),
-                        _ => WriteFlag::Gone,
-                    })
-                    .collect())
+            .zip(per_member)
+            .map(|(v, (_, writes))| {
+                let skipped: Vec<i64> = FromRedisValue::from_redis_value(v)?;
+                let mut flags = vec![WriteFlag::Written; writes.len()];
+                for t in skipped.chunks(3) {
+                    let &[j, f, sa] = t else {
+                        return Err(protocol("score write", "reply not in threes"));
+                    };
+                    let slot = usize::try_from(j - 1)
+                        .ok()
+                        .and_then(|j| flags.get_mut(j))
+                        .ok_or_else(|| protocol("score write", "position out of range"))?;
+                    *slot = if f == 0 {
+                        WriteFlag::Superseded(sa)
+                    } else {
+                        WriteFlag::Gone
+                    };
+                }
+                Ok(flags)
             })
             .collect()
     }
