@@ -31,7 +31,11 @@ kport=$(free_port); rport=$(free_port)
 "$tansu" broker --listener-url "tcp://127.0.0.1:$kport" --advertised-listener-url "tcp://127.0.0.1:$kport" \
   --storage-engine memory://tansu/ > "$work/tansu.log" 2>&1 &
 kpid=$!
-redis-server --port "$rport" --bind 127.0.0.1 --save "" --appendonly no --dir "$work" > "$work/redis.log" 2>&1 &
+# RESCORER_BENCH_REDIS_ARGS adds redis-server options (e.g. the RUNBOOK's encoding thresholds:
+# "--zset-max-listpack-entries 16 --hash-max-listpack-entries 64"); the report names the settings.
+# shellcheck disable=SC2086
+redis-server --port "$rport" --bind 127.0.0.1 --save "" --appendonly no --dir "$work" \
+  ${RESCORER_BENCH_REDIS_ARGS:-} > "$work/redis.log" 2>&1 &
 rpid=$!
 trap 'kill $kpid $rpid 2>/dev/null; rm -rf "$work"' EXIT
 cat > "$work/bench.toml" <<TOML

@@ -281,3 +281,27 @@ pub async fn scratch_store(settings: &Settings, prefix: &str) -> anyhow::Result<
     store.load_scripts().await?;
     Ok(store)
 }
+
+/// The Redis server's version and the encoding thresholds that set the cost of the worker's
+/// writes (a member's sets and hashes up to these sizes are listpacks, scanned linearly), for the
+/// report: the same code measures differently under other settings.
+pub async fn redis_settings(store: &Store) -> anyhow::Result<String> {
+    let mut c = store.conn();
+    let info: String = redis::cmd("INFO").arg("server").query_async(&mut c).await?;
+    let version = info
+        .lines()
+        .find_map(|l| l.strip_prefix("redis_version:"))
+        .unwrap_or("?")
+        .trim()
+        .to_string();
+    let mut out = format!("Redis {version}");
+    for name in ["zset-max-listpack-entries", "hash-max-listpack-entries"] {
+        let kv: Vec<String> = redis::cmd("CONFIG")
+            .arg("GET")
+            .arg(name)
+            .query_async(&mut c)
+            .await?;
+        out += &format!(", {name} {}", kv.get(1).map(String::as_str).unwrap_or("?"));
+    }
+    Ok(out)
+}

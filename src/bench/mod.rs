@@ -475,6 +475,7 @@ pub async fn run(base: &Settings, opts: &BenchOptions) -> anyhow::Result<Report>
         0
     };
     let redis = ceilings::redis(&store, stored_per_member, 3.0).await?;
+    let redis_settings = ceilings::redis_settings(&store).await?;
     let apply_store = ceilings::scratch_store(base, &format!("benchapply{}", suffix())).await?;
     let apply =
         ceilings::apply(&apply_store, opts.members, opts.candidates, opts.zipf, 3.0).await?;
@@ -508,7 +509,7 @@ pub async fn run(base: &Settings, opts: &BenchOptions) -> anyhow::Result<Report>
     );
     let mut report = Report {
         machine: format!(
-            "{}, model on {}",
+            "{}, model on {}; {redis_settings}",
             machine(),
             scorer.engine().device().as_str()
         ),
