@@ -187,8 +187,9 @@ pub struct CatchupSettings {
     pub lag_ms: u64,
     /// ...and at least this many messages are behind it.
     pub min_messages: u64,
-    /// A backlog window is written this long after its first trigger (or when full), so the
-    /// backlog coalesces over longer spans than fresh events do.
+    /// A backlog window is written this long after its first trigger (or when full, or when
+    /// nothing more can join it and the writer is free), so the backlog coalesces over longer
+    /// spans than fresh events do.
     pub max_wait_ms: u64,
     /// A backlog window is full at this many (estimated) pairs: larger than fresh windows, for
     /// coalescing and throughput, yet small enough that a fresh window waits at most one backlog
