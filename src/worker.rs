@@ -418,10 +418,11 @@ impl Worker {
                     flight = Some(self.start_flush(&mut run, Lane::Live, &hard_stop));
                 }
                 _ = std::future::ready(()), if step_jobs => self.step_jobs(&mut run, job_lane, &hard_stop).await,
-                // Likewise the backlog window, when nothing can add to it now (no input waiting,
-                // no backlog job able to step, no held update due) and no fresh window is open:
-                // a backlog's last fan-outs, each blocked until its chunk is written, otherwise
-                // waited `catchup.max_wait_ms` a window with the writer idle.
+                // Like the fresh window above, the backlog window goes at once when nothing can
+                // add to it now (no input waiting, no backlog job able to step, no held update
+                // due) and no fresh window is open: a backlog's last fan-outs, each blocked until
+                // its chunk is written, otherwise waited `catchup.max_wait_ms` a window with the
+                // writer idle.
                 _ = std::future::ready(()), if !run.backlog.is_empty() && can_flush && run.window.is_empty() && !step_backlog_jobs && release_at.is_none() => {
                     flight = Some(self.start_flush(&mut run, Lane::Backlog, &hard_stop));
                 }

@@ -118,9 +118,10 @@ if written > 0 then
     end
   end
   local to_top, to_rest, leave_rest = {}, {}, {}
-  -- A top entry whose score went down may now rank below one in the rest: only then can the
-  -- sets be out of order after routing (everything routed to the rest ranks below the top's
-  -- lowest entry before this call, and trimming and topping up move the right ends).
+  -- A top entry whose score went down may now rank below one in the rest: only then (or after N
+  -- was raised, below) can the sets be out of order after routing (everything routed to the rest
+  -- ranks below the top's lowest entry before this call, and trimming and topping up move the
+  -- right ends).
   local lowered = 0
   -- Candidates sent to a top short of N without a comparison: out of place only when the rest is
   -- not empty (N was raised).
