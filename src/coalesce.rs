@@ -26,6 +26,10 @@ pub struct MsgRef {
     pub topic_label: &'static str,
     /// Part of a split partition's backlog (see `[catchup]`), not a fresh event.
     pub backlog: bool,
+    /// Already `catchup.lag_ms` old when it was read (taken in order before its partition was
+    /// split, or from one with too little behind to split; never with `lag_ms` 0): its freshness
+    /// counts as backlog.
+    pub late: bool,
 }
 
 #[cfg(test)]
@@ -38,6 +42,7 @@ impl MsgRef {
             timestamp_ms: None,
             topic_label: "feature_updates",
             backlog,
+            late: false,
         }
     }
 }

@@ -23,7 +23,8 @@ pub struct Metrics {
     /// Input events by topic and outcome (applied, stale, dead_lettered).
     pub events_total: IntCounterVec,
     /// Kafka message timestamp → Redis acknowledgement of the score it caused, by topic and lane
-    /// (`live`: fresh events; `backlog`: a split partition's backlog, see `[catchup]`).
+    /// (`live`: fresh events; `backlog`: a split partition's backlog, see `[catchup]`, and any
+    /// message already `catchup.lag_ms` old when it was read, when that is not 0).
     pub event_to_score_seconds: HistogramVec,
     /// One batch's guarded score writes and schedule updates.
     pub redis_write_seconds: Histogram,

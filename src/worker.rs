@@ -548,7 +548,12 @@ impl Worker {
         for m in msgs {
             if scored {
                 if let Some(ts) = m.timestamp_ms {
-                    let lane = if m.backlog { "backlog" } else { "live" };
+                    // A message read already behind counts as backlog, whichever lane wrote it.
+                    let lane = if m.backlog || m.late {
+                        "backlog"
+                    } else {
+                        "live"
+                    };
                     self.metrics
                         .event_to_score_seconds
                         .with_label_values(&[m.topic_label, lane])

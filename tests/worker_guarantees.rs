@@ -103,6 +103,39 @@ async fn a_backlog_drains_behind_live_events_and_reaches_the_same_scores() {
     w.stop().await.unwrap();
 }
 
+/// Messages already `catchup.lag_ms` old when read count as backlog freshness, even from a
+/// partition with too little behind to split; fresh ones count as live.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_read_already_behind_count_as_backlog_freshness() {
+    let h = Harness::new(1).await;
+    let topic = h.settings.topics.new_candidates.clone();
+    let ten_minutes_ago = rescorer::worker::chrono_now_ms() - 600_000;
+    for i in 0..3 {
+        let v = serde_json::json!({"member_id": "m1", "candidate_id": format!("old{i}"),
+            "reason": "job_change", "pair_features": {}, "ts": T0});
+        h.send_stamped(&topic, "m1", v, ten_minutes_ago).await;
+    }
+    let w = h.start_worker().await; // defaults: 3 messages behind are too few to split
+    h.wait_consumed().await;
+    for i in 0..2 {
+        h.upsert(
+            "m1",
+            &format!("new{i}"),
+            "job_change",
+            serde_json::json!({}),
+            T0,
+        )
+        .await;
+    }
+    h.wait_consumed().await;
+    let text = w.metrics.render();
+    let count = "rescorer_event_to_score_seconds_count";
+    assert_eq!(metric_sum(&text, count, "lane=\"backlog\""), 3.0, "{text}");
+    assert_eq!(metric_sum(&text, count, "lane=\"live\""), 2.0, "{text}");
+    assert_eq!(h.scores("m1").len(), 5, "every pair scored");
+    w.stop().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_workers_split_the_partitions_and_one_finishes_after_the_other_stops() {
     let h = Harness::new(4).await;

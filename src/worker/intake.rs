@@ -30,6 +30,9 @@ impl Worker {
         hard_stop: &CancellationToken,
     ) {
         let mut valid: Vec<(Event, MsgRef)> = Vec::with_capacity(msgs.len());
+        // Read already `catchup.lag_ms` behind (0: only split partitions' backlog is behind).
+        let lag_ms = self.settings.catchup.lag_ms as i64;
+        let late_before = (lag_ms > 0).then(|| super::chrono_now_ms() - lag_ms);
         for msg in msgs {
             let tp: Tp = (msg.topic().to_owned(), msg.partition());
             let Some(&kind) = run.kinds.get(msg.topic()) else {
@@ -54,6 +57,7 @@ impl Worker {
                 timestamp_ms,
                 topic_label: kind.label(),
                 backlog: lane == Lane::Backlog,
+                late: matches!((timestamp_ms, late_before), (Some(t), Some(b)) if t <= b),
             };
             match decode(kind, msg.payload()) {
                 Ok(ev) => valid.push((ev, mref)),

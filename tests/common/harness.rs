@@ -136,6 +136,25 @@ impl Harness {
         *e = (*e).max(delivery.offset + 1);
     }
 
+    /// Produces one message with this Kafka timestamp (ms) and waits for the acknowledgement.
+    pub async fn send_stamped(&self, topic: &str, key: &str, value: serde_json::Value, ts: i64) {
+        let payload = value.to_string();
+        let rec: FutureRecord<'_, str, str> = FutureRecord::to(topic)
+            .key(key)
+            .payload(payload.as_str())
+            .timestamp(ts);
+        let delivery = self
+            .producer
+            .send(rec, Duration::from_secs(10))
+            .await
+            .expect("delivered");
+        let mut produced = self.produced.lock().unwrap();
+        let e = produced
+            .entry((topic.to_owned(), delivery.partition))
+            .or_insert(0);
+        *e = (*e).max(delivery.offset + 1);
+    }
+
     pub async fn send(&self, topic: &str, key: &str, value: serde_json::Value) {
         self.send_raw(topic, Some(key), Some(value.to_string().as_bytes()), None)
             .await;
