@@ -56,7 +56,7 @@ const SECONDS_BUCKETS: &[f64] = &[
 /// seconds) that a quantile read off them is not mostly interpolation.
 const FRESHNESS_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0,
-    1.5, 2.0, 3.0, 5.0, 10.0, 30.0, 60.0, 300.0,
+    1.5, 2.0, 3.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0,
 ];
 
 const PAIRS_BUCKETS: &[f64] = &[

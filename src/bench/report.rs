@@ -110,8 +110,8 @@ impl BacklogLive {
              from readiness on ({} sent). Backlog done (every backlog message committed) after: **{}**; \
              drained (backlog consumed, less than 1 s of live traffic behind) after: **{}**.\n\n\
              | live events | p50 ms | p95 ms | p99 ms |\n|---|---:|---:|---:|\n\
-             | worker histogram, live lane | {:.1} | {:.1} | {:.1} |\n\
-             | seen in Redis, sent before the backlog was done ({} samples, {} unobserved) | {:.1} | {:.1} | {:.1} |\n\n\
+             | worker histogram, live lane (every fresh event, candidate updates waiting for their fan-out included) | {:.1} | {:.1} | {:.1} |\n\
+             | seen in Redis (member updates), sent before the backlog was done ({} samples, {} unobserved) | {:.1} | {:.1} | {:.1} |\n\n\
              Backlog-lane events: p50 {:.1} s after their timestamp. Peak RSS {:.0} MiB. Lag and freshness over time: `e2e-backlog.svg`.\n",
             b.backlog_events,
             b.live_rate,
