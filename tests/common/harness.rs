@@ -124,25 +124,21 @@ impl Harness {
         if let Some(p) = partition {
             rec = rec.partition(p);
         }
-        let delivery = self
-            .producer
-            .send(rec, Duration::from_secs(10))
-            .await
-            .expect("delivered");
-        let mut produced = self.produced.lock().unwrap();
-        let e = produced
-            .entry((topic.to_owned(), delivery.partition))
-            .or_insert(0);
-        *e = (*e).max(delivery.offset + 1);
+        self.deliver(topic, rec).await;
     }
 
     /// Produces one message with this Kafka timestamp (ms) and waits for the acknowledgement.
     pub async fn send_stamped(&self, topic: &str, key: &str, value: serde_json::Value, ts: i64) {
         let payload = value.to_string();
-        let rec: FutureRecord<'_, str, str> = FutureRecord::to(topic)
+        let rec = FutureRecord::to(topic)
             .key(key)
-            .payload(payload.as_str())
+            .payload(payload.as_bytes())
             .timestamp(ts);
+        self.deliver(topic, rec).await;
+    }
+
+    /// Sends a record, waits for the broker's acknowledgement and notes the offset produced.
+    async fn deliver(&self, topic: &str, rec: FutureRecord<'_, str, [u8]>) {
         let delivery = self
             .producer
             .send(rec, Duration::from_secs(10))
