@@ -132,6 +132,14 @@ pub struct BatchSettings {
     pub max_wait_ms: u64,
     /// Members scanned per chunk of a candidate's fan-out (interleaved with other work).
     pub fanout_chunk: usize,
+    /// Fan-out and decay-tick chunks fill a fresh window only up to this many pairs; the rest of
+    /// the window is for fresh events. A fan-out pair costs a member's whole write (one script
+    /// call, one load) for a single row, several times a member-wide rescoring's cost per row,
+    /// so this bounds how long fan-outs make a window, and every fresh event waiting on it.
+    /// Lower favours member updates and new candidates; candidate updates then wait longer for
+    /// their fan-outs (perf/README.md, eleventh run). A chunk asks for no more than the room
+    /// left, though a small member set comes back whole.
+    pub job_pairs: usize,
     /// Fan-outs and decay ticks in progress at once. A queued fan-out starts when fewer are in
     /// progress (its candidate's later updates merge into it meanwhile: at most one queued per
     /// candidate, so fresh events keep flowing); with this many decay ticks in progress the
@@ -158,6 +166,7 @@ impl Default for BatchSettings {
             max_pairs: 1024,
             max_wait_ms: 20,
             fanout_chunk: 500,
+            job_pairs: 1024,
             max_jobs: 64,
             fanout_min_interval_ms: 1000,
             fanout_interval_members: 250,
@@ -513,6 +522,7 @@ impl Settings {
         let positive = [
             ("batch.max_pairs", self.batch.max_pairs as u64),
             ("batch.fanout_chunk", self.batch.fanout_chunk as u64),
+            ("batch.job_pairs", self.batch.job_pairs as u64),
             ("batch.max_jobs", self.batch.max_jobs as u64),
             (
                 "batch.fanout_interval_members",

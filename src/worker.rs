@@ -287,11 +287,11 @@ impl Worker {
             // reader goes first.
             let group_first = head_intake && run.head_turn_taken && run.shares.backlog_first();
             let release_at = run.backlog_hold.next_release().filter(|_| !backlog_full);
-            // Fan-out and tick chunks fill a fresh window only up to `max_pairs`; the growth
-            // beyond it is for fresh events. Fan-outs soak up whatever the writer has to spare,
-            // so with more they would make every window, and the wait of every fresh event in
-            // it, as large as the group commit allows.
-            let jobs_cap = max_pairs;
+            // Fan-out and tick chunks fill a fresh window only up to `batch.job_pairs`; the rest
+            // is for fresh events. Fan-outs soak up whatever the writer has to spare, so with
+            // more they would make every window, and the wait of every fresh event in it, as
+            // large as the group commit allows.
+            let jobs_cap = self.settings.batch.job_pairs;
             let step_live_jobs = run.window.size() < jobs_cap && run.jobs.runnable();
             let step_backlog_jobs = !backlog_full && run.backlog_jobs.runnable();
             let step_jobs = step_live_jobs || step_backlog_jobs;
@@ -462,12 +462,22 @@ impl Worker {
 
     /// Advances one fan-out or tick by a chunk, retrying Redis until the hard stop.
     async fn step_jobs(&self, run: &mut Run, lane: Lane, hard_stop: &CancellationToken) {
-        let (fc, tc) = (self.settings.batch.fanout_chunk, self.settings.decay.chunk);
+        let (mut fc, mut tc) = (self.settings.batch.fanout_chunk, self.settings.decay.chunk);
         let mut attempt = 0;
         let (jobs, window) = match lane {
             Lane::Live => (&mut run.jobs, &mut run.window),
             Lane::Backlog => (&mut run.backlog_jobs, &mut run.backlog),
         };
+        if lane == Lane::Live {
+            // A chunk takes no more than the fresh window has room for jobs.
+            let room = self
+                .settings
+                .batch
+                .job_pairs
+                .saturating_sub(window.size())
+                .max(1);
+            (fc, tc) = (fc.min(room), tc.min(room));
+        }
         while let Err(e) = jobs.step(&self.store, window, fc, tc).await {
             attempt += 1;
             if !backoff(

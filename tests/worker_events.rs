@@ -160,6 +160,30 @@ async fn a_candidate_update_fans_out_to_every_member_in_chunks() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fresh_events_go_through_while_a_one_pair_job_share_fans_out() {
+    let h = Harness::new(2).await;
+    let mut settings = h.settings.clone();
+    settings.batch.fanout_chunk = 4;
+    settings.batch.job_pairs = 1; // fan-outs take one pair of each fresh window
+    let w = h.start_worker_with(settings).await;
+    let members: Vec<String> = (0..12).map(|i| format!("m{i}")).collect();
+    for m in &members {
+        h.upsert(m, "hot", "promotion", json!({}), T0).await;
+    }
+    h.wait_consumed().await;
+    h.feature("candidate", "hot", json!({"connections": 7.0}), T0 + H)
+        .await;
+    h.feature("member", "m0", json!({"sessions_7d": 3}), T0 + 2 * H)
+        .await;
+    h.wait_consumed().await;
+    for m in &members {
+        let want = if m == "m0" { T0 + 2 * H } else { T0 + H };
+        assert_eq!(h.meta(m)["as_of"], want.to_string(), "{m}");
+    }
+    w.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn removals_and_late_events_never_move_state_backwards() {
     let h = Harness::new(1).await;
     let w = h.start_worker().await;
