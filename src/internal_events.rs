@@ -149,6 +149,8 @@ pub struct CatchupStarted<'a> {
     pub to: i64,
     /// Age of the last message read; None when nothing was read from the partition yet.
     pub behind_ms: Option<i64>,
+    /// How long the broker took to answer for the log end (the group's reader waits for it).
+    pub log_end_ms: u64,
 }
 
 impl CatchupStarted<'_> {
@@ -159,6 +161,7 @@ impl CatchupStarted<'_> {
             from = self.from,
             to = self.to,
             behind_ms = ?self.behind_ms,
+            log_end_ms = self.log_end_ms,
             "partition far behind: fresh events go to the head reader while the backlog drains"
         );
     }

@@ -36,7 +36,7 @@ mod retry;
 mod shares;
 mod writer;
 
-use catchup::CatchupSession;
+use catchup::{CatchupSession, LogEnd};
 use hold::MemberHold;
 use intake::take_fetched;
 use retry::backoff;
@@ -143,6 +143,9 @@ struct Run {
     /// Split partitions the head reader serves, and whether it has been given them yet.
     catching_up: HashMap<Tp, bool>,
     session: Option<CatchupSession>,
+    /// Partitions whose log end is being fetched for a split, and where the fetches report.
+    splitting: std::collections::HashSet<Tp>,
+    log_ends: mpsc::Sender<LogEnd>,
     /// Recent average pairs per whole-member trigger (windows are sized in estimated rows);
     /// `None` until a window has measured it.
     member_weight: Option<f64>,
@@ -186,6 +189,8 @@ impl Worker {
         let topics: Vec<&str> = kinds.keys().map(String::as_str).collect();
         self.consumer.subscribe(&topics)?;
         tracing::info!(topics = ?topics, group = %self.settings.kafka.group_id, "subscribed");
+        // Log ends fetched for splits; at most one fetch per partition is in flight.
+        let (log_ends, mut fetched_ends) = mpsc::channel::<LogEnd>(64);
         let mut run = Run {
             seq: 0,
             tracker: OffsetTracker::new(),
@@ -198,6 +203,8 @@ impl Worker {
             }),
             catching_up: HashMap::new(),
             session: None,
+            splitting: Default::default(),
+            log_ends,
             member_weight: None,
             shares: LaneShares::new(
                 self.settings.catchup.backlog_share,
@@ -277,9 +284,14 @@ impl Worker {
             let max_jobs = self.settings.batch.max_jobs;
             let room_for_jobs = run.jobs.ticks() < max_jobs;
             // The group's reader also carries split partitions' backlog: it waits for room in both
-            // lanes.
-            let intake =
-                live_room && !backlog_full && room_for_jobs && run.backlog_jobs.ticks() < max_jobs;
+            // lanes, and while a split's log end is being fetched (what it reads of that
+            // partition meanwhile would land before the split, in the fresh lane). Everything
+            // else goes on: written windows complete, the head reader reads, jobs step.
+            let intake = live_room
+                && !backlog_full
+                && room_for_jobs
+                && run.backlog_jobs.ticks() < max_jobs
+                && run.splitting.is_empty();
             let catchup = run.session.as_ref().map(|s| s.consumer.clone());
             let head_intake =
                 catchup.is_some() && !run.catching_up.is_empty() && live_room && room_for_jobs;
@@ -316,11 +328,12 @@ impl Worker {
                 biased;
                 _ = shutdown.cancelled() => break,
                 Some(ev) = self.rebalances.recv() => self.rebalanced(&mut run, ev),
+                Some(end) = fetched_ends.recv() => self.split_at(&mut run, end),
                 _ = lag_timer.tick() => {
                     let counts = std::mem::take(&mut run.counts);
                     let taken = f64::from(counts.group_messages + counts.head_messages);
                     run.intake_per_s = 0.5 * run.intake_per_s + 0.5 * taken;
-                    self.split_lagging(&mut run).await;
+                    self.split_lagging(&mut run);
                     self.update_lag(&run.tracker);
                     for (lane, jobs) in [("live", &run.jobs), ("backlog", &run.backlog_jobs)] {
                         self.metrics.jobs_in_progress.with_label_values(&[lane]).set(jobs.len() as i64);

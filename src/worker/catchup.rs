@@ -12,6 +12,17 @@ use super::{chrono_now_ms, Run, Worker};
 use crate::internal_events::CatchupStarted;
 use crate::offsets::Tp;
 
+/// A partition's log end, fetched off the loop for a split.
+pub(super) struct LogEnd {
+    pub(super) tp: Tp,
+    /// Where the group's reader stood when the split was decided.
+    pub(super) from: i64,
+    pub(super) behind_ms: Option<i64>,
+    pub(super) end: Result<i64, String>,
+    /// How long the broker took to answer.
+    pub(super) took: Duration,
+}
+
 /// The head reader of the partitions split while it lives. It is dropped when the last of them
 /// is merged back, and a partition it read is not split again before then: a reader may still
 /// deliver messages it fetched earlier, and those must never count for a later split.
@@ -23,9 +34,11 @@ pub(super) struct CatchupSession {
 
 impl Worker {
     /// Splits each partition that is far behind (see `[catchup]`): the group's reader goes on
-    /// draining its backlog while the head reader takes fresh events from the log end. Also
-    /// retries handing split partitions to the head reader.
-    pub(super) async fn split_lagging(&self, run: &mut Run) {
+    /// draining its backlog while the head reader takes fresh events from the log end. The log
+    /// end is a broker round trip (slow on a busy broker), so it is fetched off the loop and the
+    /// split made when it arrives ([`Worker::split_at`]); fresh events keep flowing meanwhile.
+    /// Also retries handing split partitions to the head reader.
+    pub(super) fn split_lagging(&self, run: &mut Run) {
         let c = &self.settings.catchup;
         if !c.enabled {
             return;
@@ -42,11 +55,7 @@ impl Worker {
             .sum();
         let wait_ms = behind_in_order as f64 * 1000.0 / run.intake_per_s.max(1.0);
         for tp in &assigned {
-            let finished_here = run
-                .session
-                .as_ref()
-                .is_some_and(|s| s.finished.contains(tp));
-            if run.tracker.is_split(tp) || finished_here {
+            if run.tracker.is_split(tp) || self.finished(run, tp) || run.splitting.contains(tp) {
                 continue;
             }
             let Some(&high) = hw.get(tp) else { continue };
@@ -77,46 +86,98 @@ impl Worker {
             }
             // The exact log end: the head reader must start on a batch boundary, and a
             // statistics watermark may be stale.
-            let (consumer, topic, partition) = (self.consumer.clone(), tp.0.clone(), tp.1);
-            let end = tokio::task::spawn_blocking(move || {
-                consumer.fetch_watermarks(&topic, partition, Duration::from_secs(5))
-            })
-            .await;
-            let end = match end {
-                Ok(Ok((_, end))) => end,
-                Ok(Err(e)) => {
-                    tracing::warn!(error = %e, topic = %tp.0, partition = tp.1, "cannot read the log end; not split");
-                    continue;
-                }
-                Err(_) => continue,
-            };
-            if run.session.is_none() {
-                match crate::consume::catchup_consumer(&self.settings) {
-                    Ok(consumer) => {
-                        run.session = Some(CatchupSession {
-                            consumer: Arc::new(consumer),
-                            finished: Default::default(),
-                        })
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "cannot create the head reader; reading the backlog in order");
-                        return;
-                    }
-                }
-            }
-            if !run.tracker.split(tp, end) {
-                continue;
-            }
-            CatchupStarted {
-                topic: &tp.0,
-                partition: tp.1,
-                from,
-                to: end,
-                behind_ms,
-            }
-            .emit(&self.metrics);
-            run.catching_up.insert(tp.clone(), false);
+            run.splitting.insert(tp.clone());
+            let (consumer, tx, tp) = (self.consumer.clone(), run.log_ends.clone(), tp.clone());
+            tokio::spawn(async move {
+                let (topic, partition) = (tp.0.clone(), tp.1);
+                let asked = std::time::Instant::now();
+                let end = tokio::task::spawn_blocking(move || {
+                    consumer.fetch_watermarks(&topic, partition, Duration::from_secs(5))
+                })
+                .await;
+                let end = match end {
+                    Ok(Ok((_, end))) => Ok(end),
+                    Ok(Err(e)) => Err(e.to_string()),
+                    Err(e) => Err(e.to_string()),
+                };
+                // The loop owns the receiver for as long as it runs.
+                let _ = tx
+                    .send(LogEnd {
+                        tp,
+                        from,
+                        behind_ms,
+                        end,
+                        took: asked.elapsed(),
+                    })
+                    .await;
+            });
         }
+        self.give_to_head_reader(run);
+        self.set_catchup_gauge(run);
+    }
+
+    /// A split partition the head reader let go while it lives (not split again before then).
+    fn finished(&self, run: &Run, tp: &Tp) -> bool {
+        run.session
+            .as_ref()
+            .is_some_and(|s| s.finished.contains(tp))
+    }
+
+    /// Splits a partition at the log end fetched for it, unless it no longer qualifies: revoked
+    /// meanwhile, split or let go already, or read past that end by the group's reader.
+    pub(super) fn split_at(&self, run: &mut Run, fetched: LogEnd) {
+        let LogEnd {
+            tp,
+            from,
+            behind_ms,
+            end,
+            took,
+        } = fetched;
+        run.splitting.remove(&tp);
+        let end = match end {
+            Ok(end) => end,
+            Err(e) => {
+                tracing::warn!(error = %e, topic = %tp.0, partition = tp.1, took_ms = took.as_millis() as u64, "cannot read the log end; not split");
+                return;
+            }
+        };
+        let assigned = self.shared.snapshot().0;
+        if !assigned.contains(&tp) || run.tracker.is_split(&tp) || self.finished(run, &tp) {
+            return;
+        }
+        if run.session.is_none() {
+            match crate::consume::catchup_consumer(&self.settings) {
+                Ok(consumer) => {
+                    run.session = Some(CatchupSession {
+                        consumer: Arc::new(consumer),
+                        finished: Default::default(),
+                    })
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot create the head reader; reading the backlog in order");
+                    return;
+                }
+            }
+        }
+        if !run.tracker.split(&tp, end) {
+            return;
+        }
+        CatchupStarted {
+            topic: &tp.0,
+            partition: tp.1,
+            from,
+            to: end,
+            behind_ms,
+            log_end_ms: took.as_millis() as u64,
+        }
+        .emit(&self.metrics);
+        run.catching_up.insert(tp, false);
+        self.give_to_head_reader(run);
+        self.set_catchup_gauge(run);
+    }
+
+    /// Hands split partitions not yet given to the head reader (retried on failure).
+    fn give_to_head_reader(&self, run: &mut Run) {
         if let Some(session) = run.session.as_ref() {
             for (tp, given) in run.catching_up.iter_mut().filter(|(_, g)| !**g) {
                 let mut list = rdkafka::TopicPartitionList::new();
@@ -130,7 +191,6 @@ impl Worker {
                 }
             }
         }
-        self.set_catchup_gauge(run);
     }
 
     fn set_catchup_gauge(&self, run: &Run) {

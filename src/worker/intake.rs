@@ -253,7 +253,7 @@ impl Worker {
                     .await;
                 self.catchup_progress(run);
                 // A partition far behind is split as soon as its messages show it.
-                self.split_lagging(run).await;
+                self.split_lagging(run);
             }
             Err(e) => {
                 tracing::warn!(error = %e, "consumer error; librdkafka retries");
