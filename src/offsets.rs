@@ -88,6 +88,10 @@ impl OffsetTracker {
                 sp.head_stopped = true;
                 if offset < sp.head_next {
                     p.next = offset + 1;
+                    // The head reader's messages, read again: as fresh as they are. (Left at the
+                    // backlog's last, the partition would look minutes behind once the readers
+                    // merge, and be split again for nothing.)
+                    p.last_received_ts = timestamp_ms.or(p.last_received_ts);
                     if offset + 1 == sp.head_next {
                         p.split = None;
                     }
@@ -324,10 +328,16 @@ mod tests {
             Some(11),
             "9, and the head's 10 and 11, done: commit 12"
         );
+        assert_eq!(t.last_received_ts(&tp), Some(109));
         assert_eq!(
-            t.received(&tp, 10, None),
+            t.received(&tp, 10, Some(110)),
             Received::Duplicate,
             "the head had it"
+        );
+        assert_eq!(
+            t.last_received_ts(&tp),
+            Some(110),
+            "the group's reader is as fresh as what it reads again"
         );
         assert!(
             !t.received_head(&tp, 12, None),
