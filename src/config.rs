@@ -204,6 +204,11 @@ pub struct CatchupSettings {
     /// coalescing and throughput, yet small enough that a fresh window waits at most one backlog
     /// window's write (~0.2 s at 4096 on 2 cores).
     pub max_pairs: usize,
+    /// While a backlog drains, fan-out and tick chunks fill a fresh window only up to this many
+    /// pairs (`batch.job_pairs` otherwise): the fresh lane's member updates and new candidates
+    /// wait for shorter windows, and the backlog gets its share of the writer sooner. Fresh
+    /// candidate updates wait longer meanwhile; they merge into their queued fan-outs.
+    pub job_pairs: usize,
     /// The share of written rows the backlog gets while fresh windows are due too (0 to 1):
     /// at 0.5, a backlog window goes ahead of a due fresh one only after as many fresh rows were
     /// written as backlog rows. When no fresh window is due the backlog takes the whole writer.
@@ -225,6 +230,7 @@ impl Default for CatchupSettings {
             min_messages: 1_000,
             max_wait_ms: 200,
             max_pairs: 4096,
+            job_pairs: 256,
             backlog_share: 0.5,
             min_interval_ms: 2_000,
         }
@@ -530,6 +536,7 @@ impl Settings {
             ),
             ("catchup.min_messages", self.catchup.min_messages),
             ("catchup.max_pairs", self.catchup.max_pairs as u64),
+            ("catchup.job_pairs", self.catchup.job_pairs as u64),
             ("decay.shards", u64::from(self.decay.shards)),
             ("decay.chunk", self.decay.chunk as u64),
             ("decay.max_interval_secs", self.decay.max_interval_secs),

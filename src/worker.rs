@@ -303,7 +303,7 @@ impl Worker {
             // is for fresh events. Fan-outs soak up whatever the writer has to spare, so with
             // more they would make every window, and the wait of every fresh event in it, as
             // large as the group commit allows.
-            let jobs_cap = self.settings.batch.job_pairs;
+            let jobs_cap = self.live_job_pairs(&run);
             let step_live_jobs = run.window.size() < jobs_cap && run.jobs.runnable();
             let step_backlog_jobs = !backlog_full && run.backlog_jobs.runnable();
             let step_jobs = step_live_jobs || step_backlog_jobs;
@@ -473,9 +473,24 @@ impl Worker {
         Ok(())
     }
 
+    /// The most fan-out and tick pairs a fresh window takes: `catchup.job_pairs` while a backlog
+    /// drains (split partitions, backlog work queued or held), else `batch.job_pairs`.
+    fn live_job_pairs(&self, run: &Run) -> usize {
+        let draining = !run.catching_up.is_empty()
+            || !run.backlog.is_empty()
+            || !run.backlog_jobs.is_empty()
+            || run.backlog_hold.held() > 0;
+        if draining {
+            self.settings.catchup.job_pairs
+        } else {
+            self.settings.batch.job_pairs
+        }
+    }
+
     /// Advances one fan-out or tick by a chunk, retrying Redis until the hard stop.
     async fn step_jobs(&self, run: &mut Run, lane: Lane, hard_stop: &CancellationToken) {
         let (mut fc, mut tc) = (self.settings.batch.fanout_chunk, self.settings.decay.chunk);
+        let cap = self.live_job_pairs(run);
         let mut attempt = 0;
         let (jobs, window) = match lane {
             Lane::Live => (&mut run.jobs, &mut run.window),
@@ -483,12 +498,7 @@ impl Worker {
         };
         if lane == Lane::Live {
             // A chunk takes no more than the fresh window has room for jobs.
-            let room = self
-                .settings
-                .batch
-                .job_pairs
-                .saturating_sub(window.size())
-                .max(1);
+            let room = cap.saturating_sub(window.size()).max(1);
             (fc, tc) = (fc.min(room), tc.min(room));
         }
         while let Err(e) = jobs.step(&self.store, window, fc, tc).await {
