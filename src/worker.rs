@@ -32,6 +32,7 @@ use tokio_util::sync::CancellationToken;
 mod catchup;
 mod hold;
 mod intake;
+mod jobs;
 mod retry;
 mod shares;
 mod writer;
@@ -39,7 +40,6 @@ mod writer;
 use catchup::{CatchupSession, LogEnd};
 use hold::MemberHold;
 use intake::take_fetched;
-use retry::backoff;
 use shares::LaneShares;
 use writer::InFlight;
 
@@ -471,51 +471,6 @@ impl Worker {
         }
         self.consumer.unsubscribe();
         Ok(())
-    }
-
-    /// The most fan-out and tick pairs a fresh window takes: `catchup.job_pairs` while a backlog
-    /// drains (split partitions, backlog work queued or held), else `batch.job_pairs`.
-    fn live_job_pairs(&self, run: &Run) -> usize {
-        let draining = !run.catching_up.is_empty()
-            || !run.backlog.is_empty()
-            || !run.backlog_jobs.is_empty()
-            || run.backlog_hold.held() > 0;
-        if draining {
-            self.settings.catchup.job_pairs
-        } else {
-            self.settings.batch.job_pairs
-        }
-    }
-
-    /// Advances one fan-out or tick by a chunk, retrying Redis until the hard stop.
-    async fn step_jobs(&self, run: &mut Run, lane: Lane, hard_stop: &CancellationToken) {
-        let (mut fc, mut tc) = (self.settings.batch.fanout_chunk, self.settings.decay.chunk);
-        let cap = self.live_job_pairs(run);
-        let mut attempt = 0;
-        let (jobs, window) = match lane {
-            Lane::Live => (&mut run.jobs, &mut run.window),
-            Lane::Backlog => (&mut run.backlog_jobs, &mut run.backlog),
-        };
-        if lane == Lane::Live {
-            // A chunk takes no more than the fresh window has room for jobs.
-            let room = cap.saturating_sub(window.size()).max(1);
-            (fc, tc) = (fc.min(room), tc.min(room));
-        }
-        while let Err(e) = jobs.step(&self.store, window, fc, tc).await {
-            attempt += 1;
-            if !backoff(
-                "expand",
-                &e.to_string(),
-                attempt,
-                &self.metrics,
-                &self.health,
-                hard_stop,
-            )
-            .await
-            {
-                break;
-            }
-        }
     }
 
     fn rebalanced(&self, run: &mut Run, ev: RebalanceEvent) {

@@ -1,0 +1,185 @@
+//! Loading the settings: file, then environment, then `--set` overrides, then validation.
+
+use std::path::{Path, PathBuf};
+
+use super::{ConfigError, Settings};
+
+/// Splits a dotted `--set` key; librdkafka option names keep their dots (`kafka.options.sasl.username`).
+fn dotted(key: &str) -> Vec<String> {
+    let parts: Vec<&str> = key.split('.').collect();
+    if parts.len() > 3 && parts[0] == "kafka" && parts[1] == "options" {
+        vec!["kafka".into(), "options".into(), parts[2..].join(".")]
+    } else {
+        parts.into_iter().map(str::to_owned).collect()
+    }
+}
+
+/// Sets the value at `parts` in `table` to `raw`, parsed as a TOML value when it is one, else a
+/// string.
+fn set_path(table: &mut toml::Table, parts: &[String], raw: &str) -> Result<(), String> {
+    let value = toml::from_str::<toml::Table>(&format!("v = {raw}"))
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(raw.to_owned()));
+    let (last, parents) = parts.split_last().ok_or("empty key")?;
+    let mut cur = table;
+    for p in parents {
+        let entry = cur
+            .entry((*p).to_owned())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        cur = entry
+            .as_table_mut()
+            .ok_or_else(|| format!("`{p}` is not a section"))?;
+    }
+    cur.insert((*last).to_owned(), value);
+    Ok(())
+}
+
+impl Settings {
+    /// Reads `path` (if given), applies `RESCORER__SECTION__FIELD` variables from `env`, then
+    /// `overrides` (`section.field=value`), and validates the result.
+    pub fn load(
+        path: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+        overrides: &[String],
+    ) -> Result<Self, ConfigError> {
+        let shown = path
+            .map(Path::to_owned)
+            .unwrap_or_else(|| PathBuf::from("(defaults)"));
+        let mut table = match path {
+            Some(p) => {
+                let text = std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+                    path: p.to_owned(),
+                    source,
+                })?;
+                toml::from_str::<toml::Table>(&text).map_err(|e| ConfigError::Parse {
+                    path: p.to_owned(),
+                    message: e.to_string(),
+                })?
+            }
+            None => toml::Table::new(),
+        };
+        let parse_err = |message: String| ConfigError::Parse {
+            path: shown.clone(),
+            message,
+        };
+        for (k, v) in env {
+            if let Some(rest) = k.strip_prefix("RESCORER__") {
+                let parts: Vec<String> = rest.split("__").map(str::to_lowercase).collect();
+                set_path(&mut table, &parts, &v)
+                    .map_err(|e| parse_err(format!("environment {k}: {e}")))?;
+            }
+        }
+        for o in overrides {
+            let (k, v) = o
+                .split_once('=')
+                .ok_or_else(|| parse_err(format!("--set {o}: expected section.field=value")))?;
+            set_path(&mut table, &dotted(k.trim()), v.trim())
+                .map_err(|e| parse_err(format!("--set {o}: {e}")))?;
+        }
+        let settings: Settings = serde_path_to_error::deserialize(toml::Value::Table(table))
+            .map_err(|e| ConfigError::Invalid {
+                path: shown.clone(),
+                field: e.path().to_string(),
+                problem: e.inner().to_string(),
+            })?;
+        settings.validate(&shown)?;
+        Ok(settings)
+    }
+
+    /// Checks what serde cannot, naming the field.
+    pub fn validate(&self, path: &Path) -> Result<(), ConfigError> {
+        self.model.validate(path)?;
+        let invalid = |field: &str, problem: &str| ConfigError::Invalid {
+            path: path.to_owned(),
+            field: field.to_owned(),
+            problem: problem.to_owned(),
+        };
+        let nonempty = [
+            ("kafka.bootstrap_servers", &self.kafka.bootstrap_servers),
+            ("kafka.group_id", &self.kafka.group_id),
+            ("topics.feature_updates", &self.topics.feature_updates),
+            ("topics.new_candidates", &self.topics.new_candidates),
+            ("topics.decay_ticks", &self.topics.decay_ticks),
+            ("topics.dlq", &self.topics.dlq),
+            ("redis.url", &self.redis.url),
+            ("output.key_prefix", &self.output.key_prefix),
+        ];
+        for (field, v) in nonempty {
+            if v.trim().is_empty() {
+                return Err(invalid(field, "must not be empty"));
+            }
+        }
+        let positive = [
+            ("batch.max_pairs", self.batch.max_pairs as u64),
+            ("batch.fanout_chunk", self.batch.fanout_chunk as u64),
+            ("batch.job_pairs", self.batch.job_pairs as u64),
+            ("batch.max_jobs", self.batch.max_jobs as u64),
+            (
+                "batch.fanout_interval_members",
+                self.batch.fanout_interval_members as u64,
+            ),
+            ("catchup.min_messages", self.catchup.min_messages),
+            ("catchup.max_pairs", self.catchup.max_pairs as u64),
+            ("catchup.job_pairs", self.catchup.job_pairs as u64),
+            ("decay.shards", u64::from(self.decay.shards)),
+            ("decay.chunk", self.decay.chunk as u64),
+            ("decay.max_interval_secs", self.decay.max_interval_secs),
+            ("output.top_n", self.output.top_n as u64),
+            ("output.ttl_secs", self.output.ttl_secs),
+            ("redis.timeout_ms", self.redis.timeout_ms),
+        ];
+        for (field, v) in positive {
+            if v == 0 {
+                return Err(invalid(field, "must be at least 1"));
+            }
+        }
+        if self.decay.min_interval_secs > self.decay.max_interval_secs {
+            return Err(invalid(
+                "decay.min_interval_secs",
+                "must not exceed decay.max_interval_secs",
+            ));
+        }
+        if !(self.catchup.backlog_share > 0.0 && self.catchup.backlog_share < 1.0) {
+            return Err(invalid(
+                "catchup.backlog_share",
+                "must be between 0 and 1 (exclusive)",
+            ));
+        }
+        if !(self.decay.age_fraction > 0.0 && self.decay.age_fraction.is_finite()) {
+            return Err(invalid("decay.age_fraction", "must be a positive number"));
+        }
+        if self.http.listen.parse::<std::net::SocketAddr>().is_err() {
+            return Err(invalid(
+                "http.listen",
+                "must be an address like 0.0.0.0:9464",
+            ));
+        }
+        Ok(())
+    }
+
+    /// What is safe to log: no passwords, no librdkafka option values.
+    pub fn summary(&self) -> String {
+        let redis = match self.redis.url.split_once('@') {
+            Some((scheme_auth, host)) => {
+                let scheme = scheme_auth.split("://").next().unwrap_or("redis");
+                format!("{scheme}://***@{host}")
+            }
+            None => self.redis.url.clone(),
+        };
+        format!(
+            "kafka={} group={} options=[{}] redis={} cluster={} model={} device={:?} batch={}/{}ms top_n={} prefix={}",
+            self.kafka.bootstrap_servers,
+            self.kafka.group_id,
+            self.kafka.options.keys().cloned().collect::<Vec<_>>().join(","),
+            redis,
+            self.redis.cluster,
+            self.model.spec.display(),
+            self.model.device,
+            self.batch.max_pairs,
+            self.batch.max_wait_ms,
+            self.output.top_n,
+            self.output.key_prefix,
+        )
+    }
+}
