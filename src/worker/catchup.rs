@@ -36,8 +36,9 @@ impl Worker {
     /// Splits each partition that is far behind (see `[catchup]`): the group's reader goes on
     /// draining its backlog while the head reader takes fresh events from the log end. The log
     /// end is a broker round trip (slow on a busy broker), so it is fetched off the loop and the
-    /// split made when it arrives ([`Worker::split_at`]); fresh events keep flowing meanwhile.
-    /// Also retries handing split partitions to the head reader.
+    /// split made when it arrives ([`Worker::split_at`]): meanwhile the group's reader waits,
+    /// while writes, the head reader and jobs go on. Also retries handing split partitions to the
+    /// head reader.
     pub(super) fn split_lagging(&self, run: &mut Run) {
         let c = &self.settings.catchup;
         if !c.enabled {
