@@ -132,8 +132,8 @@ pub struct BatchSettings {
     pub max_wait_ms: u64,
     /// Members scanned per chunk of a candidate's fan-out (interleaved with other work).
     pub fanout_chunk: usize,
-    /// Fan-out and decay-tick chunks fill a fresh window only up to this many pairs; the rest of
-    /// the window is for fresh events. A fan-out pair costs a member's whole write (one script
+    /// Fan-out and decay-tick chunks fill a fresh window only up to this many pairs (and never
+    /// past `max_pairs`); the rest of the window is for fresh events. A fan-out pair costs a member's whole write (one script
     /// call, one load) for a single row, several times a member-wide rescoring's cost per row,
     /// so this bounds how long fan-outs make a window, and every fresh event waiting on it.
     /// Lower favours member updates and new candidates; candidate updates then wait longer for
@@ -205,7 +205,7 @@ pub struct CatchupSettings {
     /// window's write (~0.2 s at 4096 on 2 cores).
     pub max_pairs: usize,
     /// While a backlog drains, fan-out and tick chunks fill a fresh window only up to this many
-    /// pairs (`batch.job_pairs` otherwise): the fresh lane's member updates and new candidates
+    /// pairs (when lower than `batch.job_pairs`, which applies otherwise): the fresh lane's member updates and new candidates
     /// wait for shorter windows, and the backlog gets its share of the writer sooner. Fresh
     /// candidate updates wait longer meanwhile; they merge into their queued fan-outs.
     pub job_pairs: usize,

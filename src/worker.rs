@@ -146,6 +146,8 @@ struct Run {
     /// Partitions whose log end is being fetched for a split, and where the fetches report.
     splitting: std::collections::HashSet<Tp>,
     log_ends: mpsc::Sender<LogEnd>,
+    /// Partitions whose last split failed (no log end, no head reader): not tried again before.
+    split_retry_at: HashMap<Tp, Instant>,
     /// Recent average pairs per whole-member trigger (windows are sized in estimated rows);
     /// `None` until a window has measured it.
     member_weight: Option<f64>,
@@ -205,6 +207,7 @@ impl Worker {
             session: None,
             splitting: Default::default(),
             log_ends,
+            split_retry_at: HashMap::new(),
             member_weight: None,
             shares: LaneShares::new(
                 self.settings.catchup.backlog_share,
@@ -299,7 +302,8 @@ impl Worker {
             // reader goes first.
             let group_first = head_intake && run.head_turn_taken && run.shares.backlog_first();
             let release_at = run.backlog_hold.next_release().filter(|_| !backlog_full);
-            // Fan-out and tick chunks fill a fresh window only up to `batch.job_pairs`; the rest
+            // Fan-out and tick chunks fill a fresh window only up to `batch.job_pairs` (at most
+            // `max_pairs`; lower while a backlog drains, `catchup.job_pairs`); the rest
             // is for fresh events. Fan-outs soak up whatever the writer has to spare, so with
             // more they would make every window, and the wait of every fresh event in it, as
             // large as the group commit allows.

@@ -12,6 +12,9 @@ use super::{chrono_now_ms, Run, Worker};
 use crate::internal_events::CatchupStarted;
 use crate::offsets::Tp;
 
+/// How long a partition whose split failed waits before it is tried again.
+const SPLIT_RETRY: Duration = Duration::from_secs(5);
+
 /// A partition's log end, fetched off the loop for a split.
 pub(super) struct LogEnd {
     pub(super) tp: Tp,
@@ -59,6 +62,15 @@ impl Worker {
             if run.tracker.is_split(tp) || self.finished(run, tp) || run.splitting.contains(tp) {
                 continue;
             }
+            // The group's reader waits while a log end is fetched: a partition whose split just
+            // failed (a broker timing out, say) is not tried again at once.
+            if run
+                .split_retry_at
+                .get(tp)
+                .is_some_and(|at| *at > tokio::time::Instant::now())
+            {
+                continue;
+            }
             let Some(&high) = hw.get(tp) else { continue };
             // How far behind: the age of the last message read, or the wait a fresh event would
             // have at the recent intake rate (a backlog written moments ago is young, yet minutes
@@ -87,6 +99,8 @@ impl Worker {
             }
             // The exact log end: the head reader must start on a batch boundary, and a
             // statistics watermark may be stale.
+            // A fetch still running at shutdown holds the consumer until it answers or times out
+            // (5 s); its result is then dropped.
             run.splitting.insert(tp.clone());
             let (consumer, tx, tp) = (self.consumer.clone(), run.log_ends.clone(), tp.clone());
             tokio::spawn(async move {
@@ -135,13 +149,16 @@ impl Worker {
             took,
         } = fetched;
         run.splitting.remove(&tp);
+        let retry_at = tokio::time::Instant::now() + SPLIT_RETRY;
         let end = match end {
             Ok(end) => end,
             Err(e) => {
                 tracing::warn!(error = %e, topic = %tp.0, partition = tp.1, took_ms = took.as_millis() as u64, "cannot read the log end; not split");
+                run.split_retry_at.insert(tp, retry_at);
                 return;
             }
         };
+        run.split_retry_at.remove(&tp);
         let assigned = self.shared.snapshot().0;
         if !assigned.contains(&tp) || run.tracker.is_split(&tp) || self.finished(run, &tp) {
             return;
@@ -156,6 +173,7 @@ impl Worker {
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot create the head reader; reading the backlog in order");
+                    run.split_retry_at.insert(tp, retry_at);
                     return;
                 }
             }

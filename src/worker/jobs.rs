@@ -6,17 +6,20 @@ use super::retry::backoff;
 use super::{Lane, Run, Worker};
 
 impl Worker {
-    /// The most fan-out and tick pairs a fresh window takes: `catchup.job_pairs` while a backlog
-    /// drains (split partitions, backlog work queued or held), else `batch.job_pairs`.
+    /// The most fan-out and tick pairs a fresh window takes: `batch.job_pairs`, never more than
+    /// `batch.max_pairs`, and no more than `catchup.job_pairs` while a backlog drains (split
+    /// partitions, backlog work queued or held).
     pub(super) fn live_job_pairs(&self, run: &Run) -> usize {
+        let b = &self.settings.batch;
+        let cap = b.job_pairs.min(b.max_pairs);
         let draining = !run.catching_up.is_empty()
             || !run.backlog.is_empty()
             || !run.backlog_jobs.is_empty()
             || run.backlog_hold.held() > 0;
         if draining {
-            self.settings.catchup.job_pairs
+            cap.min(self.settings.catchup.job_pairs)
         } else {
-            self.settings.batch.job_pairs
+            cap
         }
     }
 
