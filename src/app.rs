@@ -24,9 +24,8 @@ pub async fn connect_store(
     let mut delay = Duration::from_millis(200);
     loop {
         let attempt = async {
-            let conn =
-                crate::store::connect(&settings.redis.url, settings.redis.cluster, timeout).await?;
-            let store = Store::new(conn, keys.clone());
+            let (url, cluster) = (&settings.redis.url, settings.redis.cluster);
+            let store = Store::connect(url, cluster, timeout, keys.clone()).await?;
             store.load_scripts().await?;
             Ok::<_, crate::store::StoreError>(store)
         };
@@ -63,6 +62,10 @@ pub async fn run_worker(
 ) -> anyhow::Result<()> {
     tracing::info!(settings = %settings.summary(), "starting");
     let health = Arc::new(Health::default());
+    let stall_ms = settings.http.stall_timeout_secs.saturating_mul(1000);
+    health
+        .stall_timeout_ms
+        .store(i64::try_from(stall_ms).unwrap_or(i64::MAX), Ordering::Relaxed);
     let addr = settings.http.listen.parse().context("http.listen")?;
     let bound = crate::http::serve(addr, metrics.clone(), health.clone(), shutdown.clone())
         .await

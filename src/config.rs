@@ -104,8 +104,16 @@ pub struct RedisSettings {
     pub url: String,
     /// Redis Cluster (all keys carry hash tags).
     pub cluster: bool,
-    /// Connect and response timeout; a slower reply counts as an outage and is retried.
+    /// Connect and response timeout; a slower reply counts as an outage and is retried (in
+    /// smaller round trips).
     pub timeout_ms: u64,
+    /// An error that is not an outage (READONLY from a node a failover demoted, WRONGPASS,
+    /// NOPERM, WRONGTYPE, an unexpected reply, a model failure while writing) is retried this
+    /// long, then the worker exits non-zero so that the orchestrator restarts it with fresh
+    /// connections; nothing past the last acknowledged write is committed. 60 s: longer than a
+    /// Redis failover takes. Outages (no connection, timeouts, LOADING, CLUSTERDOWN, OOM) are
+    /// retried for as long as they last.
+    pub give_up_after_secs: u64,
 }
 
 impl Default for RedisSettings {
@@ -114,6 +122,7 @@ impl Default for RedisSettings {
             url: "redis://127.0.0.1:6379".into(),
             cluster: false,
             timeout_ms: 2000,
+            give_up_after_secs: 60,
         }
     }
 }
@@ -274,10 +283,11 @@ impl Default for DecaySettings {
 impl DecaySettings {
     /// When a pair scored as of `as_of_ms` whose moment was at `moment_ts_ms` is due again.
     pub fn next_due(&self, as_of_ms: i64, moment_ts_ms: i64) -> i64 {
-        let age_ms = (as_of_ms - moment_ts_ms).max(0) as f64;
-        let min = (self.min_interval_secs * 1000) as f64;
-        let max = (self.max_interval_secs * 1000) as f64;
-        as_of_ms + (age_ms * self.age_fraction).clamp(min, max) as i64
+        // Saturating throughout: event times are bounded at decode, intervals by nothing but u64.
+        let age_ms = as_of_ms.saturating_sub(moment_ts_ms).max(0) as f64;
+        let min = self.min_interval_secs.saturating_mul(1000) as f64;
+        let max = self.max_interval_secs.saturating_mul(1000) as f64;
+        as_of_ms.saturating_add((age_ms * self.age_fraction).clamp(min, max) as i64)
     }
 }
 
@@ -310,12 +320,20 @@ impl Default for OutputSettings {
 #[serde(deny_unknown_fields, default)]
 pub struct HttpSettings {
     pub listen: String,
+    /// `/healthz` fails (503, `rescorer_unhealthy{reason="stalled"}` 1) once input has been
+    /// pending (lag, an open window or a job) this long with no progress (no message finished, no
+    /// window written), so the orchestrator restarts a stuck pod. 300 s: far above the longest
+    /// legitimate pause (a Redis outage is retried with backoff capped at 5 s, and a restart would
+    /// not end an outage sooner), short enough that a wedged worker does not hold its partitions
+    /// for long. 0 turns the check off.
+    pub stall_timeout_secs: u64,
 }
 
 impl Default for HttpSettings {
     fn default() -> Self {
         Self {
             listen: "0.0.0.0:9464".into(),
+            stall_timeout_secs: 300,
         }
     }
 }

@@ -1,7 +1,8 @@
 //! Decode stage: a Kafka message's value → a typed, validated event, or the reason it is invalid.
 //!
 //! Guarantee: every message is either an [`Event`] whose ids, timestamps and feature values are
-//! valid (non-empty ids of at most 128 bytes, non-negative integer `ts`, finite numbers), or a
+//! valid (non-empty ids of at most 128 bytes, integer `ts` in `0..=`[`MAX_TS_MS`] (year 9999),
+//! numbers that are finite as float32, the model's input type), or a
 //! [`DecodeError`] whose text says why. Decoding is pure and deterministic, so an invalid message
 //! is dead-lettered and committed; it never blocks its partition. The ids in the value are the
 //! truth; the message key only routes.
@@ -12,6 +13,10 @@ use crate::model::FeatureMap;
 
 /// Longest id accepted, in bytes.
 pub const MAX_ID_BYTES: usize = 128;
+
+/// Latest event time accepted (ms): 9999-12-31T23:59:59.999Z. Event times are added to (decay
+/// intervals, due times); bounding them here keeps every sum far from `i64::MAX`.
+pub const MAX_TS_MS: i64 = 253_402_300_799_999;
 
 /// Which input topic a message came from; it decides the schema.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -222,8 +227,11 @@ fn ts(obj: &Map<String, Value>) -> Result<i64, DecodeError> {
     match obj.get("ts") {
         None => err("missing field `ts`"),
         Some(Value::Number(n)) => match n.as_u64() {
-            Some(t) if t <= i64::MAX as u64 => Ok(t as i64),
-            _ => err(format!(
+            Some(t) if t <= MAX_TS_MS as u64 => Ok(t as i64),
+            Some(_) => err(format!(
+                "field `ts` is after year 9999 (at most {MAX_TS_MS} ms), got {n}"
+            )),
+            None => err(format!(
                 "field `ts` must be a non-negative integer (ms), got {n}"
             )),
         },
@@ -236,6 +244,12 @@ fn ts(obj: &Map<String, Value>) -> Result<i64, DecodeError> {
 fn number(v: &Value, field: &str, name: &str) -> Result<f64, DecodeError> {
     match v {
         Value::Number(n) => match n.as_f64() {
+            // The model takes float32: a value past its range would be refused at every
+            // rescoring of every pair it touches, so it is refused once, here.
+            Some(x) if x.is_finite() && !(x as f32).is_finite() => err(format!(
+                "{field}.{name} = {x:e} overflows float32 (largest magnitude {:e})",
+                f32::MAX
+            )),
             Some(x) if x.is_finite() => Ok(x),
             _ => err(format!("{field}.{name} is not a finite number")),
         },
@@ -391,6 +405,23 @@ mod tests {
                 "pair_features.a",
             ),
             (DecayTicks, r#"{"ts": null}"#, "non-negative integer"),
+            (DecayTicks, r#"{"ts": 9223372036854775807}"#, "after year 9999"),
+            (DecayTicks, r#"{"ts": 253402300800000}"#, "after year 9999"),
+            (
+                FeatureUpdates,
+                r#"{"entity": "candidate", "id": "c", "features": {"a": 1e39}, "ts": 1}"#,
+                "features.a = 1e39 overflows float32",
+            ),
+            (
+                FeatureUpdates,
+                r#"{"entity": "candidate", "id": "c", "features": {"a": -3.5e38}, "ts": 1}"#,
+                "overflows float32",
+            ),
+            (
+                NewCandidates,
+                r#"{"member_id": "m", "candidate_id": "c", "reason": "x", "pair_features": {"a": 1e300}, "ts": 1}"#,
+                "pair_features.a = 1e300 overflows float32",
+            ),
         ];
         for (kind, input, want) in cases {
             let got = reason(*kind, input);
@@ -406,6 +437,20 @@ mod tests {
             decode(DecayTicks, None).unwrap_err().0,
             "message has no value"
         );
+    }
+
+    #[test]
+    fn the_edges_of_the_ranges_are_valid() {
+        let tick = format!(r#"{{"ts": {MAX_TS_MS}}}"#);
+        assert_eq!(
+            d(TopicKind::DecayTicks, &tick).unwrap(),
+            Event::Tick(DecayTick { ts: MAX_TS_MS })
+        );
+        let big = format!(
+            r#"{{"entity": "candidate", "id": "c", "features": {{"a": {:e}}}, "ts": 1}}"#,
+            f32::MAX
+        );
+        assert!(d(TopicKind::FeatureUpdates, &big).is_ok(), "{big}");
     }
 
     #[test]

@@ -37,6 +37,8 @@ pub struct FlushStats {
     pub gone: usize,
     /// Pairs whose stored features the model refuses (never expected: input is validated).
     pub refused: usize,
+    /// Pairs the model gave a NaN or infinite score: skipped, tried again a decay interval later.
+    pub non_finite: usize,
     /// Reading the members' and candidates' state.
     pub load_seconds: f64,
     pub model_seconds: f64,
@@ -166,6 +168,8 @@ impl Flusher<'_> {
         let mut matrix = Vec::with_capacity(rows.len() * layout.width());
         let mut kept: Vec<&Row<'_>> = Vec::with_capacity(rows.len());
         let mut retry_later: Vec<(&str, &str, i64)> = Vec::new();
+        let max_ms = self.decay.max_interval_secs.saturating_mul(1000);
+        let later = |as_of: i64| as_of.saturating_add(i64::try_from(max_ms).unwrap_or(i64::MAX));
         for r in &rows {
             let m = by_member[r.member];
             let p = &m.pairs[r.candidate];
@@ -182,8 +186,7 @@ impl Flusher<'_> {
                 Err(e) => {
                     tracing::error!(error = %e, "stored features refused by the model; pair skipped");
                     stats.refused += 1;
-                    let later = r.as_of + (self.decay.max_interval_secs * 1000) as i64;
-                    retry_later.push((r.member, r.candidate, later));
+                    retry_later.push((r.member, r.candidate, later(r.as_of)));
                 }
             }
         }
@@ -200,6 +203,13 @@ impl Flusher<'_> {
 
         let mut per_member: HashMap<&str, Vec<(ScoreWrite, i64)>> = HashMap::new();
         for (r, s) in kept.iter().zip(&scores) {
+            if !s.is_finite() {
+                // Redis refuses a NaN score and would fail the whole window, forever: the pair is
+                // skipped (counted, logged) and tried again a decay interval later.
+                stats.non_finite += 1;
+                retry_later.push((r.member, r.candidate, later(r.as_of)));
+                continue;
+            }
             per_member.entry(r.member).or_default().push((
                 ScoreWrite {
                     candidate: r.candidate.to_owned(),

@@ -1,4 +1,4 @@
-//! `/metrics` (Prometheus text), `/healthz` (process alive), `/readyz` (model loaded, Redis
+//! `/metrics` (Prometheus text), `/healthz` (alive and not stalled), `/readyz` (model loaded, Redis
 //! reachable, partitions assigned) on one port.
 
 use std::net::SocketAddr;
@@ -30,8 +30,16 @@ async fn metrics_text(State(s): State<AppState>) -> impl IntoResponse {
     )
 }
 
-async fn healthz() -> &'static str {
-    "ok\n"
+/// 200 while the worker makes progress; 503 once input has been pending with no progress for
+/// `http.stall_timeout_secs` (a stuck worker: the orchestrator restarts it).
+async fn healthz(State(s): State<AppState>) -> (StatusCode, String) {
+    match s.health.stalled_ms(crate::worker::chrono_now_ms()) {
+        None => (StatusCode::OK, "ok\n".into()),
+        Some(ms) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("stalled: input pending and no progress for {} s\n", ms / 1000),
+        ),
+    }
 }
 
 async fn readyz(State(s): State<AppState>) -> (StatusCode, String) {

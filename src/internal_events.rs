@@ -105,6 +105,23 @@ impl ScoresWritten<'_> {
             metrics.redis_write_seconds.observe(s.redis_write_seconds);
         }
         metrics.scores_superseded_total.inc_by(s.superseded as u64);
+        for (reason, n) in [
+            ("features_refused", s.refused),
+            ("non_finite_score", s.non_finite),
+        ] {
+            if n > 0 {
+                metrics
+                    .pairs_skipped_total
+                    .with_label_values(&[reason])
+                    .inc_by(n as u64);
+                warn!(
+                    lane = self.lane,
+                    reason,
+                    pairs = n,
+                    "pairs skipped: not scored this time, tried again a decay interval later"
+                );
+            }
+        }
         tracing::debug!(
             lane = self.lane,
             members = s.members,
@@ -164,5 +181,30 @@ impl CatchupStarted<'_> {
             log_end_ms = self.log_end_ms,
             "partition far behind: fresh events go to the head reader while the backlog drains"
         );
+    }
+}
+
+/// The worker stopped making progress with input pending (past `http.stall_timeout_secs`:
+/// `/healthz` fails), or made progress again.
+pub struct StallChanged {
+    pub stalled: bool,
+    /// How long input has waited with no progress (ms), when stalled.
+    pub idle_ms: i64,
+}
+
+impl StallChanged {
+    pub fn emit(&self, metrics: &Metrics) {
+        metrics
+            .unhealthy
+            .with_label_values(&["stalled"])
+            .set(i64::from(self.stalled));
+        if self.stalled {
+            tracing::error!(
+                idle_ms = self.idle_ms,
+                "no progress with input pending: /healthz fails so the worker is restarted"
+            );
+        } else {
+            info!("progress again: /healthz ok");
+        }
     }
 }

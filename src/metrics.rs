@@ -44,6 +44,14 @@ pub struct Metrics {
     pub catchup_partitions: IntGauge,
     /// Fan-outs and decay ticks in progress, by lane (at `batch.max_jobs` intake waits).
     pub jobs_in_progress: IntGaugeVec,
+    /// Pairs not scored this time, by reason (`features_refused`, `non_finite_score`): the rest
+    /// of the window is written, the pair is tried again a decay interval later.
+    pub pairs_skipped_total: IntCounterVec,
+    /// Dead letters whose original value or headers were cut to fit the broker's size limit.
+    pub dlq_truncated_total: IntCounter,
+    /// 1 while `/healthz` fails, by reason (`stalled`: input pending and no progress for
+    /// `health.stall_timeout_secs`).
+    pub unhealthy: IntGaugeVec,
 }
 
 /// Latency buckets from 100 µs to 10 s.
@@ -163,6 +171,27 @@ impl Metrics {
             &["lane"],
         )
         .expect("static metric definition is valid");
+        let pairs_skipped_total = IntCounterVec::new(
+            Opts::new(
+                "rescorer_pairs_skipped_total",
+                "Pairs not scored this time (tried again a decay interval later), by reason",
+            ),
+            &["reason"],
+        )
+        .expect("static metric definition is valid");
+        let dlq_truncated_total = IntCounter::new(
+            "rescorer_dlq_truncated_total",
+            "Dead letters whose original value or headers were cut to fit the broker's size limit",
+        )
+        .expect("static metric definition is valid");
+        let unhealthy = IntGaugeVec::new(
+            Opts::new(
+                "rescorer_unhealthy",
+                "1 while /healthz fails, by reason (stalled: input pending and no progress)",
+            ),
+            &["reason"],
+        )
+        .expect("static metric definition is valid");
         let this = Self {
             registry,
             model_info,
@@ -180,6 +209,9 @@ impl Metrics {
             ready,
             catchup_partitions,
             jobs_in_progress,
+            pairs_skipped_total,
+            dlq_truncated_total,
+            unhealthy,
         };
         for c in this.collectors() {
             this.registry
@@ -206,6 +238,9 @@ impl Metrics {
             Box::new(self.ready.clone()),
             Box::new(self.catchup_partitions.clone()),
             Box::new(self.jobs_in_progress.clone()),
+            Box::new(self.pairs_skipped_total.clone()),
+            Box::new(self.dlq_truncated_total.clone()),
+            Box::new(self.unhealthy.clone()),
         ]
     }
 

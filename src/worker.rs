@@ -19,7 +19,7 @@
 //! member updates are held per member for `catchup.min_interval_ms` (`worker/hold.rs`).
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -65,15 +65,42 @@ const MAX_INTAKE: usize = 512;
 /// How far a fresh window may grow (in `batch.max_pairs`) while the previous one is written.
 const LIVE_GROWTH: usize = 4;
 
-/// What `/readyz` reports.
+/// What `/readyz` and `/healthz` report.
 #[derive(Debug, Default)]
 pub struct Health {
     pub model_loaded: AtomicBool,
     pub redis_ok: AtomicBool,
     pub assigned: AtomicBool,
+    /// Wall clock (ms) of the last progress: a message finished (scored, dead-lettered, stale).
+    pub last_progress_ms: AtomicI64,
+    /// Wall clock (ms) since input has been pending (lag, an open window, a job); 0: none is.
+    pub pending_since_ms: AtomicI64,
+    /// `http.stall_timeout_secs` in ms; 0 turns the stall check off.
+    pub stall_timeout_ms: AtomicI64,
 }
 
 impl Health {
+    /// How long (ms) input has waited with no progress, when that is past the stall timeout:
+    /// the worker is stuck and `/healthz` fails so that the orchestrator restarts it.
+    pub fn stalled_ms(&self, now_ms: i64) -> Option<i64> {
+        let timeout = self.stall_timeout_ms.load(Ordering::Relaxed);
+        let since = self.pending_since_ms.load(Ordering::Relaxed);
+        if timeout <= 0 || since == 0 {
+            return None;
+        }
+        let idle = now_ms - since.max(self.last_progress_ms.load(Ordering::Relaxed));
+        (idle > timeout).then_some(idle)
+    }
+
+    /// Notes whether input is pending now (called once a second by the loop).
+    pub fn set_pending(&self, pending: bool, now_ms: i64) {
+        if !pending {
+            self.pending_since_ms.store(0, Ordering::Relaxed);
+        } else if self.pending_since_ms.load(Ordering::Relaxed) == 0 {
+            self.pending_since_ms.store(now_ms, Ordering::Relaxed);
+        }
+    }
+
     pub fn ready(&self) -> bool {
         self.model_loaded.load(Ordering::Relaxed)
             && self.redis_ok.load(Ordering::Relaxed)
@@ -163,6 +190,9 @@ struct Run {
     counts: LoopCounts,
     /// Messages taken in per second, both readers (smoothed over the last few seconds).
     intake_per_s: f64,
+    /// A failure no retry can fix: the loop stops, commits what is acknowledged and returns it,
+    /// so the process exits non-zero and the orchestrator restarts it.
+    fatal: Option<anyhow::Error>,
 }
 
 /// Loop activity per second, for the `loop state` debug line.
@@ -234,6 +264,7 @@ impl Worker {
             head_turn_taken: false,
             counts: LoopCounts::default(),
             intake_per_s: 0.0,
+            fatal: None,
         };
         let initial = INITIAL_MEMBER_WEIGHT.min(self.settings.batch.max_pairs);
         run.window.set_member_weight(initial);
@@ -258,7 +289,11 @@ impl Worker {
         let consumer = self.consumer.clone();
         let mut jobs_turn = false;
         let mut flight: Option<InFlight> = None;
+        let mut stalled = false;
         loop {
+            if run.fatal.is_some() {
+                break;
+            }
             let full = run.window.size() >= max_pairs;
             // While a window is being written, the next fresh one keeps filling up to
             // LIVE_GROWTH × max_pairs (a group commit: under load, more coalescing and fewer,
@@ -338,7 +373,8 @@ impl Worker {
                     let taken = f64::from(counts.group_messages + counts.head_messages);
                     run.intake_per_s = 0.5 * run.intake_per_s + 0.5 * taken;
                     self.split_lagging(&mut run);
-                    self.update_lag(&run.tracker);
+                    let lag = self.update_lag(&run.tracker);
+                    self.check_stall(&run, lag > 0, &mut stalled);
                     for (lane, jobs) in [("live", &run.jobs), ("backlog", &run.backlog_jobs)] {
                         self.metrics.jobs_in_progress.with_label_values(&[lane]).set(jobs.len() as i64);
                     }
@@ -445,6 +481,13 @@ impl Worker {
                 }
             }
         }
+        if let Some(fatal) = run.fatal.take() {
+            // Only what Redis acknowledged was stored: commit that, leave the rest for replay.
+            if let Err(e) = self.consumer.commit_consumer_state(CommitMode::Sync) {
+                tracing::warn!(error = %e, "commit before the fatal exit failed");
+            }
+            return Err(fatal);
+        }
         tracing::info!("shutting down: writing the current batches, then committing");
         run.backlog_hold.release(&mut run.backlog, true, 0);
         if let Some(f) = flight.take() {
@@ -498,9 +541,37 @@ impl Worker {
         self.metrics.ready.set(i64::from(self.health.ready()));
     }
 
+    /// How long an error that is not an outage is retried (`redis.give_up_after_secs`).
+    fn give_up_after(&self) -> Duration {
+        Duration::from_secs(self.settings.redis.give_up_after_secs)
+    }
+
+    /// Input is pending when a partition lags or work is open; with no progress for the stall
+    /// timeout the worker reports itself unhealthy (and says so once, and once when it recovers).
+    fn check_stall(&self, run: &Run, lagging: bool, stalled: &mut bool) {
+        let now = chrono_now_ms();
+        let pending = lagging
+            || !run.window.is_empty()
+            || !run.backlog.is_empty()
+            || !run.jobs.is_empty()
+            || !run.backlog_jobs.is_empty()
+            || run.backlog_hold.held() > 0;
+        self.health.set_pending(pending, now);
+        let idle = self.health.stalled_ms(now);
+        if idle.is_some() != *stalled {
+            *stalled = idle.is_some();
+            crate::internal_events::StallChanged {
+                stalled: *stalled,
+                idle_ms: idle.unwrap_or(0),
+            }
+            .emit(&self.metrics);
+        }
+    }
+
     /// Lag per assigned partition: high watermark (from fetch statistics) minus position, and the
-    /// age of the oldest unfinished message when behind.
-    fn update_lag(&self, tracker: &OffsetTracker) {
+    /// age of the oldest unfinished message when behind. Returns the total lag in messages.
+    fn update_lag(&self, tracker: &OffsetTracker) -> i64 {
+        let mut total = 0;
         let (assigned, hw) = self.shared.snapshot();
         let now = chrono_now_ms();
         for tp in &assigned {
@@ -514,6 +585,7 @@ impl Worker {
             };
             let pos = pos.unwrap_or(high).min(high);
             let lag = (high - pos).max(0);
+            total += lag;
             self.metrics
                 .consumer_lag
                 .with_label_values(&[&tp.0, &p])
@@ -532,11 +604,15 @@ impl Worker {
                 .set(secs);
         }
         self.metrics.ready.set(i64::from(self.health.ready()));
+        total
     }
 
     /// Marks messages done and stores the advanced watermarks.
     fn complete(&self, run: &mut Run, msgs: &[MsgRef], scored: bool) {
         let now = chrono_now_ms();
+        if !msgs.is_empty() {
+            self.health.last_progress_ms.store(now, Ordering::Relaxed);
+        }
         for m in msgs {
             if scored {
                 if let Some(ts) = m.timestamp_ms {

@@ -28,6 +28,23 @@ impl Store {
         ]
     }
 
+    /// One `rev.lua` call: `op` ("add" or "rem") `member` in `candidate`'s reverse index.
+    fn rev_call(
+        &self,
+        candidate: &str,
+        member: &str,
+        ts: i64,
+        offset: i64,
+        op: &str,
+    ) -> (&Script, Vec<String>, Vec<String>) {
+        let keys = vec![
+            self.keys.reverse(candidate),
+            self.keys.reverse_versions(candidate),
+        ];
+        let args = vec![member.to_owned(), ts.to_string(), offset.to_string(), op.into()];
+        (&self.scripts.rev, keys, args)
+    }
+
     /// One `pair.lua` call writing `state` (an upsert, or a removal tombstone).
     fn pair_call(
         &self,
@@ -103,8 +120,11 @@ impl Store {
         let replies = self.eval_calls(&calls).await?;
         let mut replies = replies.iter();
         let mut out = Vec::with_capacity(events.len());
+        // Reverse-index changes, each guarded by its pair's (ts, offset): on a cluster they run
+        // concurrently, so they may reach Redis in any order.
+        let mut rev_calls: Vec<(&Script, Vec<String>, Vec<String>)> = Vec::new();
         let mut follow_up = Vec::new();
-        for (ev, _) in events {
+        for (ev, offset) in events {
             if matches!(ev, Event::Tick(_)) {
                 out.push(Applied::Tick);
                 continue;
@@ -120,22 +140,17 @@ impl Store {
                 Event::Upsert(u) => {
                     let applied = i64::from_redis_value(reply)? == 1;
                     if applied {
-                        let mut c = redis::cmd("SADD");
-                        c.arg(self.keys.reverse(&u.candidate_id)).arg(&u.member_id);
-                        follow_up.push(c);
+                        rev_calls.push(self.rev_call(&u.candidate_id, &u.member_id, u.ts, *offset, "add"));
                     }
                     out.push(Applied::Pair(applied));
                 }
                 Event::Remove(r) => {
                     let applied = i64::from_redis_value(reply)? == 1;
                     if applied {
-                        let mut srem = redis::cmd("SREM");
-                        srem.arg(self.keys.reverse(&r.candidate_id))
-                            .arg(&r.member_id);
+                        rev_calls.push(self.rev_call(&r.candidate_id, &r.member_id, r.ts, *offset, "rem"));
                         let mut zrem = redis::cmd("ZREM");
                         zrem.arg(self.keys.due(self.keys.shard_of(&r.member_id)))
                             .arg(due_member(&r.member_id, &r.candidate_id));
-                        follow_up.push(srem);
                         follow_up.push(zrem);
                     }
                     out.push(Applied::Pair(applied));
@@ -143,6 +158,7 @@ impl Store {
                 Event::Tick(_) => unreachable!("ticks were handled above"),
             }
         }
+        self.eval_calls(&rev_calls).await?;
         self.multi(follow_up).await?;
         Ok(out)
     }

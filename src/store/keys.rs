@@ -1,6 +1,13 @@
 //! The key layout. Output keys are the Catch Up service's contract:
 //! `<prefix>:scores:{<member>}` (top-N sorted set) and `<prefix>:meta:{<member>}` (hash).
 //! Everything else is the worker's own state. Braces are Redis Cluster hash tags.
+//!
+//! One exception keeps every id working on a cluster: an id that begins with `}` would make the
+//! tag empty (`{}x}`), and Redis Cluster then hashes the whole key, so one member's keys would
+//! land in different slots. Such an id is keyed `<prefix>:scores:~{<16 hex digits>}<id>`, the
+//! digits being the id's 64-bit FNV-1a hash: the tag is the hash, and the `~` before the brace
+//! keeps these keys apart from every ordinary key (an ordinary key has `{` right after the
+//! second colon; the prefix holds no braces, see config validation).
 
 /// Key names under one prefix (default `catchup`; tests and tenants use their own).
 #[derive(Debug, Clone)]
@@ -19,6 +26,16 @@ fn fnv1a(s: &str) -> u64 {
     h
 }
 
+/// The part of a key that names one member or candidate: `{id}`, the hash tag, or for an id that
+/// begins with `}` (an empty tag) `~{<fnv1a hex>}id`.
+pub fn tagged(id: &str) -> String {
+    if id.starts_with('}') {
+        format!("~{{{:016x}}}{id}", fnv1a(id))
+    } else {
+        format!("{{{id}}}")
+    }
+}
+
 impl Keys {
     pub fn new(prefix: impl Into<String>, shards: u32) -> Self {
         Self {
@@ -33,40 +50,45 @@ impl Keys {
 
     /// The member's top-N scores (output).
     pub fn scores(&self, member: &str) -> String {
-        format!("{}:scores:{{{member}}}", self.prefix)
+        format!("{}:scores:{}", self.prefix, tagged(member))
     }
     /// The member's meta hash: model, as_of, updated_at, ttl_set_at (output).
     pub fn meta(&self, member: &str) -> String {
-        format!("{}:meta:{{{member}}}", self.prefix)
+        format!("{}:meta:{}", self.prefix, tagged(member))
     }
     /// candidate → pair state JSON (including removal tombstones).
     pub fn pairs(&self, member: &str) -> String {
-        format!("{}:pairs:{{{member}}}", self.prefix)
+        format!("{}:pairs:{}", self.prefix, tagged(member))
     }
     /// candidate → as_of (ms) of the pair's stored score.
     pub fn scored_as_of(&self, member: &str) -> String {
-        format!("{}:asof:{{{member}}}", self.prefix)
+        format!("{}:asof:{}", self.prefix, tagged(member))
     }
     /// Scored candidates of the member outside the top N (each scored candidate is in exactly one
     /// of this set and the top-N set).
     pub fn rest_scores(&self, member: &str) -> String {
-        format!("{}:rest:{{{member}}}", self.prefix)
+        format!("{}:rest:{}", self.prefix, tagged(member))
     }
     pub fn member_features(&self, member: &str) -> String {
-        format!("{}:mf:{{{member}}}", self.prefix)
+        format!("{}:mf:{}", self.prefix, tagged(member))
     }
     pub fn member_versions(&self, member: &str) -> String {
-        format!("{}:mv:{{{member}}}", self.prefix)
+        format!("{}:mv:{}", self.prefix, tagged(member))
     }
     pub fn candidate_features(&self, candidate: &str) -> String {
-        format!("{}:cf:{{{candidate}}}", self.prefix)
+        format!("{}:cf:{}", self.prefix, tagged(candidate))
     }
     pub fn candidate_versions(&self, candidate: &str) -> String {
-        format!("{}:cv:{{{candidate}}}", self.prefix)
+        format!("{}:cv:{}", self.prefix, tagged(candidate))
     }
     /// Members that have this candidate (reverse index for candidate fan-out).
     pub fn reverse(&self, candidate: &str) -> String {
-        format!("{}:rev:{{{candidate}}}", self.prefix)
+        format!("{}:rev:{}", self.prefix, tagged(candidate))
+    }
+
+    /// Member → `ts:offset` of the last reverse-index change applied (the order guard).
+    pub fn reverse_versions(&self, candidate: &str) -> String {
+        format!("{}:revv:{}", self.prefix, tagged(candidate))
     }
 
     /// Number of decay-schedule shards.
@@ -94,6 +116,53 @@ mod tests {
         assert_eq!(k.meta("m42"), "catchup:meta:{m42}");
         assert!(k.pairs("m42").ends_with("{m42}"));
         assert!(k.candidate_features("m7").ends_with("{m7}"));
+    }
+
+    /// The slot Redis Cluster hashes a key to is chosen by its hash tag: the bytes between the
+    /// first `{` and the first `}` after it, when there are any, else the whole key.
+    fn cluster_tag(key: &str) -> &str {
+        if let Some(open) = key.find('{') {
+            if let Some(len) = key[open + 1..].find('}') {
+                if len > 0 {
+                    return &key[open + 1..open + 1 + len];
+                }
+            }
+        }
+        key
+    }
+
+    #[test]
+    fn every_key_of_an_id_shares_one_non_empty_hash_tag_whatever_its_braces() {
+        let k = Keys::new("catchup", 8);
+        for id in ["m42", "}x", "}", "}}", "{", "{}", "a}b", "{x}", "}{", "x{", "~{0}"] {
+            let member_keys = [
+                k.scores(id),
+                k.meta(id),
+                k.pairs(id),
+                k.scored_as_of(id),
+                k.rest_scores(id),
+                k.member_features(id),
+                k.member_versions(id),
+            ];
+            let tag = cluster_tag(&member_keys[0]);
+            assert_ne!(tag, member_keys[0], "{id}: the tag is not empty");
+            for key in &member_keys {
+                assert_eq!(cluster_tag(key), tag, "{id}: {key}");
+            }
+            let cand_keys = [
+                k.candidate_features(id),
+                k.candidate_versions(id),
+                k.reverse(id),
+                k.reverse_versions(id),
+            ];
+            for key in &cand_keys {
+                assert_eq!(cluster_tag(key), tag, "{id}: {key}");
+            }
+        }
+        assert_eq!(k.scores("}x"), format!("catchup:scores:~{{{:016x}}}}}x", fnv1a("}x")));
+        // An escaped key never equals an ordinary one: ordinary keys have `{` after the colon.
+        let ordinary = format!("~{{{:016x}}}}}x", fnv1a("}x"));
+        assert_ne!(k.scores(&ordinary), k.scores("}x"));
     }
 
     #[test]

@@ -13,6 +13,8 @@ mod apply;
 mod keys;
 mod state;
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
@@ -30,6 +32,42 @@ pub enum StoreError {
     Redis(#[from] redis::RedisError),
     #[error("redis returned unexpected data: {0}")]
     Protocol(String),
+}
+
+impl StoreError {
+    /// An outage: no connection, a timeout, a node loading, a cluster re-electing, Redis out of
+    /// memory or busy with a script. Retried for as long as it lasts (nothing is skipped). Every
+    /// other error (READONLY from a demoted node, WRONGPASS, NOPERM, WRONGTYPE, an unexpected
+    /// reply) is retried only for `redis.give_up_after_secs`: long enough for a failover to end,
+    /// then the worker exits so that it is restarted with fresh connections.
+    pub fn is_outage(&self) -> bool {
+        use redis::ErrorKind as K;
+        match self {
+            StoreError::Redis(e) => {
+                e.is_io_error()
+                    || e.is_timeout()
+                    || e.is_connection_dropped()
+                    || e.is_connection_refusal()
+                    || matches!(
+                        e.kind(),
+                        K::TryAgain
+                            | K::ClusterDown
+                            | K::MasterDown
+                            | K::BusyLoadingError
+                            | K::NoScriptError
+                            | K::ClusterConnectionNotFound
+                            | K::Moved
+                            | K::Ask
+                    )
+                    || matches!(e.code(), Some("OOM" | "BUSY" | "LOADING" | "NOREPLICAS"))
+            }
+            StoreError::Protocol(_) => false,
+        }
+    }
+
+    fn is_read_only(&self) -> bool {
+        matches!(self, StoreError::Redis(e) if e.kind() == redis::ErrorKind::ReadOnly)
+    }
 }
 
 /// One connection to a single Redis or a Redis Cluster.
@@ -92,37 +130,108 @@ pub async fn connect(url: &str, cluster: bool, timeout: Duration) -> Result<Conn
 /// Most commands in one pipeline round trip.
 const PIPELINE_CHUNK: usize = 256;
 
+/// Where the store connects again after a READONLY reply.
+#[derive(Debug, Clone)]
+struct Target {
+    url: String,
+    cluster: bool,
+    timeout: Duration,
+}
+
+/// Most script and command arguments in one pipeline on a single Redis, and the least it is cut
+/// to after timeouts.
+const PIPELINE_ARGS: usize = 64 * 1024;
+const MIN_PIPELINE_ARGS: usize = 256;
+
 /// The store: connection, key layout and the scripts.
 #[derive(Clone)]
 pub struct Store {
-    conn: Conn,
+    conn: Arc<RwLock<Conn>>,
+    target: Option<Arc<Target>>,
     keys: Keys,
     scripts: state::Scripts,
+    /// Most arguments in one pipeline: halved after a timeout (a slow write is retried in
+    /// smaller round trips, never again at the size that timed out), doubled after a success.
+    pipeline_args: Arc<AtomicUsize>,
 }
 
 impl Store {
     pub fn new(conn: Conn, keys: Keys) -> Self {
         Self {
-            conn,
+            conn: Arc::new(RwLock::new(conn)),
+            target: None,
             keys,
             scripts: state::Scripts::new(),
+            pipeline_args: Arc::new(AtomicUsize::new(PIPELINE_ARGS)),
         }
+    }
+
+    /// Connects to `url` and remembers it: a READONLY reply (the node was demoted by a failover
+    /// while the connection stayed up) makes the store connect afresh, so a name that now
+    /// resolves to the new primary is followed.
+    pub async fn connect(
+        url: &str,
+        cluster: bool,
+        timeout: Duration,
+        keys: Keys,
+    ) -> Result<Self, StoreError> {
+        let mut store = Self::new(connect(url, cluster, timeout).await?, keys);
+        store.target = Some(Arc::new(Target {
+            url: url.to_owned(),
+            cluster,
+            timeout,
+        }));
+        Ok(store)
     }
 
     pub fn keys(&self) -> &Keys {
         &self.keys
     }
 
-    /// A connection handle for callers that read output keys directly (tests, the demo).
+    /// A connection handle (also for callers that read output keys directly: tests, the demo).
     pub fn conn(&self) -> Conn {
-        self.conn.clone()
+        match self.conn.read() {
+            Ok(c) => c.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// Notes a failed operation: after READONLY, connects again (best effort; the caller retries).
+    async fn failed(&self, e: StoreError) -> StoreError {
+        if e.is_read_only() {
+            if let Some(t) = &self.target {
+                match connect(&t.url, t.cluster, t.timeout).await {
+                    Ok(fresh) => {
+                        tracing::warn!(error = %e, "redis node is read-only (demoted by a failover?): connected again");
+                        match self.conn.write() {
+                            Ok(mut c) => *c = fresh,
+                            Err(poisoned) => *poisoned.into_inner() = fresh,
+                        }
+                    }
+                    Err(err) => tracing::warn!(error = %err, "reconnecting after READONLY failed"),
+                }
+            }
+        }
+        if matches!(&e, StoreError::Redis(r) if r.is_timeout()) {
+            let cut = (self.pipeline_args.load(Ordering::Relaxed) / 2).max(MIN_PIPELINE_ARGS);
+            self.pipeline_args.store(cut, Ordering::Relaxed);
+        }
+        e
+    }
+
+    /// `result`, with a failure noted (see [`Self::failed`]).
+    async fn checked<T>(&self, result: Result<T, redis::RedisError>) -> Result<T, StoreError> {
+        match result {
+            Ok(v) => Ok(v),
+            Err(e) => Err(self.failed(e.into()).await),
+        }
     }
 
     /// Round trip to check Redis is reachable.
     pub async fn ping(&self) -> Result<(), StoreError> {
-        let mut c = self.conn.clone();
-        redis::cmd("PING").query_async::<String>(&mut c).await?;
-        Ok(())
+        let mut c = self.conn();
+        let r = redis::cmd("PING").query_async::<String>(&mut c).await;
+        self.checked(r).await.map(|_| ())
     }
 
     /// Runs commands that may touch different slots: pipelined in order on a single Redis, concurrent
@@ -131,29 +240,72 @@ impl Store {
         if cmds.is_empty() {
             return Ok(Vec::new());
         }
-        match &self.conn {
+        match self.conn() {
             Conn::Single(_) => {
-                // Pipelines of at most PIPELINE_CHUNK commands, one after the other (in order):
-                // a large window's writes never make one reply wait past the response timeout.
+                // Pipelines of at most PIPELINE_CHUNK commands and the current argument budget,
+                // one after the other (in order): a large window's writes never make one reply
+                // wait past the response timeout, and one that did is retried smaller.
+                let budget = self.pipeline_args.load(Ordering::Relaxed);
                 let mut out = Vec::with_capacity(cmds.len());
                 let mut cmds = cmds.into_iter().peekable();
                 while cmds.peek().is_some() {
                     let mut p = redis::pipe();
-                    for c in cmds.by_ref().take(PIPELINE_CHUNK) {
-                        p.add_command(c);
+                    let (mut n, mut args) = (0, 0);
+                    while let Some(c) = cmds.peek() {
+                        let a = c.args_iter().count();
+                        if n > 0 && (n == PIPELINE_CHUNK || args + a > budget) {
+                            break;
+                        }
+                        n += 1;
+                        args += a;
+                        p.add_command(cmds.next().expect("peeked"));
                     }
-                    let mut c = self.conn.clone();
-                    out.extend(p.query_async::<Vec<Value>>(&mut c).await?);
+                    let mut c = self.conn();
+                    let r = p.query_async::<Vec<Value>>(&mut c).await;
+                    out.extend(self.checked(r).await?);
+                }
+                if budget < PIPELINE_ARGS {
+                    let grown = (budget * 2).min(PIPELINE_ARGS);
+                    self.pipeline_args.store(grown, Ordering::Relaxed);
                 }
                 Ok(out)
             }
-            Conn::Cluster(_) => {
+            Conn::Cluster(conn) => {
                 let futs = cmds.into_iter().map(|cmd| {
-                    let mut c = self.conn.clone();
+                    let mut c = conn.clone();
                     async move { cmd.query_async::<Value>(&mut c).await }
                 });
-                Ok(futures::future::try_join_all(futs).await?)
+                let r = futures::future::try_join_all(futs).await;
+                self.checked(r).await
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An error reply as Redis sends it, e.g. `-OOM command not allowed`.
+    fn server_error(line: &str) -> StoreError {
+        let v = redis::parse_redis_value(format!("-{line}\r\n").as_bytes())
+            .expect("an error reply parses");
+        match v.extract_error() {
+            Err(e) => StoreError::Redis(e),
+            Ok(v) => panic!("{line}: not an error: {v:?}"),
+        }
+    }
+
+    #[test]
+    fn outages_are_told_apart_from_errors_that_need_a_restart() {
+        let io = StoreError::Redis(std::io::Error::from(std::io::ErrorKind::ConnectionRefused).into());
+        assert!(io.is_outage());
+        assert!(server_error("OOM command not allowed when used memory > 'maxmemory'.").is_outage());
+        assert!(server_error("BUSY Redis is busy running a script.").is_outage());
+        assert!(server_error("LOADING Redis is loading the dataset in memory").is_outage());
+        assert!(!server_error("READONLY You can't write against a read only replica.").is_outage());
+        assert!(server_error("READONLY You can't write against a read only replica.").is_read_only());
+        assert!(!server_error("NOPERM this user has no permissions").is_outage());
+        assert!(!StoreError::Protocol("bad reply".into()).is_outage());
     }
 }

@@ -13,6 +13,7 @@ pub(super) struct Scripts {
     pub(super) features: Script,
     pub(super) pair: Script,
     pub(super) scores: Script,
+    pub(super) rev: Script,
 }
 
 impl Scripts {
@@ -21,6 +22,7 @@ impl Scripts {
             features: Script::new(include_str!("features.lua")),
             pair: Script::new(include_str!("pair.lua")),
             scores: Script::new(include_str!("scores.lua")),
+            rev: Script::new(include_str!("rev.lua")),
         }
     }
 }
@@ -74,6 +76,9 @@ pub enum WriteFlag {
     /// The pair was removed (or never existed) by the time the score was written.
     Gone,
 }
+
+/// Most candidates in one score-script call (a member with more is written in several calls).
+pub const SCORE_CALL_PAIRS: usize = 1024;
 
 pub(super) fn protocol(what: &str, e: impl std::fmt::Display) -> StoreError {
     StoreError::Protocol(format!("{what}: {e}"))
@@ -132,13 +137,15 @@ impl Store {
 
     /// Loads every script (on every primary, for a cluster).
     pub async fn load_scripts(&self) -> Result<(), StoreError> {
-        let mut c = self.conn.clone();
+        let mut c = self.conn();
         for s in [
             &self.scripts.features,
             &self.scripts.pair,
             &self.scripts.scores,
+            &self.scripts.rev,
         ] {
-            s.prepare_invoke().load_async(&mut c).await?;
+            let r = s.prepare_invoke().load_async(&mut c).await;
+            self.checked(r).await?;
         }
         Ok(())
     }
@@ -244,15 +251,15 @@ impl Store {
         cursor: u64,
         count: usize,
     ) -> Result<(u64, Vec<String>), StoreError> {
-        let mut c = self.conn.clone();
-        let (next, members): (u64, Vec<String>) = redis::cmd("SSCAN")
+        let mut c = self.conn();
+        let r = redis::cmd("SSCAN")
             .arg(self.keys.reverse(candidate))
             .arg(cursor)
             .arg("COUNT")
             .arg(count)
-            .query_async(&mut c)
-            .await?;
-        Ok((next, members))
+            .query_async::<(u64, Vec<String>)>(&mut c)
+            .await;
+        self.checked(r).await
     }
 
     /// Up to `limit` pairs of `shard` due at or before `until` (ms), earliest first.
@@ -262,8 +269,8 @@ impl Store {
         until: i64,
         limit: usize,
     ) -> Result<Vec<(String, String)>, StoreError> {
-        let mut c = self.conn.clone();
-        let raw: Vec<String> = redis::cmd("ZRANGE")
+        let mut c = self.conn();
+        let r = redis::cmd("ZRANGE")
             .arg(self.keys.due(shard))
             .arg("-inf")
             .arg(until)
@@ -271,8 +278,9 @@ impl Store {
             .arg("LIMIT")
             .arg(0)
             .arg(limit)
-            .query_async(&mut c)
-            .await?;
+            .query_async::<Vec<String>>(&mut c)
+            .await;
+        let raw = self.checked(r).await?;
         raw.iter()
             .map(|s| {
                 serde_json::from_str::<(String, String)>(s).map_err(|e| protocol("due entry", e))
@@ -280,7 +288,10 @@ impl Store {
             .collect()
     }
 
-    /// Writes each member's scores (guarded by as_of) and refreshes its top-N set and meta.
+    /// Writes each member's scores (guarded by as_of) and refreshes its top-N set and meta. A
+    /// member's writes go in script calls of at most [`SCORE_CALL_PAIRS`] candidates, so no single
+    /// call (which Redis runs atomically, blocking every other client) outgrows the response
+    /// timeout however large the member; each call keeps the top-N set exact on its own.
     pub async fn write_scores(
         &self,
         model: &str,
@@ -289,9 +300,11 @@ impl Store {
         now_ms: i64,
         per_member: &[(&str, Vec<ScoreWrite>)],
     ) -> Result<Vec<Vec<WriteFlag>>, StoreError> {
-        let calls = per_member
-            .iter()
-            .map(|(m, writes)| {
+        let mut calls = Vec::new();
+        // (member index, chunk length) of each call, to put the flags back together.
+        let mut spans: Vec<(usize, usize)> = Vec::new();
+        for (i, (m, writes)) in per_member.iter().enumerate() {
+            for chunk in writes.chunks(SCORE_CALL_PAIRS) {
                 let mut keys = self.pair_keys(m);
                 keys.push(self.keys.meta(m));
                 let mut args = vec![
@@ -300,38 +313,41 @@ impl Store {
                     ttl_ms.to_string(),
                     now_ms.to_string(),
                 ];
-                for w in writes {
+                for w in chunk {
                     args.push(w.candidate.clone());
                     args.push(f64::from(w.score).to_string());
                     args.push(w.as_of.to_string());
                 }
-                (keys, args)
-            })
-            .collect();
+                calls.push((keys, args));
+                spans.push((i, chunk.len()));
+            }
+        }
         let out = self.eval_many(&self.scripts.scores, calls).await?;
+        let mut flags: Vec<Vec<WriteFlag>> = per_member
+            .iter()
+            .map(|(_, w)| Vec::with_capacity(w.len()))
+            .collect();
         // The script replies with the candidates it did not write (position, flag, as_of).
-        out.iter()
-            .zip(per_member)
-            .map(|(v, (_, writes))| {
-                let skipped: Vec<i64> = FromRedisValue::from_redis_value(v)?;
-                let mut flags = vec![WriteFlag::Written; writes.len()];
-                for t in skipped.chunks(3) {
-                    let &[j, f, sa] = t else {
-                        return Err(protocol("score write", "reply not in threes"));
-                    };
-                    let slot = usize::try_from(j - 1)
-                        .ok()
-                        .and_then(|j| flags.get_mut(j))
-                        .ok_or_else(|| protocol("score write", "position out of range"))?;
-                    *slot = if f == 0 {
-                        WriteFlag::Superseded(sa)
-                    } else {
-                        WriteFlag::Gone
-                    };
-                }
-                Ok(flags)
-            })
-            .collect()
+        for (v, &(i, len)) in out.iter().zip(&spans) {
+            let skipped: Vec<i64> = FromRedisValue::from_redis_value(v)?;
+            let mut chunk = vec![WriteFlag::Written; len];
+            for t in skipped.chunks(3) {
+                let &[j, f, sa] = t else {
+                    return Err(protocol("score write", "reply not in threes"));
+                };
+                let slot = usize::try_from(j - 1)
+                    .ok()
+                    .and_then(|j| chunk.get_mut(j))
+                    .ok_or_else(|| protocol("score write", "position out of range"))?;
+                *slot = if f == 0 {
+                    WriteFlag::Superseded(sa)
+                } else {
+                    WriteFlag::Gone
+                };
+            }
+            flags[i].extend(chunk);
+        }
+        Ok(flags)
     }
 
     /// Sets the due time of written pairs and drops the schedule entries of gone ones.

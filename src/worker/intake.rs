@@ -10,7 +10,7 @@ use rdkafka::Message;
 use tokio::time::sleep;
 use tokio_util::sync::CancellationToken;
 
-use super::retry::retry;
+use super::retry::{retry, Stop};
 use super::{Lane, Run, Source, Worker, INITIAL_MEMBER_WEIGHT, MAX_INTAKE};
 use crate::coalesce::MsgRef;
 use crate::consume::Ctx;
@@ -62,8 +62,18 @@ impl Worker {
             match decode(kind, msg.payload()) {
                 Ok(ev) => valid.push((ev, mref)),
                 Err(e) => {
-                    if !self.dead_letter(msg, &e.0, hard_stop).await {
-                        return; // not acknowledged by the broker: stays uncommitted, replayed
+                    match self.dead_letter(msg, &e.0, hard_stop).await {
+                        Ok(sent) => {
+                            if sent.truncated {
+                                self.metrics.dlq_truncated_total.inc();
+                            }
+                        }
+                        // Not acknowledged by the broker: stays uncommitted, replayed.
+                        Err(None) => return,
+                        Err(Some(fatal)) => {
+                            run.fatal.get_or_insert(fatal);
+                            return;
+                        }
                     }
                     EventHandled {
                         topic: kind.label(),
@@ -82,12 +92,23 @@ impl Worker {
         }
         let refs: Vec<(&Event, i64)> = valid.iter().map(|(e, m)| (e, m.offset)).collect();
         let top_n = self.settings.output.top_n;
-        let Some(applied) = retry("apply", &self.metrics, &self.health, hard_stop, || {
-            self.store.apply(&refs, top_n)
-        })
+        let applied = match retry(
+            "apply",
+            &self.metrics,
+            &self.health,
+            self.give_up_after(),
+            hard_stop,
+            || self.store.apply(&refs, top_n),
+        )
         .await
-        else {
-            return; // hard stop during an outage: nothing acknowledged, replayed later
+        {
+            Ok(applied) => applied,
+            // Hard stop during an outage: nothing acknowledged, replayed later.
+            Err(Stop::Cancelled) => return,
+            Err(Stop::Fatal(e)) => {
+                run.fatal.get_or_insert(e);
+                return;
+            }
         };
         for ((event, mref), applied) in valid.into_iter().zip(applied) {
             let lane = if mref.backlog {
@@ -184,21 +205,26 @@ impl Worker {
             .collect()
     }
 
-    /// Sends to the DLQ until the broker acknowledges (true) or the hard stop fires (false).
+    /// Sends to the DLQ until the broker acknowledges: Err(None) when the hard stop fires first,
+    /// Err(Some) when no retry can succeed (the worker exits so the orchestrator restarts it).
     async fn dead_letter(
         &self,
         msg: &BorrowedMessage<'_>,
         reason: &str,
         hard_stop: &CancellationToken,
-    ) -> bool {
+    ) -> Result<crate::dlq::Sent, Option<anyhow::Error>> {
         let mut delay = Duration::from_millis(100);
         loop {
             match crate::dlq::send(&self.producer, &self.settings.topics.dlq, msg, reason).await {
-                Ok(()) => return true,
+                Ok(sent) => return Ok(sent),
+                Err(e @ crate::dlq::DlqError::Fatal { .. }) => {
+                    tracing::error!(error = %e, "dead-letter write can never succeed; exiting");
+                    return Err(Some(e.into()));
+                }
                 Err(e) => {
-                    tracing::warn!(error = %e, "dead-letter write failed; retrying");
+                    tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "dead-letter write failed; retrying");
                     tokio::select! {
-                        _ = hard_stop.cancelled() => return false,
+                        _ = hard_stop.cancelled() => return Err(None),
                         _ = sleep(delay) => {}
                     }
                     delay = (delay * 2).min(Duration::from_secs(5));

@@ -2,7 +2,7 @@
 
 use tokio_util::sync::CancellationToken;
 
-use super::retry::backoff;
+use super::retry::{backoff, GiveUp};
 use super::{Lane, Run, Worker};
 
 impl Worker {
@@ -28,6 +28,8 @@ impl Worker {
         let (mut fc, mut tc) = (self.settings.batch.fanout_chunk, self.settings.decay.chunk);
         let cap = self.live_job_pairs(run);
         let mut attempt = 0;
+        let mut give_up = GiveUp::new(self.give_up_after());
+        let mut stopped = None;
         let (jobs, window) = match lane {
             Lane::Live => (&mut run.jobs, &mut run.window),
             Lane::Backlog => (&mut run.backlog_jobs, &mut run.backlog),
@@ -39,6 +41,11 @@ impl Worker {
         }
         while let Err(e) = jobs.step(&self.store, window, fc, tc).await {
             attempt += 1;
+            if let Some(fatal) = give_up.failed("expand", &e) {
+                tracing::error!(error = %fatal, "giving up: exiting so the worker is restarted");
+                stopped = Some(fatal);
+                break;
+            }
             if !backoff(
                 "expand",
                 &e.to_string(),
@@ -51,6 +58,9 @@ impl Worker {
             {
                 break;
             }
+        }
+        if let Some(fatal) = stopped {
+            run.fatal.get_or_insert(fatal);
         }
     }
 }

@@ -1,16 +1,28 @@
 //! Redis operations retried with backoff: while Redis is unreachable the worker is not ready and
-//! intake waits, so nothing is dropped and memory stays bounded.
+//! intake waits, so nothing is dropped and memory stays bounded. An outage is retried for as long
+//! as it lasts; any other error for `redis.give_up_after_secs`, after which the operation stops
+//! with [`Stop::Fatal`] and the worker exits to be restarted (a retry that can never succeed is
+//! not retried forever).
 
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use tokio::time::sleep;
+use tokio::time::{sleep, Instant};
 use tokio_util::sync::CancellationToken;
 
 use super::Health;
 use crate::internal_events::RedisUnavailable;
 use crate::metrics::Metrics;
 use crate::store::StoreError;
+
+/// Why a retried operation stopped without succeeding.
+#[derive(Debug)]
+pub(super) enum Stop {
+    /// The hard stop fired (shutdown during an outage): nothing acknowledged, replayed later.
+    Cancelled,
+    /// The same kind of failure outlasted `redis.give_up_after_secs`: the worker exits.
+    Fatal(anyhow::Error),
+}
 
 /// Records a failed Redis operation and waits before the next attempt; false once `cancel` fires.
 pub(super) async fn backoff(
@@ -37,31 +49,67 @@ pub(super) async fn backoff(
     }
 }
 
-/// Retries `op` with exponential backoff until it succeeds or `cancel` fires (then None).
+/// Tracks how long errors other than outages have lasted, to give up on them.
+pub(super) struct GiveUp {
+    after: Duration,
+    since: Option<Instant>,
+}
+
+impl GiveUp {
+    pub(super) fn new(after: Duration) -> Self {
+        Self { after, since: None }
+    }
+
+    /// Notes a failure: Some(fatal) once errors that are not outages have lasted `after` (an
+    /// outage in between starts the count again).
+    pub(super) fn failed(&mut self, what: &str, e: &StoreError) -> Option<anyhow::Error> {
+        if e.is_outage() {
+            self.since = None;
+            return None;
+        }
+        let since = *self.since.get_or_insert_with(Instant::now);
+        (since.elapsed() >= self.after).then(|| {
+            anyhow::anyhow!(
+                "redis {what} kept failing for {} s with an error that is not an outage \
+                 (redis.give_up_after_secs): {e}",
+                self.after.as_secs()
+            )
+        })
+    }
+}
+
+/// Retries `op` with exponential backoff until it succeeds, `cancel` fires, or an error that is
+/// not an outage outlasts `give_up`.
 pub(super) async fn retry<T, F, Fut>(
     what: &str,
     metrics: &Metrics,
     health: &Health,
+    give_up: Duration,
     cancel: &CancellationToken,
     mut op: F,
-) -> Option<T>
+) -> Result<T, Stop>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, StoreError>>,
 {
     let mut attempt = 0;
+    let mut give_up = GiveUp::new(give_up);
     loop {
         match op().await {
             Ok(v) => {
                 if !health.redis_ok.swap(true, Ordering::Relaxed) && attempt > 0 {
                     tracing::info!(operation = what, "redis reachable again");
                 }
-                return Some(v);
+                return Ok(v);
             }
             Err(e) => {
                 attempt += 1;
+                if let Some(fatal) = give_up.failed(what, &e) {
+                    tracing::error!(operation = what, error = %fatal, "giving up: exiting so the worker is restarted");
+                    return Err(Stop::Fatal(fatal));
+                }
                 if !backoff(what, &e.to_string(), attempt, metrics, health, cancel).await {
-                    return None;
+                    return Err(Stop::Cancelled);
                 }
             }
         }

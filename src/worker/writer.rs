@@ -3,20 +3,21 @@
 
 use tokio_util::sync::CancellationToken;
 
-use super::retry::retry;
+use super::retry::{retry, Stop};
 use super::{chrono_now_ms, Lane, Run, Worker};
 use crate::coalesce::MsgRef;
 use crate::flush::{FlushStats, Flusher};
 use crate::internal_events::ScoresWritten;
 use crate::store::StoreError;
 
-pub(super) type FlushResult = Result<Option<(FlushStats, Vec<MsgRef>)>, tokio::task::JoinError>;
+pub(super) type FlushResult =
+    Result<Result<(FlushStats, Vec<MsgRef>), Stop>, tokio::task::JoinError>;
 
 /// The window being written.
 pub(super) struct InFlight {
     pub(super) seq: u64,
     pub(super) lane: Lane,
-    pub(super) handle: tokio::task::JoinHandle<Option<(FlushStats, Vec<MsgRef>)>>,
+    pub(super) handle: tokio::task::JoinHandle<Result<(FlushStats, Vec<MsgRef>), Stop>>,
 }
 
 impl Worker {
@@ -47,6 +48,7 @@ impl Worker {
         );
         let (metrics, health, hard_stop) =
             (self.metrics.clone(), self.health.clone(), hard_stop.clone());
+        let give_up = self.give_up_after();
         let handle = tokio::spawn(async move {
             let flusher = Flusher {
                 store: &store,
@@ -55,7 +57,7 @@ impl Worker {
                 decay: &settings.decay,
                 max_pairs: settings.batch.max_pairs,
             };
-            let stats = retry("flush", &metrics, &health, &hard_stop, || async {
+            let stats = retry("flush", &metrics, &health, give_up, &hard_stop, || async {
                 flusher
                     .flush(&window, chrono_now_ms())
                     .await
@@ -67,7 +69,7 @@ impl Worker {
                     })
             })
             .await?;
-            Some((stats, window.messages))
+            Ok((stats, window.messages))
         });
         InFlight {
             seq: run.seq,
@@ -79,9 +81,13 @@ impl Worker {
     /// A window's write ended: acknowledges its messages and those of jobs it finished.
     pub(super) fn finish_flush(&self, run: &mut Run, seq: u64, lane: Lane, result: FlushResult) {
         let (stats, mut msgs) = match result {
-            Ok(Some(done)) => done,
+            Ok(Ok(done)) => done,
             // Hard stop during an outage: nothing acknowledged, replayed by the next owner.
-            Ok(None) => return,
+            Ok(Err(Stop::Cancelled)) => return,
+            Ok(Err(Stop::Fatal(e))) => {
+                run.fatal.get_or_insert(e);
+                return;
+            }
             Err(e) => {
                 tracing::error!(error = %e, "flush task failed; its messages stay unacknowledged");
                 return;
