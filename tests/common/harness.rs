@@ -139,8 +139,17 @@ impl Harness {
 
     /// Sends a record, waits for the broker's acknowledgement and notes the offset produced.
     async fn deliver(&self, topic: &str, rec: FutureRecord<'_, str, [u8]>) {
-        let delivery = self
-            .producer
+        self.deliver_via(&self.producer, topic, rec).await;
+    }
+
+    /// Same, through another producer (e.g. one that compresses its batches).
+    pub async fn deliver_via(
+        &self,
+        producer: &FutureProducer,
+        topic: &str,
+        rec: FutureRecord<'_, str, [u8]>,
+    ) {
+        let delivery = producer
             .send(rec, Duration::from_secs(10))
             .await
             .expect("delivered");
@@ -280,9 +289,14 @@ impl Harness {
         }
     }
 
+    /// The worker's key layout for this test's prefix.
+    pub fn keys(&self) -> rescorer::store::Keys {
+        rescorer::store::Keys::new(self.settings.output.key_prefix.clone(), self.settings.decay.shards)
+    }
+
     /// The member's top-N scores, best first.
     pub fn scores(&self, member: &str) -> Vec<(String, f64)> {
-        let key = format!("{}:scores:{{{member}}}", self.settings.output.key_prefix);
+        let key = self.keys().scores(member);
         self.redis
             .client()
             .zrevrange_withscores(key, 0, -1)
@@ -290,7 +304,7 @@ impl Harness {
     }
 
     pub fn meta(&self, member: &str) -> HashMap<String, String> {
-        let key = format!("{}:meta:{{{member}}}", self.settings.output.key_prefix);
+        let key = self.keys().meta(member);
         self.redis.client().hgetall(key).expect("hgetall")
     }
 
