@@ -114,6 +114,50 @@ impl Scenario {
         s
     }
 
+    /// The same stream with ids renamed (`m<i>` → `members[i]`, `c<i>` → `candidates[i]`), e.g.
+    /// to ids with braces; `generate`'s counts must match the lists' lengths.
+    pub fn with_ids(mut self, members: &[&str], candidates: &[&str]) -> Self {
+        let rename = |id: &str| -> String {
+            let (list, n) = match id.split_at(1) {
+                ("m", n) => (members, n),
+                ("c", n) => (candidates, n),
+                _ => return id.to_owned(),
+            };
+            n.parse::<usize>()
+                .ok()
+                .and_then(|i| list.get(i))
+                .map_or_else(|| id.to_owned(), |s| s.to_string())
+        };
+        let fix = |v: &mut Value| {
+            for field in ["id", "member_id", "candidate_id"] {
+                if let Some(Value::String(s)) = v.get_mut(field) {
+                    *s = rename(s);
+                }
+            }
+        };
+        for ev in &mut self.events {
+            match ev {
+                Ev::Feature(k, v) | Ev::Pair(k, v) => {
+                    *k = rename(k);
+                    fix(v);
+                }
+            }
+        }
+        self.members = std::mem::take(&mut self.members)
+            .into_iter()
+            .map(|(k, v)| (rename(&k), v))
+            .collect();
+        self.candidates = std::mem::take(&mut self.candidates)
+            .into_iter()
+            .map(|(k, v)| (rename(&k), v))
+            .collect();
+        self.pairs = std::mem::take(&mut self.pairs)
+            .into_iter()
+            .map(|((m, c), v)| ((rename(&m), rename(&c)), v))
+            .collect();
+        self
+    }
+
     /// A tick time that makes every pair due (past the 24 h max interval).
     pub fn final_tick(&self) -> i64 {
         self.last_ts + 25 * 3_600_000

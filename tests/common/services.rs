@@ -159,7 +159,7 @@ impl Drop for Broker {
     }
 }
 
-/// A three-primary Redis Cluster on free local ports.
+/// A three-primary Redis Cluster on free local ports, optionally with replicas.
 pub struct RedisCluster {
     nodes: Vec<Child>,
     pub ports: Vec<u16>,
@@ -168,10 +168,15 @@ pub struct RedisCluster {
 
 impl RedisCluster {
     pub fn start() -> Self {
+        Self::start_with_replicas(0)
+    }
+
+    /// Three primaries, each with `replicas` replicas (`redis-cli --cluster create`).
+    pub fn start_with_replicas(replicas: usize) -> Self {
         let mut nodes = Vec::new();
         let mut ports = Vec::new();
         let mut dirs = Vec::new();
-        for _ in 0..3 {
+        for _ in 0..3 * (1 + replicas) {
             let port = free_port();
             let dir = tempfile::tempdir().expect("temp dir");
             let child = Command::new(find_binary("redis-server"))
@@ -199,13 +204,13 @@ impl RedisCluster {
         let status = Command::new(find_binary("redis-cli"))
             .args(["--cluster", "create"])
             .args(&addrs)
-            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .status()
             .expect("redis-cli --cluster create runs");
         assert!(status.success(), "cluster create failed");
-        let until = Instant::now() + Duration::from_secs(20);
+        let until = Instant::now() + Duration::from_secs(30);
         for p in &ports {
             loop {
                 let info: String = redis::Client::open(format!("redis://127.0.0.1:{p}"))
@@ -219,11 +224,47 @@ impl RedisCluster {
                 std::thread::sleep(Duration::from_millis(100));
             }
         }
+        // Replicas serve a failover only once linked to their primary.
+        for p in &ports {
+            loop {
+                let info: String = redis::Client::open(format!("redis://127.0.0.1:{p}"))
+                    .and_then(|c| c.get_connection())
+                    .and_then(|mut c| redis::cmd("INFO").arg("replication").query(&mut c))
+                    .unwrap_or_default();
+                if info.contains("role:master") || info.contains("master_link_status:up") {
+                    break;
+                }
+                assert!(Instant::now() < until, "replica {p} not linked: {info}");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
         Self {
             nodes,
             ports,
             _dirs: dirs,
         }
+    }
+
+    /// A synchronous connection to one node.
+    pub fn node(&self, port: u16) -> redis::Connection {
+        redis::Client::open(format!("redis://127.0.0.1:{port}"))
+            .and_then(|c| c.get_connection())
+            .expect("connection to a cluster node")
+    }
+
+    /// Ports of the nodes that are replicas now.
+    pub fn replicas(&self) -> Vec<u16> {
+        self.ports
+            .iter()
+            .copied()
+            .filter(|p| {
+                let info: String = redis::cmd("INFO")
+                    .arg("replication")
+                    .query(&mut self.node(*p))
+                    .unwrap_or_default();
+                info.contains("role:slave")
+            })
+            .collect()
     }
 
     /// Seed nodes in the worker's `redis.url` format for `redis.cluster = true`.
