@@ -30,6 +30,9 @@ pub struct MsgRef {
     /// split, or from one with too little behind to split; never with `lag_ms` 0): its freshness
     /// counts as backlog.
     pub late: bool,
+    /// Its offset was already stored (a candidate update, once its fan-out intent was recorded
+    /// in Redis): when its work is written only its freshness is observed.
+    pub acked: bool,
 }
 
 #[cfg(test)]
@@ -43,6 +46,7 @@ impl MsgRef {
             topic_label: "feature_updates",
             backlog,
             late: false,
+            acked: false,
         }
     }
 }

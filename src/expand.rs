@@ -23,6 +23,8 @@ enum Kind {
         candidate: String,
         cursor: u64,
         started: bool,
+        /// Partitions of the feature-updates topic whose recorded intents this run fulfils.
+        partitions: Vec<i32>,
     },
     /// Due pairs of `shards` up to the tick time.
     Tick { shards: Vec<u32>, next: usize },
@@ -75,7 +77,12 @@ pub struct Jobs {
     members_per_interval: usize,
     /// Jobs in progress at once (`batch.max_jobs`); a queued fan-out starts when one ends.
     max_started: usize,
+    /// Finished fan-outs whose intents are to be cleared (see [`Jobs::take_done_fanouts`]).
+    done_fanouts: Vec<(i32, String, i64)>,
 }
+
+/// Most messages a queued fan-out keeps once their offsets are stored (for freshness only).
+const MAX_MERGED_MESSAGES: usize = 256;
 
 impl Jobs {
     pub fn new(min_fanout_interval: Duration) -> Self {
@@ -155,16 +162,42 @@ impl Jobs {
 
     /// Queues a fan-out over `candidate`'s members as of `as_of`, merging with a queued one.
     pub fn fanout(&mut self, candidate: &str, as_of: i64, msg: MsgRef) {
+        let partition = msg.tp.1;
+        self.queue_fanout(candidate, as_of, partition, Some(msg));
+    }
+
+    /// Queues a fan-out recorded as an intent of `partition` by an earlier owner.
+    pub fn resume_fanout(&mut self, candidate: &str, as_of: i64, partition: i32) {
+        self.queue_fanout(candidate, as_of, partition, None);
+    }
+
+    /// Fan-outs that wrote their last chunk since the last call: `(partition, candidate, as_of)`,
+    /// whose recorded intents can be cleared.
+    pub fn take_done_fanouts(&mut self) -> Vec<(i32, String, i64)> {
+        std::mem::take(&mut self.done_fanouts)
+    }
+
+    fn queue_fanout(&mut self, candidate: &str, as_of: i64, partition: i32, msg: Option<MsgRef>) {
         for j in self.queue.iter_mut() {
             if let Kind::Fanout {
                 candidate: c,
                 started: false,
+                partitions,
                 ..
-            } = &j.kind
+            } = &mut j.kind
             {
                 if c == candidate {
                     j.as_of = j.as_of.max(as_of);
-                    j.messages.push(msg);
+                    if !partitions.contains(&partition) {
+                        partitions.push(partition);
+                    }
+                    // Offsets are stored already (acked): beyond a few, the merged messages
+                    // would only add freshness samples, and memory for a hot candidate.
+                    if let Some(m) = msg {
+                        if !m.acked || j.messages.len() < MAX_MERGED_MESSAGES {
+                            j.messages.push(m);
+                        }
+                    }
                     return;
                 }
             }
@@ -187,9 +220,10 @@ impl Jobs {
                 candidate: candidate.to_owned(),
                 cursor: 0,
                 started: false,
+                partitions: vec![partition],
             },
             as_of,
-            messages: vec![msg],
+            messages: msg.into_iter().collect(),
             finishing: false,
             waiting: false,
             not_before,
@@ -228,6 +262,7 @@ impl Jobs {
                 candidate,
                 cursor,
                 started,
+                ..
             } => {
                 let (next, members) = store.scan_reverse(candidate, *cursor, fanout_chunk).await?;
                 if !*started {
@@ -288,6 +323,7 @@ impl Jobs {
     /// messages (now done), waiting ones may fetch their next chunk.
     pub fn window_written(&mut self, seq: u64) -> Vec<MsgRef> {
         let mut done = Vec::new();
+        let mut fanouts = Vec::new();
         self.queue.retain_mut(|j| {
             if j.in_window.is_none_or(|s| s > seq) {
                 return true;
@@ -296,11 +332,22 @@ impl Jobs {
             j.waiting = false;
             if j.finishing {
                 done.append(&mut j.messages);
+                if let Kind::Fanout {
+                    candidate,
+                    partitions,
+                    ..
+                } = &j.kind
+                {
+                    for p in partitions {
+                        fanouts.push((*p, candidate.clone(), j.as_of));
+                    }
+                }
                 false
             } else {
                 true
             }
         });
+        self.done_fanouts.extend(fanouts);
         done
     }
 

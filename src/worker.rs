@@ -62,6 +62,9 @@ const INITIAL_MEMBER_WEIGHT: usize = 100;
 /// Most messages taken from the consumer in one go.
 const MAX_INTAKE: usize = 512;
 
+/// Most fan-outs and ticks queued per lane before intake waits for them (memory bound).
+const MAX_QUEUED_JOBS: usize = 4096;
+
 /// How far a fresh window may grow (in `batch.max_pairs`) while the previous one is written.
 const LIVE_GROWTH: usize = 4;
 
@@ -320,7 +323,12 @@ impl Worker {
                 !run.backlog.is_empty() && (backlog_full || backlog_deadline <= Instant::now());
             let backlog_first = backlog_due && run.shares.backlog_first();
             let max_jobs = self.settings.batch.max_jobs;
-            let room_for_jobs = run.jobs.ticks() < max_jobs;
+            // Queued fan-outs are one per candidate, their offsets stored; the queue is bounded
+            // all the same (a stream of ever new candidates would grow it without end): at
+            // MAX_QUEUED_JOBS intake waits while the jobs run.
+            let room_for_jobs = run.jobs.ticks() < max_jobs
+                && run.jobs.len() < MAX_QUEUED_JOBS
+                && run.backlog_jobs.len() < MAX_QUEUED_JOBS;
             // The group's reader also carries split partitions' backlog: it waits for room in both
             // lanes, and while a split's log end is being fetched (what it reads of that
             // partition meanwhile would land before the split, in the fresh lane). Everything
@@ -366,7 +374,18 @@ impl Worker {
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break,
-                Some(ev) = self.rebalances.recv() => self.rebalanced(&mut run, ev),
+                Some(ev) = self.rebalances.recv() => {
+                    let resume: Vec<i32> = match &ev {
+                        RebalanceEvent::Assigned(tps) => tps
+                            .iter()
+                            .filter(|(t, _)| *t == self.settings.topics.feature_updates)
+                            .map(|(_, p)| *p)
+                            .collect(),
+                        RebalanceEvent::Revoked(_) => Vec::new(),
+                    };
+                    self.rebalanced(&mut run, ev);
+                    self.resume_fanouts(&mut run, &resume, &hard_stop).await;
+                }
                 Some(end) = fetched_ends.recv() => self.split_at(&mut run, end),
                 _ = lag_timer.tick() => {
                     let counts = std::mem::take(&mut run.counts);
@@ -627,6 +646,9 @@ impl Worker {
                         .with_label_values(&[m.topic_label, lane])
                         .observe(((now - ts).max(0)) as f64 / 1000.0);
                 }
+            }
+            if m.acked {
+                continue; // its offset was stored when its fan-out intent was recorded
             }
             if let Some(store_at) = run.tracker.done(&m.tp, m.offset) {
                 if let Err(e) = self.consumer.store_offset(&m.tp.0, m.tp.1, store_at) {

@@ -91,6 +91,11 @@ impl Keys {
         format!("{}:revv:{}", self.prefix, tagged(candidate))
     }
 
+    /// Fan-out intents of one partition of the feature-updates topic: candidate → event time.
+    pub fn fanouts(&self, partition: i32) -> String {
+        format!("{}:fanouts:{{part-{partition}}}", self.prefix)
+    }
+
     /// Number of decay-schedule shards.
     pub fn shards(&self) -> u32 {
         self.shards

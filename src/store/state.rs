@@ -14,6 +14,7 @@ pub(super) struct Scripts {
     pub(super) pair: Script,
     pub(super) scores: Script,
     pub(super) rev: Script,
+    pub(super) fanouts: Script,
 }
 
 impl Scripts {
@@ -23,6 +24,7 @@ impl Scripts {
             pair: Script::new(include_str!("pair.lua")),
             scores: Script::new(include_str!("scores.lua")),
             rev: Script::new(include_str!("rev.lua")),
+            fanouts: Script::new(include_str!("fanouts.lua")),
         }
     }
 }
@@ -143,6 +145,7 @@ impl Store {
             &self.scripts.pair,
             &self.scripts.scores,
             &self.scripts.rev,
+            &self.scripts.fanouts,
         ] {
             let r = s.prepare_invoke().load_async(&mut c).await;
             self.checked(r).await?;
@@ -348,6 +351,38 @@ impl Store {
             flags[i].extend(chunk);
         }
         Ok(flags)
+    }
+
+    /// Records (`set`) or clears fan-out intents `(partition, candidate, as_of)`; see
+    /// `fanouts.lua`. Recording never lowers an intent, clearing never drops a later one.
+    pub async fn fanout_intents(
+        &self,
+        set: bool,
+        intents: &[(i32, &str, i64)],
+    ) -> Result<(), StoreError> {
+        let mut by_partition: HashMap<i32, Vec<String>> = HashMap::new();
+        for (p, c, ts) in intents {
+            let args = by_partition
+                .entry(*p)
+                .or_insert_with(|| vec![if set { "set" } else { "clear" }.to_owned()]);
+            args.push((*c).to_owned());
+            args.push(ts.to_string());
+        }
+        let calls = by_partition
+            .into_iter()
+            .map(|(p, args)| (vec![self.keys.fanouts(p)], args))
+            .collect();
+        self.eval_many(&self.scripts.fanouts, calls).await.map(|_| ())
+    }
+
+    /// The fan-out intents recorded for `partition`: candidate → as_of.
+    pub async fn fanout_intents_of(&self, partition: i32) -> Result<Vec<(String, i64)>, StoreError> {
+        let mut c = self.conn();
+        let r = redis::cmd("HGETALL")
+            .arg(self.keys.fanouts(partition))
+            .query_async::<HashMap<String, i64>>(&mut c)
+            .await;
+        Ok(self.checked(r).await?.into_iter().collect())
     }
 
     /// Sets the due time of written pairs and drops the schedule entries of gone ones.

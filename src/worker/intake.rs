@@ -58,6 +58,7 @@ impl Worker {
                 topic_label: kind.label(),
                 backlog: lane == Lane::Backlog,
                 late: matches!((timestamp_ms, late_before), (Some(t), Some(b)) if t <= b),
+                acked: false,
             };
             match decode(kind, msg.payload()) {
                 Ok(ev) => valid.push((ev, mref)),
@@ -110,6 +111,8 @@ impl Worker {
                 return;
             }
         };
+        // Candidate updates whose fan-outs go to the jobs: their intents are recorded first.
+        let mut fanouts: Vec<(Lane, String, i64, MsgRef)> = Vec::new();
         for ((event, mref), applied) in valid.into_iter().zip(applied) {
             let lane = if mref.backlog {
                 Lane::Backlog
@@ -140,7 +143,7 @@ impl Worker {
                             w.member(&u.id, u.ts);
                             w.message(mref);
                         }
-                        Entity::Candidate => run.jobs_mut(lane).fanout(&u.id, u.ts, mref),
+                        Entity::Candidate => fanouts.push((lane, u.id, u.ts, mref)),
                     }
                 }
                 (Event::Upsert(u), Applied::Pair(true)) => {
@@ -172,6 +175,84 @@ impl Worker {
                         ?other,
                         "broken invariant: a feature update applied as something else"
                     );
+                }
+            }
+        }
+        if !fanouts.is_empty() {
+            self.record_fanouts(run, fanouts, hard_stop).await;
+        }
+    }
+
+    /// Records the fan-out intents of candidate updates in Redis, then stores their offsets and
+    /// queues the fan-outs: a fan-out waiting for its interval or a free slot no longer holds its
+    /// messages' offsets (the lag it pinned was the fan-out's, not the partition's). After a
+    /// crash or a rebalance the partition's next owner resumes the recorded fan-outs.
+    async fn record_fanouts(
+        &self,
+        run: &mut Run,
+        fanouts: Vec<(Lane, String, i64, MsgRef)>,
+        hard_stop: &CancellationToken,
+    ) {
+        let intents: Vec<(i32, &str, i64)> = fanouts
+            .iter()
+            .map(|(_, c, ts, m)| (m.tp.1, c.as_str(), *ts))
+            .collect();
+        match retry(
+            "fanout intents",
+            &self.metrics,
+            &self.health,
+            self.give_up_after(),
+            hard_stop,
+            || self.store.fanout_intents(true, &intents),
+        )
+        .await
+        {
+            Ok(()) => {}
+            // Not recorded: their offsets stay unstored and the messages are replayed.
+            Err(Stop::Cancelled) => return,
+            Err(Stop::Fatal(e)) => {
+                run.fatal.get_or_insert(e);
+                return;
+            }
+        }
+        for (lane, candidate, ts, mref) in fanouts {
+            self.complete(run, std::slice::from_ref(&mref), false);
+            let mref = MsgRef { acked: true, ..mref };
+            run.jobs_mut(lane).fanout(&candidate, ts, mref);
+        }
+    }
+
+    /// Queues the fan-outs recorded for newly assigned partitions of the feature-updates topic
+    /// (a previous owner's, unfinished when it crashed or gave the partition up).
+    pub(super) async fn resume_fanouts(
+        &self,
+        run: &mut Run,
+        partitions: &[i32],
+        hard_stop: &CancellationToken,
+    ) {
+        for &p in partitions {
+            let loaded = retry(
+                "resume fanouts",
+                &self.metrics,
+                &self.health,
+                self.give_up_after(),
+                hard_stop,
+                || self.store.fanout_intents_of(p),
+            )
+            .await;
+            match loaded {
+                Ok(intents) => {
+                    if !intents.is_empty() {
+                        tracing::info!(partition = p, fanouts = intents.len(), "resuming recorded fan-outs");
+                    }
+                    for (candidate, ts) in intents {
+                        run.jobs.resume_fanout(&candidate, ts, p);
+                    }
+                }
+                Err(Stop::Cancelled) => return,
+                Err(Stop::Fatal(e)) => {
+                    run.fatal.get_or_insert(e);
+                    return;
                 }
             }
         }

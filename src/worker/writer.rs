@@ -98,6 +98,20 @@ impl Worker {
         // Windows are written one at a time in `seq` order, so every earlier window is written too.
         msgs.extend(run.jobs.window_written(seq));
         msgs.extend(run.backlog_jobs.window_written(seq));
+        let mut done = run.jobs.take_done_fanouts();
+        done.extend(run.backlog_jobs.take_done_fanouts());
+        if !done.is_empty() {
+            // Clearing is cleanup: an intent left behind only repeats a finished fan-out after
+            // a restart (idempotent), so a failure is logged, not retried.
+            let store = self.store.clone();
+            tokio::spawn(async move {
+                let intents: Vec<(i32, &str, i64)> =
+                    done.iter().map(|(p, c, t)| (*p, c.as_str(), *t)).collect();
+                if let Err(e) = store.fanout_intents(false, &intents).await {
+                    tracing::warn!(error = %e, fanouts = intents.len(), "clearing finished fan-out intents failed; a restart repeats them");
+                }
+            });
+        }
         if stats.member_triggers > 0 {
             // Windows are sized in estimated rows: follow the recent pairs per member.
             let seen = stats.member_rows as f64 / stats.member_triggers as f64;
