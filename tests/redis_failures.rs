@@ -1,0 +1,153 @@
+//! Redis failing for real (a redis-server out of memory, its script cache flushed, an outage
+//! longer than the consumer's poll interval, a node demoted by a failover): nothing is committed
+//! past the last acknowledged write, and the final scores are exact, either after the worker
+//! recovers by itself or after a clean fatal exit and a restart.
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use common::harness::Harness;
+use common::scenario::Scenario;
+use common::services::RedisServer;
+use redis::Commands;
+
+const T0: i64 = 1_764_000_000_000;
+
+async fn wait_until(what: &str, secs: u64, mut ok: impl FnMut() -> bool) {
+    let until = Instant::now() + Duration::from_secs(secs);
+    while !ok() {
+        assert!(Instant::now() < until, "{what} within {secs} s");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn config_set(c: &mut redis::Connection, name: &str, value: &str) {
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg(name)
+        .arg(value)
+        .query(c)
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn out_of_memory_and_a_flushed_script_cache_pause_the_worker_and_lose_nothing() {
+    let h = Harness::new(2).await;
+    let scorer = common::scorer();
+    let s = Scenario::generate(31, 300, 10, 10, T0);
+    let w = h.start_worker().await;
+    s.send(&h, 0..100).await;
+    h.wait_consumed().await;
+
+    // Out of memory: every write is refused with OOM (an outage: retried, not ready).
+    let mut c = h.redis.client();
+    config_set(&mut c, "maxmemory-policy", "noeviction");
+    config_set(&mut c, "maxmemory", "1");
+    s.send(&h, 100..200).await;
+    wait_until("readiness drops while Redis is out of memory", 20, || {
+        w.metrics.render().contains("rescorer_ready 0")
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    config_set(&mut c, "maxmemory", "0");
+    h.wait_consumed().await;
+
+    // The script cache flushed under the worker (as a restart or failover does): reloaded.
+    let _: () = redis::cmd("SCRIPT").arg("FLUSH").query(&mut c).unwrap();
+    s.send(&h, 200..s.events.len()).await;
+    h.wait_consumed().await;
+    let t = s.final_tick();
+    h.tick(t).await;
+    h.wait_consumed().await;
+    s.check(&h, &scorer, t);
+    assert_eq!(w.http_get("/readyz").await.0, 200);
+    w.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outage_longer_than_the_poll_interval_loses_nothing() {
+    let mut h = Harness::new(2).await;
+    let scorer = common::scorer();
+    let s = Scenario::generate(32, 200, 8, 8, T0);
+    let mut settings = h.settings.clone();
+    // The consumer is thrown out of its group when it does not poll for this long.
+    for (k, v) in [
+        ("max.poll.interval.ms", "7000"),
+        ("session.timeout.ms", "6000"),
+        ("heartbeat.interval.ms", "1000"),
+    ] {
+        settings.kafka.options.insert(k.into(), v.into());
+    }
+    let w = h.start_worker_with(settings).await;
+    s.send(&h, 0..80).await;
+    h.wait_consumed().await;
+    h.redis.stop();
+    s.send(&h, 80..s.events.len()).await;
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    h.redis.restart();
+    h.wait_consumed().await;
+    let t = s.final_tick();
+    h.tick(t).await;
+    h.wait_consumed().await;
+    s.check(&h, &scorer, t);
+    w.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_demoted_node_makes_the_worker_exit_and_a_restart_on_the_new_primary_is_exact() {
+    let h = Harness::new(2).await;
+    let scorer = common::scorer();
+    let s = Scenario::generate(33, 240, 8, 8, T0);
+    let mut settings = h.settings.clone();
+    settings.redis.give_up_after_secs = 3;
+    let w = h.start_worker_with(settings.clone()).await;
+    s.send(&h, 0..120).await;
+    h.wait_consumed().await;
+
+    // A failover: B, a replica of A, is promoted, and A becomes B's replica. The worker's
+    // connection to A stays up and answers READONLY.
+    let b = RedisServer::start();
+    let (mut a_conn, mut b_conn) = (h.redis.client(), b.client());
+    let replicaof = |c: &mut redis::Connection, host: &str, port: &str| {
+        let _: () = redis::cmd("REPLICAOF").arg(host).arg(port).query(c).unwrap();
+    };
+    replicaof(&mut b_conn, "127.0.0.1", &h.redis.port.to_string());
+    wait_until("B in sync with A", 20, || {
+        let info: String = redis::cmd("INFO").arg("replication").query(&mut b.client()).unwrap();
+        info.contains("master_link_status:up")
+    })
+    .await;
+    replicaof(&mut b_conn, "NO", "ONE");
+    replicaof(&mut a_conn, "127.0.0.1", &b.port.to_string());
+    s.send(&h, 120..s.events.len()).await;
+
+    // READONLY is not an outage: after redis.give_up_after_secs the worker exits with an error.
+    let result = tokio::time::timeout(Duration::from_secs(60), w.join)
+        .await
+        .expect("the worker exits")
+        .expect("no panic");
+    let err = result.expect_err("a fatal exit").to_string();
+    assert!(err.contains("give_up_after_secs"), "{err}");
+
+    // The orchestrator restarts it against the new primary: everything uncommitted is replayed.
+    settings.redis.url = b.url();
+    let w = h.start_worker_with(settings).await;
+    h.wait_consumed().await;
+    let t = s.final_tick();
+    h.tick(t).await;
+    h.wait_consumed().await;
+    let keys = h.keys();
+    let mut c = b.client();
+    s.check_with(
+        &mut |m: &str| {
+            let scores: Vec<(String, f64)> = c.zrevrange_withscores(keys.scores(m), 0, -1).unwrap();
+            let meta: HashMap<String, String> = c.hgetall(keys.meta(m)).unwrap();
+            (scores, meta)
+        },
+        &scorer,
+        t,
+    );
+    w.stop().await.unwrap();
+}
