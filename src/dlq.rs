@@ -7,9 +7,9 @@
 //! [`MAX_KEY_BYTES`], headers over [`MAX_HEADER_BYTES`] in all) is cut: the record keeps the first
 //! bytes, the original length and its SHA-256, and `rescorer.truncated` names what was cut (a
 //! broker accepted a 64 KiB cut on its own but refused it as too large in the hostile-input test,
-//! so the cut is kept small). The
-//! source message itself fitted the broker, so the envelope around it could not: without the cut
-//! the broker would refuse the dead letter for ever and block the partition. Limits: a broker
+//! so the cut is kept small). The source message fitted the broker, but the envelope (original
+//! plus headers) may not: without the cut the broker would refuse the dead letter for ever and
+//! block the partition. Limits: a broker
 //! whose `message.max.bytes` is below the cut sizes gets a second, bare envelope (reason and
 //! coordinates only); if even that is refused, or the broker refuses the DLQ topic itself
 //! (authorization, unknown topic), the failure is fatal, since no retry can succeed.

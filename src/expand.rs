@@ -2,7 +2,9 @@
 //! index, a decay tick walks the due schedule. Both run as jobs, one chunk per step, interleaved
 //! with other input, so a candidate with a million members never stalls its partition.
 //!
-//! Guarantee: a job's messages are done only after its last chunk's window is written. A fan-out
+//! Guarantee: a tick's messages are done only after its last chunk's window is written; a
+//! fan-out's messages were stored once its intent was recorded in Redis (`store/fanouts.lua`),
+//! and the intent is cleared only after its last chunk's window is written. A fan-out
 //! that arrives while the same candidate's fan-out is queued merges into it (the largest as_of
 //! wins); one that arrives while it is running queues a single follow-up run, because members
 //! already visited were scored with the older features. A tick chunk is fetched only after the

@@ -5,7 +5,9 @@
 //! retried with backoff while intake stops, so nothing is skipped and memory stays bounded; an
 //! invalid message is dead-lettered and committed. On SIGTERM/SIGINT the loop stops taking input,
 //! writes the current window, commits what was stored and returns. Limits: fan-outs and ticks
-//! still running at shutdown are abandoned; their messages were not stored and are replayed.
+//! still running at shutdown are abandoned: a fan-out's intent stays recorded in Redis and the
+//! partition's next owner resumes it; a tick's message was not stored and is replayed. A failure
+//! no retry can fix ends the loop with an error (the process exits to be restarted).
 //!
 //! Two lanes: fresh events, and the backlog of partitions split by `[catchup]` (a head reader
 //! takes their fresh events while the group's reader drains the backlog). Each lane has its own
