@@ -103,6 +103,22 @@ fn young_pairs_are_due_sooner_and_never_later_than_the_max() {
 }
 
 #[test]
+fn due_times_never_wrap_whatever_the_times_and_intervals() {
+    let max_ts = crate::decode::MAX_TS_MS;
+    let d = DecaySettings::default();
+    assert_eq!(d.next_due(max_ts, 0), max_ts + 24 * 3_600_000);
+    assert!(d.next_due(i64::MAX, 0) == i64::MAX, "saturates");
+    assert!(d.next_due(0, i64::MAX) > 0, "a moment after as_of counts as age 0");
+    let huge = DecaySettings {
+        min_interval_secs: u64::MAX,
+        max_interval_secs: u64::MAX,
+        ..DecaySettings::default()
+    };
+    assert_eq!(huge.next_due(max_ts, 0), i64::MAX);
+    assert!(huge.next_due(5, 0) > 5);
+}
+
+#[test]
 fn the_example_file_parses_to_the_defaults() {
     let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/rescorer.example.toml");
     let s = Settings::load(Some(&p), vec![], &[]).unwrap();
