@@ -124,10 +124,11 @@ async fn guards_repeats_and_tombstones_in_one_call() {
 }
 
 #[tokio::test]
-async fn a_member_with_thousands_of_pairs_is_written_in_one_call() {
+async fn a_member_with_thousands_of_pairs_is_written_exactly_in_several_script_calls() {
     let redis = RedisServer::start();
     let store = store(&redis).await;
-    // 5,000 pairs: several slices of script arguments (Lua's unpack takes a few thousand values).
+    // 5,000 pairs: five script calls of at most SCORE_CALL_PAIRS, each several slices of script
+    // arguments (Lua's unpack takes a few thousand values).
     let cands: Vec<String> = (0..5000).map(|i| format!("c{i}")).collect();
     upsert_pairs(&store, "big", &cands).await;
     let writes: Vec<ScoreWrite> = cands
