@@ -99,13 +99,17 @@ impl Default for TopicSettings {
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RedisSettings {
-    /// `redis://[:password@]host:port[/db]` or `rediss://` for TLS. With `cluster`, a
-    /// comma-separated list of seed nodes.
+    /// `redis://[[user]:password@]host:port[/db]` or `rediss://` for TLS. With `cluster`, a
+    /// comma-separated list of seed nodes. Logged with its passwords masked.
     pub url: String,
     /// Redis Cluster (all keys carry hash tags).
     pub cluster: bool,
     /// Connect and response timeout; a slower reply counts as an outage and is retried.
     pub timeout_ms: u64,
+    /// PEM file of the CA certificate(s) a `rediss://` server's certificate must chain to,
+    /// instead of the system trust store (for a private CA). Unset: the system trust store. A
+    /// certificate that cannot be verified stops start-up; it is not retried.
+    pub tls_ca_file: Option<PathBuf>,
 }
 
 impl Default for RedisSettings {
@@ -114,6 +118,7 @@ impl Default for RedisSettings {
             url: "redis://127.0.0.1:6379".into(),
             cluster: false,
             timeout_ms: 2000,
+            tls_ca_file: None,
         }
     }
 }
@@ -420,6 +425,7 @@ impl ModelSettings {
 }
 
 mod load;
+pub mod redact;
 
 #[cfg(test)]
 mod tests;
