@@ -17,7 +17,7 @@ fn dotted(key: &str) -> Vec<String> {
 /// Whether the value at `parts` is text whatever it looks like: a librdkafka option (passed on
 /// untouched, so `0x1F` stays `0x1F`) or a field whose default is a string (a group id `2024`
 /// stays a string).
-fn verbatim(parts: &[String]) -> bool {
+fn textual(parts: &[String]) -> bool {
     if parts.len() >= 3 && parts[0] == "kafka" && parts[1] == "options" {
         return true;
     }
@@ -34,16 +34,16 @@ fn verbatim(parts: &[String]) -> bool {
     cur.is_str()
 }
 
-/// Sets the value at `parts` in `table` to `raw`: as written where [`verbatim`], else parsed as a
-/// TOML value when it is one, else a string.
+/// Sets the value at `parts` in `table` to `raw`, parsed as a TOML value when it is one, else a
+/// string. Where the value is [`textual`], only a quoted TOML string is parsed (`"x"` is `x`);
+/// anything else is kept as written.
 fn set_path(table: &mut toml::Table, parts: &[String], raw: &str) -> Result<(), String> {
-    let value = if verbatim(parts) {
-        toml::Value::String(raw.to_owned())
-    } else {
-        toml::from_str::<toml::Table>(&format!("v = {raw}"))
-            .ok()
-            .and_then(|mut t| t.remove("v"))
-            .unwrap_or_else(|| toml::Value::String(raw.to_owned()))
+    let parsed = toml::from_str::<toml::Table>(&format!("v = {raw}"))
+        .ok()
+        .and_then(|mut t| t.remove("v"));
+    let value = match parsed {
+        Some(v) if v.is_str() || !textual(parts) => v,
+        _ => toml::Value::String(raw.to_owned()),
     };
     let (last, parents) = parts.split_last().ok_or("empty key")?;
     let mut cur = table;

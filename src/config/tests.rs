@@ -242,6 +242,8 @@ fn kafka_options_from_the_environment_stay_text() {
         &[
             "kafka.options.queued.min.messages=1_000".into(),
             "kafka.options.client.id=007".into(),
+            "kafka.options.quoted=\"0x2F\"".into(),
+            "http.listen=\"127.0.0.1:9000\"".into(),
         ],
     )
     .unwrap();
@@ -250,6 +252,8 @@ fn kafka_options_from_the_environment_stay_text() {
     assert_eq!(s.kafka.options["enable.idempotence"], "TRUE");
     assert_eq!(s.kafka.options["queued.min.messages"], "1_000");
     assert_eq!(s.kafka.options["client.id"], "007");
+    assert_eq!(s.kafka.options["quoted"], "0x2F");
+    assert_eq!(s.http.listen, "127.0.0.1:9000");
     assert_eq!(s.kafka.group_id, "2024");
     assert_eq!(s.output.top_n, 7);
 }
