@@ -41,28 +41,160 @@ fn find_binary(name: &str) -> PathBuf {
         .unwrap_or_else(|| panic!("`{name}` not found: run scripts/test.sh, which installs it"))
 }
 
-/// A `redis-server` in a temporary directory.
+/// Certificates made with `openssl` in a temporary directory: a CA, a server certificate it
+/// signed for 127.0.0.1 and localhost, and an unrelated CA that did not sign it.
+pub struct TlsFiles {
+    dir: tempfile::TempDir,
+}
+
+impl TlsFiles {
+    pub fn generate() -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let openssl = |args: &[&str]| {
+            let out = Command::new(find_binary("openssl"))
+                .args(args)
+                .current_dir(dir.path())
+                .output()
+                .expect("openssl runs");
+            assert!(
+                out.status.success(),
+                "openssl {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        for ca in ["ca", "other-ca"] {
+            openssl(&[
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-days",
+                "2",
+                "-subj",
+                &format!("/CN=rescorer test {ca}"),
+                "-keyout",
+                &format!("{ca}.key"),
+                "-out",
+                &format!("{ca}.pem"),
+            ]);
+        }
+        openssl(&[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            "/CN=localhost",
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+        ]);
+        std::fs::write(
+            dir.path().join("server.ext"),
+            "subjectAltName = IP:127.0.0.1, DNS:localhost\n\
+             basicConstraints = CA:FALSE\n\
+             keyUsage = digitalSignature, keyEncipherment\n\
+             extendedKeyUsage = serverAuth\n",
+        )
+        .expect("extensions file");
+        openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            "server.ext",
+            "-out",
+            "server.pem",
+        ]);
+        Self { dir }
+    }
+
+    /// The CA that signed the server's certificate.
+    pub fn ca(&self) -> PathBuf {
+        self.dir.path().join("ca.pem")
+    }
+
+    /// A CA that did not.
+    pub fn other_ca(&self) -> PathBuf {
+        self.dir.path().join("other-ca.pem")
+    }
+
+    pub fn server_cert(&self) -> PathBuf {
+        self.dir.path().join("server.pem")
+    }
+
+    pub fn server_key(&self) -> PathBuf {
+        self.dir.path().join("server.key")
+    }
+}
+
+/// A `redis-server` in a temporary directory: plain, TLS-only, and with or without a password.
 pub struct RedisServer {
     child: Option<Child>,
     pub port: u16,
     dir: tempfile::TempDir,
+    /// TLS only on `port` (the plain port is off); clients trust `ca`.
+    tls: Option<(PathBuf, PathBuf, PathBuf)>,
+    password: Option<String>,
 }
 
 impl RedisServer {
     pub fn start() -> Self {
+        Self::start_with(None, None)
+    }
+
+    /// TLS only, with the server certificate of `tls`; client certificates are not asked for.
+    pub fn start_tls(tls: &TlsFiles) -> Self {
+        Self::start_with(Some(tls), None)
+    }
+
+    /// `requirepass password`; [`RedisServer::url`] carries the password as written.
+    pub fn start_with_password(password: &str) -> Self {
+        Self::start_with(None, Some(password))
+    }
+
+    fn start_with(tls: Option<&TlsFiles>, password: Option<&str>) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let mut s = Self {
             child: None,
             port: free_port(),
             dir,
+            tls: tls.map(|t| (t.server_cert(), t.server_key(), t.ca())),
+            password: password.map(str::to_owned),
         };
         s.spawn();
         s
     }
 
     fn spawn(&mut self) {
-        let child = Command::new(find_binary("redis-server"))
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+        let mut cmd = Command::new(find_binary("redis-server"));
+        match &self.tls {
+            None => cmd.args(["--port", &self.port.to_string()]),
+            Some((cert, key, ca)) => cmd
+                .args(["--port", "0", "--tls-port", &self.port.to_string()])
+                .arg("--tls-cert-file")
+                .arg(cert)
+                .arg("--tls-key-file")
+                .arg(key)
+                .arg("--tls-ca-cert-file")
+                .arg(ca)
+                .args(["--tls-auth-clients", "no"]),
+        };
+        if let Some(p) = &self.password {
+            cmd.args(["--requirepass", p]);
+        }
+        let child = cmd
+            .args(["--bind", "127.0.0.1"])
             // Persistence on, so a restart (an outage, not a data loss) keeps the state.
             .args([
                 "--save",
@@ -83,7 +215,17 @@ impl RedisServer {
     }
 
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        let scheme = if self.tls.is_some() {
+            "rediss"
+        } else {
+            "redis"
+        };
+        let auth = self
+            .password
+            .as_ref()
+            .map(|p| format!(":{p}@"))
+            .unwrap_or_default();
+        format!("{scheme}://{auth}127.0.0.1:{}", self.port)
     }
 
     /// Kills the server (an outage); the append-only file keeps its data for `restart`.
@@ -101,7 +243,17 @@ impl RedisServer {
     }
 
     pub fn client(&self) -> redis::Connection {
-        redis::Client::open(self.url())
+        let client = match &self.tls {
+            None => redis::Client::open(self.url()),
+            Some((_, _, ca)) => redis::Client::build_with_tls(
+                self.url(),
+                redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(std::fs::read(ca).expect("the test CA")),
+                },
+            ),
+        };
+        client
             .and_then(|c| c.get_connection())
             .expect("test connection to redis")
     }
