@@ -95,8 +95,8 @@ impl Default for TopicSettings {
     }
 }
 
-/// `[redis]`: the shared store.
-#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+/// `[redis]`: the shared store. Its `Debug` masks the passwords in `url`.
+#[derive(Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RedisSettings {
     /// `redis://[[user]:password@]host:port[/db]` or `rediss://` for TLS. With `cluster`, a
@@ -110,6 +110,17 @@ pub struct RedisSettings {
     /// instead of the system trust store (for a private CA). Unset: the system trust store. A
     /// certificate that cannot be verified stops start-up; it is not retried.
     pub tls_ca_file: Option<PathBuf>,
+}
+
+impl std::fmt::Debug for RedisSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisSettings")
+            .field("url", &redact::redis_url(&self.url))
+            .field("cluster", &self.cluster)
+            .field("timeout_ms", &self.timeout_ms)
+            .field("tls_ca_file", &self.tls_ca_file)
+            .finish()
+    }
 }
 
 impl Default for RedisSettings {

@@ -180,6 +180,28 @@ impl Settings {
                  and a brace in the prefix would take the place of the member's hash tag",
             ));
         }
+        // What the redis crate refuses without connecting (a URL it cannot read, seeds of one
+        // cluster with different passwords or TLS modes) is a settings error, not an outage.
+        let url = &self.redis.url;
+        let checked = if self.redis.cluster {
+            redis::cluster::ClusterClientBuilder::new(
+                url.split(',').map(str::trim).collect::<Vec<_>>(),
+            )
+            .build()
+            .map(drop)
+        } else {
+            redis::Client::open(url.as_str()).map(drop)
+        };
+        if let Err(e) = checked {
+            return Err(invalid(
+                "redis.url",
+                &format!(
+                    "{} is not usable: {}",
+                    super::redact::redis_url(url),
+                    super::redact::scrub(&e.to_string(), url)
+                ),
+            ));
+        }
         if let Some(ca) = &self.redis.tls_ca_file {
             let shown = ca.display();
             let plain = self

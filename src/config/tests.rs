@@ -313,3 +313,44 @@ fn the_tls_ca_file_is_checked_at_start_up() {
         "{err}"
     );
 }
+
+#[test]
+fn a_redis_url_the_client_cannot_use_is_refused_without_showing_it() {
+    let load = |url: &str, cluster: bool| {
+        Settings::load(
+            None,
+            Vec::<(String, String)>::new(),
+            &[
+                format!("redis.url={url}"),
+                format!("redis.cluster={cluster}"),
+            ],
+        )
+    };
+    for (url, cluster) in [
+        ("redis://:pw1@n1:6379,redis://:pw2@n2:6379", true),
+        ("rediss://:pw1@n1:6379,redis://:pw1@n2:6379", true),
+        ("redis://:pw1@n1:6379,redis://:pw2@n2:6379", false),
+        ("http://:pw1@n1:6379", false),
+    ] {
+        let err = load(url, cluster).unwrap_err().to_string();
+        assert!(err.contains("redis.url"), "{url}: {err}");
+        assert!(!err.contains("pw1") && !err.contains("pw2"), "{url}: {err}");
+    }
+    // One password written two ways is one password.
+    load(
+        "redis://:p@ss@n1:6379,redis://:p%40ss@n2:6379, redis://:p@ss@n3:6379",
+        true,
+    )
+    .unwrap();
+}
+
+#[test]
+fn debug_output_masks_the_redis_password() {
+    let mut s = Settings::default();
+    s.redis.url = "redis://:hunter2@redis:6379".into();
+    let text = format!("{s:?}");
+    assert!(
+        !text.contains("hunter2") && text.contains("redis://:***@redis:6379"),
+        "{text}"
+    );
+}
