@@ -113,3 +113,55 @@ async fn a_certificate_that_cannot_be_verified_stops_start_up() {
     assert!(!status.success(), "{log}");
     assert!(log.contains("certificate could not be verified"), "{log}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rediss_cluster_with_a_private_ca_works_and_a_wrong_ca_stops_start_up() {
+    use redis::Commands;
+
+    let tls = TlsFiles::generate();
+    let cluster = common::services::RedisCluster::start_tls(&tls);
+    let h = Harness::new(1).await;
+    let mut settings = h.settings.clone();
+    settings.redis.url = cluster.url();
+    settings.redis.cluster = true;
+    settings.redis.tls_ca_file = Some(tls.other_ca());
+
+    // The wrong CA first: start-up fails, and says why.
+    let err = rescorer::app::run_worker(
+        settings.clone(),
+        rescorer::metrics::Metrics::new(),
+        tokio_util::sync::CancellationToken::new(),
+    );
+    let err = tokio::time::timeout(Duration::from_secs(60), err)
+        .await
+        .expect("start-up fails instead of retrying (no exit within 60 s)")
+        .expect_err("a certificate signed by another CA is refused");
+    assert!(
+        format!("{err:#}").contains("certificate could not be verified"),
+        "{err:#}"
+    );
+
+    settings.redis.tls_ca_file = Some(tls.ca());
+    settings
+        .validate(std::path::Path::new("(test)"))
+        .expect("the CA file validates");
+    let w = h.start_worker_with(settings).await;
+    h.feature("member", "m1", json!({"sessions_7d": 5}), T0)
+        .await;
+    h.upsert("m1", "c1", "job_change", json!({"affinity": 0.6}), T0 + H)
+        .await;
+    h.wait_consumed().await;
+    let want = expected_score(
+        &common::scorer(),
+        &[("sessions_7d", 5.0)],
+        &[],
+        &[("affinity", 0.6)],
+        "job_change",
+        T0 + H,
+        T0 + H,
+    );
+    let key = format!("{}:scores:{{m1}}", h.settings.output.key_prefix);
+    let got: Vec<(String, f64)> = cluster.client().zrevrange_withscores(key, 0, -1).unwrap();
+    assert_eq!(got, vec![("c1".to_string(), want)]);
+    w.stop().await.unwrap();
+}

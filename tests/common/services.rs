@@ -3,7 +3,7 @@
 //! Kafka cluster instead of starting `tansu`.
 
 use std::net::TcpListener;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -91,12 +91,13 @@ impl TlsFiles {
             "-out",
             "server.csr",
         ]);
+        // clientAuth too: cluster nodes present it to each other on the TLS cluster bus.
         std::fs::write(
             dir.path().join("server.ext"),
             "subjectAltName = IP:127.0.0.1, DNS:localhost\n\
              basicConstraints = CA:FALSE\n\
              keyUsage = digitalSignature, keyEncipherment\n\
-             extendedKeyUsage = serverAuth\n",
+             extendedKeyUsage = serverAuth, clientAuth\n",
         )
         .expect("extensions file");
         openssl(&[
@@ -311,23 +312,47 @@ impl Drop for Broker {
     }
 }
 
-/// A three-primary Redis Cluster on free local ports.
+/// A three-primary Redis Cluster on free local ports, plain or TLS-only.
 pub struct RedisCluster {
     nodes: Vec<Child>,
     pub ports: Vec<u16>,
     _dirs: Vec<tempfile::TempDir>,
+    /// The CA clients trust, for a TLS-only cluster.
+    ca: Option<PathBuf>,
 }
 
 impl RedisCluster {
     pub fn start() -> Self {
+        Self::start_with(None)
+    }
+
+    /// TLS only, between the nodes too, with the server certificate of `tls`.
+    pub fn start_tls(tls: &TlsFiles) -> Self {
+        Self::start_with(Some(tls))
+    }
+
+    fn start_with(tls: Option<&TlsFiles>) -> Self {
         let mut nodes = Vec::new();
         let mut ports = Vec::new();
         let mut dirs = Vec::new();
         for _ in 0..3 {
             let port = free_port();
             let dir = tempfile::tempdir().expect("temp dir");
-            let child = Command::new(find_binary("redis-server"))
-                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            let mut cmd = Command::new(find_binary("redis-server"));
+            match tls {
+                None => cmd.args(["--port", &port.to_string()]),
+                Some(t) => cmd
+                    .args(["--port", "0", "--tls-port", &port.to_string()])
+                    .args(["--tls-cluster", "yes", "--tls-auth-clients", "no"])
+                    .arg("--tls-cert-file")
+                    .arg(t.server_cert())
+                    .arg("--tls-key-file")
+                    .arg(t.server_key())
+                    .arg("--tls-ca-cert-file")
+                    .arg(t.ca()),
+            };
+            let child = cmd
+                .args(["--bind", "127.0.0.1"])
                 .args([
                     "--cluster-enabled",
                     "yes",
@@ -348,7 +373,11 @@ impl RedisCluster {
             dirs.push(dir);
         }
         let addrs: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
-        let status = Command::new(find_binary("redis-cli"))
+        let mut create = Command::new(find_binary("redis-cli"));
+        if let Some(t) = tls {
+            create.arg("--tls").arg("--cacert").arg(t.ca());
+        }
+        let status = create
             .args(["--cluster", "create"])
             .args(&addrs)
             .args(["--cluster-replicas", "0", "--cluster-yes"])
@@ -357,43 +386,64 @@ impl RedisCluster {
             .status()
             .expect("redis-cli --cluster create runs");
         assert!(status.success(), "cluster create failed");
+        let cluster = Self {
+            nodes,
+            ports,
+            _dirs: dirs,
+            ca: tls.map(TlsFiles::ca),
+        };
         let until = Instant::now() + Duration::from_secs(20);
-        for p in &ports {
+        for url in cluster.node_urls() {
             loop {
-                let info: String = redis::Client::open(format!("redis://127.0.0.1:{p}"))
+                let info: String = cluster
+                    .node_client(&url)
                     .and_then(|c| c.get_connection())
                     .and_then(|mut c| redis::cmd("CLUSTER").arg("INFO").query(&mut c))
                     .unwrap_or_default();
                 if info.contains("cluster_state:ok") {
                     break;
                 }
-                assert!(Instant::now() < until, "cluster not ok on {p}");
+                assert!(Instant::now() < until, "cluster not ok on {url}");
                 std::thread::sleep(Duration::from_millis(100));
             }
         }
-        Self {
-            nodes,
-            ports,
-            _dirs: dirs,
+        cluster
+    }
+
+    fn node_urls(&self) -> Vec<String> {
+        let scheme = if self.ca.is_some() { "rediss" } else { "redis" };
+        self.ports
+            .iter()
+            .map(|p| format!("{scheme}://127.0.0.1:{p}"))
+            .collect()
+    }
+
+    fn node_client(&self, url: &str) -> redis::RedisResult<redis::Client> {
+        match &self.ca {
+            None => redis::Client::open(url),
+            Some(ca) => redis::Client::build_with_tls(url, self.certs(ca)),
+        }
+    }
+
+    fn certs(&self, ca: &Path) -> redis::TlsCertificates {
+        redis::TlsCertificates {
+            client_tls: None,
+            root_cert: Some(std::fs::read(ca).expect("the test CA")),
         }
     }
 
     /// Seed nodes in the worker's `redis.url` format for `redis.cluster = true`.
     pub fn url(&self) -> String {
-        self.ports
-            .iter()
-            .map(|p| format!("redis://127.0.0.1:{p}"))
-            .collect::<Vec<_>>()
-            .join(",")
+        self.node_urls().join(",")
     }
 
     pub fn client(&self) -> redis::cluster::ClusterConnection {
-        let nodes: Vec<String> = self
-            .ports
-            .iter()
-            .map(|p| format!("redis://127.0.0.1:{p}"))
-            .collect();
-        redis::cluster::ClusterClient::new(nodes)
+        let mut builder = redis::cluster::ClusterClientBuilder::new(self.node_urls());
+        if let Some(ca) = &self.ca {
+            builder = builder.certs(self.certs(ca));
+        }
+        builder
+            .build()
             .and_then(|c| c.get_connection())
             .expect("cluster connection")
     }
