@@ -20,20 +20,20 @@ pub fn redis_url(url: &str) -> String {
 }
 
 /// `text` (typically an error message) with every secret of `url` replaced by `***`: the whole
-/// URL items, and each password both as written and percent-decoded.
+/// URL items, and each password (or lone user name) both as written and percent-decoded.
 pub fn scrub(text: &str, url: &str) -> String {
     let mut secrets: Vec<String> = Vec::new();
     for item in url.split(',').map(str::trim).filter(|s| !s.is_empty()) {
         secrets.push(item.to_owned());
         match Url::parse(item) {
             Ok(u) => {
-                for part in [u.password().unwrap_or(""), u.username()] {
-                    if !part.is_empty() {
-                        secrets.push(part.to_owned());
-                        let decoded = percent_decode(part);
-                        if decoded != part {
-                            secrets.push(decoded);
-                        }
+                // A user name alone may be a password written without its colon.
+                let secret = u.password().unwrap_or(u.username());
+                if !secret.is_empty() {
+                    secrets.push(secret.to_owned());
+                    let decoded = percent_decode(secret);
+                    if decoded != secret {
+                        secrets.push(decoded);
                     }
                 }
             }

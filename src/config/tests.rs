@@ -210,12 +210,16 @@ fn masked_urls_keep_what_operators_need() {
 #[test]
 fn errors_are_scrubbed_of_every_password() {
     use super::redact::scrub;
-    let url = "redis://:pw1@n1:6379,redis://u:p%40w2@n2:6379,redis://:a/b@n3";
-    let text = "failed: redis://:pw1@n1:6379 said pw1; p%40w2 or p@w2; a/b; u";
+    let url = "redis://:pw1@n1:6379,redis://u:p%40w2@n2:6379,redis://:a/b@n3,redis://lone@n4";
+    let text = "failed: redis://:pw1@n1:6379 said pw1; p%40w2 or p@w2; a/b; lone; user u";
     let out = scrub(text, url);
-    for secret in ["pw1", "p%40w2", "p@w2", "a/b"] {
+    for secret in ["pw1", "p%40w2", "p@w2", "a/b", "lone"] {
         assert!(!out.contains(secret), "{out}");
     }
+    assert!(
+        out.ends_with("user u"),
+        "a user name beside a password stays: {out}"
+    );
 }
 
 #[test]
