@@ -8,31 +8,41 @@ use anyhow::Context;
 use rdkafka::producer::FutureProducer;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::Settings;
+use crate::config::{redact, Settings};
 use crate::metrics::Metrics;
 use crate::score::Scorer;
 use crate::store::{Keys, Store};
 use crate::worker::{Health, Worker};
 
-/// Connects to Redis, retrying with backoff until it answers or `shutdown` fires.
+/// Connects to Redis, retrying with backoff until it answers or `shutdown` fires. A server
+/// certificate that cannot be verified is an error at once: retrying cannot fix it.
 pub async fn connect_store(
     settings: &Settings,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<Option<Store>> {
     let keys = Keys::new(settings.output.key_prefix.clone(), settings.decay.shards);
     let timeout = Duration::from_millis(settings.redis.timeout_ms);
+    let ca = redis_ca(settings)?;
     let mut delay = Duration::from_millis(200);
     loop {
         let attempt = async {
             let (url, cluster) = (&settings.redis.url, settings.redis.cluster);
-            let store = Store::connect(url, cluster, timeout, keys.clone()).await?;
+            let store = Store::connect(url, cluster, timeout, ca.as_deref(), keys.clone()).await?;
             store.load_scripts().await?;
             Ok::<_, crate::store::StoreError>(store)
         };
         match attempt.await {
             Ok(store) => return Ok(Some(store)),
+            Err(e @ crate::store::StoreError::Certificate(_)) => {
+                let url = redact::redis_url(&settings.redis.url);
+                anyhow::bail!(
+                    "cannot connect to redis at {url}: {}",
+                    redact::scrub(&e.to_string(), &settings.redis.url)
+                );
+            }
             Err(e) => {
-                tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "redis not reachable at start-up; retrying");
+                let error = redact::scrub(&e.to_string(), &settings.redis.url);
+                tracing::warn!(%error, retry_in_ms = delay.as_millis() as u64, "redis not reachable at start-up; retrying");
                 tokio::select! {
                     _ = shutdown.cancelled() => return Ok(None),
                     _ = tokio::time::sleep(delay) => {}
@@ -41,6 +51,19 @@ pub async fn connect_store(
             }
         }
     }
+}
+
+/// The PEM of `redis.tls_ca_file`, when set (validation has checked it already; this reads it
+/// once for every connection).
+pub fn redis_ca(settings: &Settings) -> anyhow::Result<Option<Vec<u8>>> {
+    settings
+        .redis
+        .tls_ca_file
+        .as_ref()
+        .map(|p| {
+            std::fs::read(p).with_context(|| format!("reading redis.tls_ca_file {}", p.display()))
+        })
+        .transpose()
 }
 
 /// A producer for the DLQ and ticks: idempotent, acknowledged by all in-sync replicas.

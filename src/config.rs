@@ -95,12 +95,12 @@ impl Default for TopicSettings {
     }
 }
 
-/// `[redis]`: the shared store.
-#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+/// `[redis]`: the shared store. Its `Debug` masks the passwords in `url`.
+#[derive(Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RedisSettings {
-    /// `redis://[:password@]host:port[/db]` or `rediss://` for TLS. With `cluster`, a
-    /// comma-separated list of seed nodes.
+    /// `redis://[[user]:password@]host:port[/db]` or `rediss://` for TLS. With `cluster`, a
+    /// comma-separated list of seed nodes. Logged with its passwords masked.
     pub url: String,
     /// Redis Cluster (all keys carry hash tags).
     pub cluster: bool,
@@ -114,6 +114,22 @@ pub struct RedisSettings {
     /// Redis failover takes. Outages (no connection, timeouts, LOADING, CLUSTERDOWN, OOM) are
     /// retried for as long as they last.
     pub give_up_after_secs: u64,
+    /// PEM file of the CA certificate(s) a `rediss://` server's certificate must chain to,
+    /// instead of the system trust store (for a private CA). Unset: the system trust store. A
+    /// certificate that cannot be verified stops start-up; it is not retried.
+    pub tls_ca_file: Option<PathBuf>,
+}
+
+impl std::fmt::Debug for RedisSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisSettings")
+            .field("url", &redact::redis_url(&self.url))
+            .field("cluster", &self.cluster)
+            .field("timeout_ms", &self.timeout_ms)
+            .field("give_up_after_secs", &self.give_up_after_secs)
+            .field("tls_ca_file", &self.tls_ca_file)
+            .finish()
+    }
 }
 
 impl Default for RedisSettings {
@@ -123,6 +139,7 @@ impl Default for RedisSettings {
             cluster: false,
             timeout_ms: 2000,
             give_up_after_secs: 60,
+            tls_ca_file: None,
         }
     }
 }
@@ -438,6 +455,7 @@ impl ModelSettings {
 }
 
 mod load;
+pub mod redact;
 
 #[cfg(test)]
 mod tests;

@@ -271,10 +271,12 @@ async fn write_round(
 
 /// A store on `settings.redis` under a scratch prefix.
 pub async fn scratch_store(settings: &Settings, prefix: &str) -> anyhow::Result<Store> {
-    let conn = crate::store::connect(
+    let ca = crate::app::redis_ca(settings)?;
+    let conn = crate::store::connect_with_ca(
         &settings.redis.url,
         settings.redis.cluster,
         Duration::from_secs(5),
+        ca.as_deref(),
     )
     .await?;
     let store = Store::new(conn, Keys::new(prefix, settings.decay.shards));

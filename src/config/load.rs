@@ -14,13 +14,37 @@ fn dotted(key: &str) -> Vec<String> {
     }
 }
 
+/// Whether the value at `parts` is text whatever it looks like: a librdkafka option (passed on
+/// untouched, so `0x1F` stays `0x1F`) or a field whose default is a string (a group id `2024`
+/// stays a string).
+fn textual(parts: &[String]) -> bool {
+    if parts.len() >= 3 && parts[0] == "kafka" && parts[1] == "options" {
+        return true;
+    }
+    let Ok(defaults) = toml::Value::try_from(Settings::default()) else {
+        return false;
+    };
+    let mut cur = &defaults;
+    for p in parts {
+        match cur.get(p.as_str()) {
+            Some(v) => cur = v,
+            None => return false,
+        }
+    }
+    cur.is_str()
+}
+
 /// Sets the value at `parts` in `table` to `raw`, parsed as a TOML value when it is one, else a
-/// string.
+/// string. Where the value is [`textual`], only a quoted TOML string is parsed (`"x"` is `x`);
+/// anything else is kept as written.
 fn set_path(table: &mut toml::Table, parts: &[String], raw: &str) -> Result<(), String> {
-    let value = toml::from_str::<toml::Table>(&format!("v = {raw}"))
+    let parsed = toml::from_str::<toml::Table>(&format!("v = {raw}"))
         .ok()
-        .and_then(|mut t| t.remove("v"))
-        .unwrap_or_else(|| toml::Value::String(raw.to_owned()));
+        .and_then(|mut t| t.remove("v"));
+    let value = match parsed {
+        Some(v) if v.is_str() || !textual(parts) => v,
+        _ => toml::Value::String(raw.to_owned()),
+    };
     let (last, parents) = parts.split_last().ok_or("empty key")?;
     let mut cur = table;
     for p in parents {
@@ -149,6 +173,68 @@ impl Settings {
         if !(self.decay.age_fraction > 0.0 && self.decay.age_fraction.is_finite()) {
             return Err(invalid("decay.age_fraction", "must be a positive number"));
         }
+        if self.output.key_prefix.contains(['{', '}']) {
+            return Err(invalid(
+                "output.key_prefix",
+                "must not contain `{` or `}`: Redis Cluster hashes the first `{...}` of a key, \
+                 and a brace in the prefix would take the place of the member's hash tag",
+            ));
+        }
+        // What the redis crate refuses without connecting (a URL it cannot read, seeds of one
+        // cluster with different passwords or TLS modes) is a settings error, not an outage.
+        let url = &self.redis.url;
+        let checked = if self.redis.cluster {
+            redis::cluster::ClusterClientBuilder::new(
+                url.split(',').map(str::trim).collect::<Vec<_>>(),
+            )
+            .build()
+            .map(drop)
+        } else {
+            redis::Client::open(url.as_str()).map(drop)
+        };
+        if let Err(e) = checked {
+            return Err(invalid(
+                "redis.url",
+                &format!(
+                    "{} is not usable: {}",
+                    super::redact::redis_url(url),
+                    super::redact::scrub(&e.to_string(), url)
+                ),
+            ));
+        }
+        if let Some(ca) = &self.redis.tls_ca_file {
+            let shown = ca.display();
+            let plain = self
+                .redis
+                .url
+                .split(',')
+                .any(|u| !u.trim().starts_with("rediss://"));
+            if plain {
+                return Err(invalid(
+                    "redis.tls_ca_file",
+                    "is set, so every address in redis.url must start with rediss://",
+                ));
+            }
+            let pem = std::fs::read(ca)
+                .map_err(|e| invalid("redis.tls_ca_file", &format!("cannot read {shown}: {e}")))?;
+            use rustls::pki_types::{pem::PemObject, CertificateDer};
+            let certs = CertificateDer::pem_slice_iter(&pem).collect::<Result<Vec<_>, _>>();
+            match certs {
+                Ok(c) if !c.is_empty() => {}
+                Ok(_) => {
+                    return Err(invalid(
+                        "redis.tls_ca_file",
+                        &format!("{shown} holds no PEM certificate"),
+                    ))
+                }
+                Err(e) => {
+                    return Err(invalid(
+                        "redis.tls_ca_file",
+                        &format!("{shown} is not a valid PEM file: {e}"),
+                    ))
+                }
+            }
+        }
         if self.http.listen.parse::<std::net::SocketAddr>().is_err() {
             return Err(invalid(
                 "http.listen",
@@ -158,21 +244,21 @@ impl Settings {
         Ok(())
     }
 
-    /// What is safe to log: no passwords, no librdkafka option values.
+    /// What is safe to log: no passwords (every form of `redis.url` is masked by
+    /// [`super::redact::redis_url`]), no librdkafka option values.
     pub fn summary(&self) -> String {
-        let redis = match self.redis.url.split_once('@') {
-            Some((scheme_auth, host)) => {
-                let scheme = scheme_auth.split("://").next().unwrap_or("redis");
-                format!("{scheme}://***@{host}")
-            }
-            None => self.redis.url.clone(),
-        };
+        let tls_ca = self
+            .redis
+            .tls_ca_file
+            .as_ref()
+            .map(|p| format!(" tls_ca={}", p.display()))
+            .unwrap_or_default();
         format!(
-            "kafka={} group={} options=[{}] redis={} cluster={} model={} device={:?} batch={}/{}ms top_n={} prefix={}",
+            "kafka={} group={} options=[{}] redis={} cluster={}{tls_ca} model={} device={:?} batch={}/{}ms top_n={} prefix={}",
             self.kafka.bootstrap_servers,
             self.kafka.group_id,
             self.kafka.options.keys().cloned().collect::<Vec<_>>().join(","),
-            redis,
+            super::redact::redis_url(&self.redis.url),
             self.redis.cluster,
             self.model.spec.display(),
             self.model.device,

@@ -25,13 +25,17 @@ pub use apply::Applied;
 pub use keys::Keys;
 pub use state::{FeatureOutcome, LoadedMember, PairState, ScoreWrite, WriteFlag};
 
-/// A Redis operation failed; the caller retries (it is never a reason to skip data).
+/// A Redis operation failed; the caller retries (it is never a reason to skip data), except
+/// [`StoreError::Certificate`], which no retry can fix.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("redis: {0}")]
     Redis(#[from] redis::RedisError),
     #[error("redis returned unexpected data: {0}")]
     Protocol(String),
+    /// Only from connecting: the server's TLS certificate was rejected.
+    #[error("redis: the server's TLS certificate could not be verified (is `redis.tls_ca_file` the CA that signed it?): {0}")]
+    Certificate(redis::RedisError),
 }
 
 impl StoreError {
@@ -61,7 +65,7 @@ impl StoreError {
                     )
                     || matches!(e.code(), Some("OOM" | "BUSY" | "LOADING" | "NOREPLICAS"))
             }
-            StoreError::Protocol(_) => false,
+            StoreError::Protocol(_) | StoreError::Certificate(_) => false,
         }
     }
 
@@ -108,23 +112,83 @@ impl ConnectionLike for Conn {
 /// Connects to `url` (`redis://` or `rediss://`); with `cluster`, `url` is a comma-separated list
 /// of seed nodes. Fails fast if the first connection cannot be made.
 pub async fn connect(url: &str, cluster: bool, timeout: Duration) -> Result<Conn, StoreError> {
-    if cluster {
-        let nodes: Vec<&str> = url.split(',').map(str::trim).collect();
-        let client = redis::cluster::ClusterClientBuilder::new(nodes)
-            .connection_timeout(timeout)
-            .response_timeout(timeout)
-            .build()?;
-        Ok(Conn::Cluster(client.get_async_connection().await?))
-    } else {
-        let client = redis::Client::open(url)?;
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(timeout)
-            .set_response_timeout(timeout)
-            .set_number_of_retries(1);
-        Ok(Conn::Single(
-            ConnectionManager::new_with_config(client, config).await?,
-        ))
+    connect_with_ca(url, cluster, timeout, None).await
+}
+
+/// [`connect`], verifying a `rediss://` server against `ca_pem` (PEM certificates) instead of the
+/// system trust store when given. A certificate that cannot be verified is
+/// [`StoreError::Certificate`]: retrying cannot fix it.
+pub async fn connect_with_ca(
+    url: &str,
+    cluster: bool,
+    timeout: Duration,
+    ca_pem: Option<&[u8]>,
+) -> Result<Conn, StoreError> {
+    let certs = ca_pem.map(|pem| redis::TlsCertificates {
+        client_tls: None,
+        root_cert: Some(pem.to_vec()),
+    });
+    let conn = async {
+        if cluster {
+            let nodes: Vec<&str> = url.split(',').map(str::trim).collect();
+            let mut builder = redis::cluster::ClusterClientBuilder::new(nodes)
+                .connection_timeout(timeout)
+                .response_timeout(timeout);
+            if let Some(certs) = certs {
+                builder = builder.certs(certs);
+            }
+            Ok(Conn::Cluster(
+                builder.build()?.get_async_connection().await?,
+            ))
+        } else {
+            let client = match certs {
+                Some(certs) => redis::Client::build_with_tls(url, certs)?,
+                None => redis::Client::open(url)?,
+            };
+            let config = ConnectionManagerConfig::new()
+                .set_connection_timeout(timeout)
+                .set_response_timeout(timeout)
+                .set_number_of_retries(1);
+            Ok(Conn::Single(
+                ConnectionManager::new_with_config(client, config).await?,
+            ))
+        }
+    };
+    conn.await.map_err(|e: redis::RedisError| {
+        if certificate_rejected(&e) {
+            StoreError::Certificate(e)
+        } else {
+            StoreError::Redis(e)
+        }
+    })
+}
+
+/// Whether `e` is a TLS certificate the client could not verify (unknown issuer, wrong name,
+/// expired, ...). The cluster client reports its seeds' errors as text, hence the fallback on
+/// rustls's own wording.
+fn certificate_rejected(e: &redis::RedisError) -> bool {
+    let is_cert = |err: &(dyn std::error::Error + 'static)| {
+        matches!(
+            err.downcast_ref::<rustls::Error>(),
+            Some(rustls::Error::InvalidCertificate(_))
+        )
+    };
+    let mut next: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = next {
+        if is_cert(err) {
+            return true;
+        }
+        if let Some(inner) = err
+            .downcast_ref::<std::io::Error>()
+            .and_then(std::io::Error::get_ref)
+        {
+            if is_cert(inner) {
+                return true;
+            }
+        }
+        next = err.source();
     }
+    e.to_string().contains("invalid peer certificate")
 }
 
 /// Most commands in one pipeline round trip.
@@ -136,6 +200,7 @@ struct Target {
     url: String,
     cluster: bool,
     timeout: Duration,
+    ca_pem: Option<Vec<u8>>,
 }
 
 /// Most script and command arguments in one pipeline on a single Redis, and the least it is cut
@@ -173,13 +238,16 @@ impl Store {
         url: &str,
         cluster: bool,
         timeout: Duration,
+        ca_pem: Option<&[u8]>,
         keys: Keys,
     ) -> Result<Self, StoreError> {
-        let mut store = Self::new(connect(url, cluster, timeout).await?, keys);
+        let conn = connect_with_ca(url, cluster, timeout, ca_pem).await?;
+        let mut store = Self::new(conn, keys);
         store.target = Some(Arc::new(Target {
             url: url.to_owned(),
             cluster,
             timeout,
+            ca_pem: ca_pem.map(<[u8]>::to_vec),
         }));
         Ok(store)
     }
@@ -200,7 +268,7 @@ impl Store {
     async fn failed(&self, e: StoreError) -> StoreError {
         if e.is_read_only() {
             if let Some(t) = &self.target {
-                match connect(&t.url, t.cluster, t.timeout).await {
+                match connect_with_ca(&t.url, t.cluster, t.timeout, t.ca_pem.as_deref()).await {
                     Ok(fresh) => {
                         tracing::warn!(error = %e, "redis node is read-only (demoted by a failover?): connected again");
                         match self.conn.write() {

@@ -72,8 +72,12 @@ fn suffix() -> String {
 impl Harness {
     /// Starts the services and creates the four topics with `partitions` partitions each.
     pub async fn new(partitions: i32) -> Self {
+        Self::with_redis(partitions, RedisServer::start()).await
+    }
+
+    /// Same, with this `redis-server` (TLS, a password) as `settings.redis`.
+    pub async fn with_redis(partitions: i32, redis: RedisServer) -> Self {
         let broker = Broker::start();
-        let redis = RedisServer::start();
         let id = suffix();
         let mut settings = Settings::default();
         settings.kafka.bootstrap_servers = broker.bootstrap.clone();

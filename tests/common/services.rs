@@ -3,7 +3,7 @@
 //! Kafka cluster instead of starting `tansu`.
 
 use std::net::TcpListener;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -41,28 +41,161 @@ fn find_binary(name: &str) -> PathBuf {
         .unwrap_or_else(|| panic!("`{name}` not found: run scripts/test.sh, which installs it"))
 }
 
-/// A `redis-server` in a temporary directory.
+/// Certificates made with `openssl` in a temporary directory: a CA, a server certificate it
+/// signed for 127.0.0.1 and localhost, and an unrelated CA that did not sign it.
+pub struct TlsFiles {
+    dir: tempfile::TempDir,
+}
+
+impl TlsFiles {
+    pub fn generate() -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let openssl = |args: &[&str]| {
+            let out = Command::new(find_binary("openssl"))
+                .args(args)
+                .current_dir(dir.path())
+                .output()
+                .expect("openssl runs");
+            assert!(
+                out.status.success(),
+                "openssl {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        for ca in ["ca", "other-ca"] {
+            openssl(&[
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-days",
+                "2",
+                "-subj",
+                &format!("/CN=rescorer test {ca}"),
+                "-keyout",
+                &format!("{ca}.key"),
+                "-out",
+                &format!("{ca}.pem"),
+            ]);
+        }
+        openssl(&[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            "/CN=localhost",
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+        ]);
+        // clientAuth too: cluster nodes present it to each other on the TLS cluster bus.
+        std::fs::write(
+            dir.path().join("server.ext"),
+            "subjectAltName = IP:127.0.0.1, DNS:localhost\n\
+             basicConstraints = CA:FALSE\n\
+             keyUsage = digitalSignature, keyEncipherment\n\
+             extendedKeyUsage = serverAuth, clientAuth\n",
+        )
+        .expect("extensions file");
+        openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            "server.ext",
+            "-out",
+            "server.pem",
+        ]);
+        Self { dir }
+    }
+
+    /// The CA that signed the server's certificate.
+    pub fn ca(&self) -> PathBuf {
+        self.dir.path().join("ca.pem")
+    }
+
+    /// A CA that did not.
+    pub fn other_ca(&self) -> PathBuf {
+        self.dir.path().join("other-ca.pem")
+    }
+
+    pub fn server_cert(&self) -> PathBuf {
+        self.dir.path().join("server.pem")
+    }
+
+    pub fn server_key(&self) -> PathBuf {
+        self.dir.path().join("server.key")
+    }
+}
+
+/// A `redis-server` in a temporary directory: plain, TLS-only, and with or without a password.
 pub struct RedisServer {
     child: Option<Child>,
     pub port: u16,
     dir: tempfile::TempDir,
+    /// TLS only on `port` (the plain port is off); clients trust `ca`.
+    tls: Option<(PathBuf, PathBuf, PathBuf)>,
+    password: Option<String>,
 }
 
 impl RedisServer {
     pub fn start() -> Self {
+        Self::start_with(None, None)
+    }
+
+    /// TLS only, with the server certificate of `tls`; client certificates are not asked for.
+    pub fn start_tls(tls: &TlsFiles) -> Self {
+        Self::start_with(Some(tls), None)
+    }
+
+    /// `requirepass password`; [`RedisServer::url`] carries the password as written.
+    pub fn start_with_password(password: &str) -> Self {
+        Self::start_with(None, Some(password))
+    }
+
+    fn start_with(tls: Option<&TlsFiles>, password: Option<&str>) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let mut s = Self {
             child: None,
             port: free_port(),
             dir,
+            tls: tls.map(|t| (t.server_cert(), t.server_key(), t.ca())),
+            password: password.map(str::to_owned),
         };
         s.spawn();
         s
     }
 
     fn spawn(&mut self) {
-        let child = Command::new(find_binary("redis-server"))
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+        let mut cmd = Command::new(find_binary("redis-server"));
+        match &self.tls {
+            None => cmd.args(["--port", &self.port.to_string()]),
+            Some((cert, key, ca)) => cmd
+                .args(["--port", "0", "--tls-port", &self.port.to_string()])
+                .arg("--tls-cert-file")
+                .arg(cert)
+                .arg("--tls-key-file")
+                .arg(key)
+                .arg("--tls-ca-cert-file")
+                .arg(ca)
+                .args(["--tls-auth-clients", "no"]),
+        };
+        if let Some(p) = &self.password {
+            cmd.args(["--requirepass", p]);
+        }
+        let child = cmd
+            .args(["--bind", "127.0.0.1"])
             // Persistence on, so a restart (an outage, not a data loss) keeps the state.
             .args([
                 "--save",
@@ -83,7 +216,17 @@ impl RedisServer {
     }
 
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        let scheme = if self.tls.is_some() {
+            "rediss"
+        } else {
+            "redis"
+        };
+        let auth = self
+            .password
+            .as_ref()
+            .map(|p| format!(":{p}@"))
+            .unwrap_or_default();
+        format!("{scheme}://{auth}127.0.0.1:{}", self.port)
     }
 
     /// Kills the server (an outage); the append-only file keeps its data for `restart`.
@@ -101,7 +244,17 @@ impl RedisServer {
     }
 
     pub fn client(&self) -> redis::Connection {
-        redis::Client::open(self.url())
+        let client = match &self.tls {
+            None => redis::Client::open(self.url()),
+            Some((_, _, ca)) => redis::Client::build_with_tls(
+                self.url(),
+                redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(std::fs::read(ca).expect("the test CA")),
+                },
+            ),
+        };
+        client
             .and_then(|c| c.get_connection())
             .expect("test connection to redis")
     }
@@ -159,28 +312,52 @@ impl Drop for Broker {
     }
 }
 
-/// A three-primary Redis Cluster on free local ports, optionally with replicas.
+/// A three-primary Redis Cluster on free local ports, plain or TLS-only, optionally with replicas.
 pub struct RedisCluster {
     nodes: Vec<Child>,
     pub ports: Vec<u16>,
     _dirs: Vec<tempfile::TempDir>,
+    /// The CA clients trust, for a TLS-only cluster.
+    ca: Option<PathBuf>,
 }
 
 impl RedisCluster {
     pub fn start() -> Self {
-        Self::start_with_replicas(0)
+        Self::start_with(None, 0)
     }
 
     /// Three primaries, each with `replicas` replicas (`redis-cli --cluster create`).
     pub fn start_with_replicas(replicas: usize) -> Self {
+        Self::start_with(None, replicas)
+    }
+
+    /// TLS only, between the nodes too, with the server certificate of `tls`.
+    pub fn start_tls(tls: &TlsFiles) -> Self {
+        Self::start_with(Some(tls), 0)
+    }
+
+    fn start_with(tls: Option<&TlsFiles>, replicas: usize) -> Self {
         let mut nodes = Vec::new();
         let mut ports = Vec::new();
         let mut dirs = Vec::new();
         for _ in 0..3 * (1 + replicas) {
             let port = free_port();
             let dir = tempfile::tempdir().expect("temp dir");
-            let child = Command::new(find_binary("redis-server"))
-                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            let mut cmd = Command::new(find_binary("redis-server"));
+            match tls {
+                None => cmd.args(["--port", &port.to_string()]),
+                Some(t) => cmd
+                    .args(["--port", "0", "--tls-port", &port.to_string()])
+                    .args(["--tls-cluster", "yes", "--tls-auth-clients", "no"])
+                    .arg("--tls-cert-file")
+                    .arg(t.server_cert())
+                    .arg("--tls-key-file")
+                    .arg(t.server_key())
+                    .arg("--tls-ca-cert-file")
+                    .arg(t.ca()),
+            };
+            let child = cmd
+                .args(["--bind", "127.0.0.1"])
                 .args([
                     "--cluster-enabled",
                     "yes",
@@ -201,7 +378,11 @@ impl RedisCluster {
             dirs.push(dir);
         }
         let addrs: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
-        let status = Command::new(find_binary("redis-cli"))
+        let mut create = Command::new(find_binary("redis-cli"));
+        if let Some(t) = tls {
+            create.arg("--tls").arg("--cacert").arg(t.ca());
+        }
+        let status = create
             .args(["--cluster", "create"])
             .args(&addrs)
             .args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"])
@@ -210,42 +391,46 @@ impl RedisCluster {
             .status()
             .expect("redis-cli --cluster create runs");
         assert!(status.success(), "cluster create failed");
+        let cluster = Self {
+            nodes,
+            ports,
+            _dirs: dirs,
+            ca: tls.map(TlsFiles::ca),
+        };
         let until = Instant::now() + Duration::from_secs(30);
-        for p in &ports {
+        for url in cluster.node_urls() {
             loop {
-                let info: String = redis::Client::open(format!("redis://127.0.0.1:{p}"))
+                let info: String = cluster
+                    .node_client(&url)
                     .and_then(|c| c.get_connection())
                     .and_then(|mut c| redis::cmd("CLUSTER").arg("INFO").query(&mut c))
                     .unwrap_or_default();
                 if info.contains("cluster_state:ok") {
                     break;
                 }
-                assert!(Instant::now() < until, "cluster not ok on {p}");
+                assert!(Instant::now() < until, "cluster not ok on {url}");
                 std::thread::sleep(Duration::from_millis(100));
             }
         }
         // Replicas serve a failover only once linked to their primary.
-        for p in &ports {
+        for url in cluster.node_urls() {
             loop {
-                let info: String = redis::Client::open(format!("redis://127.0.0.1:{p}"))
+                let info: String = cluster
+                    .node_client(&url)
                     .and_then(|c| c.get_connection())
                     .and_then(|mut c| redis::cmd("INFO").arg("replication").query(&mut c))
                     .unwrap_or_default();
                 if info.contains("role:master") || info.contains("master_link_status:up") {
                     break;
                 }
-                assert!(Instant::now() < until, "replica {p} not linked: {info}");
+                assert!(Instant::now() < until, "replica {url} not linked: {info}");
                 std::thread::sleep(Duration::from_millis(100));
             }
         }
-        Self {
-            nodes,
-            ports,
-            _dirs: dirs,
-        }
+        cluster
     }
 
-    /// A synchronous connection to one node.
+    /// A synchronous connection to one node (plain clusters).
     pub fn node(&self, port: u16) -> redis::Connection {
         redis::Client::open(format!("redis://127.0.0.1:{port}"))
             .and_then(|c| c.get_connection())
@@ -267,22 +452,40 @@ impl RedisCluster {
             .collect()
     }
 
-    /// Seed nodes in the worker's `redis.url` format for `redis.cluster = true`.
-    pub fn url(&self) -> String {
+    fn node_urls(&self) -> Vec<String> {
+        let scheme = if self.ca.is_some() { "rediss" } else { "redis" };
         self.ports
             .iter()
-            .map(|p| format!("redis://127.0.0.1:{p}"))
-            .collect::<Vec<_>>()
-            .join(",")
+            .map(|p| format!("{scheme}://127.0.0.1:{p}"))
+            .collect()
+    }
+
+    fn node_client(&self, url: &str) -> redis::RedisResult<redis::Client> {
+        match &self.ca {
+            None => redis::Client::open(url),
+            Some(ca) => redis::Client::build_with_tls(url, self.certs(ca)),
+        }
+    }
+
+    fn certs(&self, ca: &Path) -> redis::TlsCertificates {
+        redis::TlsCertificates {
+            client_tls: None,
+            root_cert: Some(std::fs::read(ca).expect("the test CA")),
+        }
+    }
+
+    /// Seed nodes in the worker's `redis.url` format for `redis.cluster = true`.
+    pub fn url(&self) -> String {
+        self.node_urls().join(",")
     }
 
     pub fn client(&self) -> redis::cluster::ClusterConnection {
-        let nodes: Vec<String> = self
-            .ports
-            .iter()
-            .map(|p| format!("redis://127.0.0.1:{p}"))
-            .collect();
-        redis::cluster::ClusterClient::new(nodes)
+        let mut builder = redis::cluster::ClusterClientBuilder::new(self.node_urls());
+        if let Some(ca) = &self.ca {
+            builder = builder.certs(self.certs(ca));
+        }
+        builder
+            .build()
             .and_then(|c| c.get_connection())
             .expect("cluster connection")
     }
