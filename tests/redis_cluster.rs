@@ -7,7 +7,6 @@ use std::time::{Duration, Instant};
 
 use common::harness::Harness;
 use common::scenario::Scenario;
-use redis::Commands;
 
 const T0: i64 = 1_764_000_000_000;
 
@@ -50,18 +49,7 @@ async fn ids_with_braces_and_a_failover_during_traffic_end_with_exact_scores() {
     h.tick(t).await;
     h.wait_consumed().await;
 
-    let keys = h.keys();
-    let mut c = cluster.client();
-    s.check_with(
-        &mut |m: &str| {
-            let scores: Vec<(String, f64)> = c.zrevrange_withscores(keys.scores(m), 0, -1).unwrap();
-            let meta: std::collections::HashMap<String, String> =
-                c.hgetall(keys.meta(m)).unwrap();
-            (scores, meta)
-        },
-        &scorer,
-        t,
-    );
+    s.check_in(&mut cluster.client(), &h.keys(), &scorer, t);
     assert_eq!(w.http_get("/healthz").await.0, 200);
     w.stop().await.unwrap();
 }

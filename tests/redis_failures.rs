@@ -5,13 +5,11 @@
 
 mod common;
 
-use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use common::harness::Harness;
 use common::scenario::Scenario;
 use common::services::RedisServer;
-use redis::Commands;
 
 const T0: i64 = 1_764_000_000_000;
 
@@ -138,17 +136,7 @@ async fn a_demoted_node_makes_the_worker_exit_and_a_restart_on_the_new_primary_i
     let t = s.final_tick();
     h.tick(t).await;
     h.wait_consumed().await;
-    let keys = h.keys();
-    let mut c = b.client();
-    s.check_with(
-        &mut |m: &str| {
-            let scores: Vec<(String, f64)> = c.zrevrange_withscores(keys.scores(m), 0, -1).unwrap();
-            let meta: HashMap<String, String> = c.hgetall(keys.meta(m)).unwrap();
-            (scores, meta)
-        },
-        &scorer,
-        t,
-    );
+    s.check_in(&mut b.client(), &h.keys(), &scorer, t);
     w.stop().await.unwrap();
 }
 

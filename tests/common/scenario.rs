@@ -223,6 +223,32 @@ impl Scenario {
         self.check_with(&mut |m: &str| (h.scores(m), h.meta(m)), scorer, t);
     }
 
+    /// Same, reading the output keys through `conn` (another Redis, a cluster).
+    pub fn check_in(
+        &self,
+        conn: &mut dyn redis::ConnectionLike,
+        keys: &rescorer::store::Keys,
+        scorer: &rescorer::score::Scorer,
+        t: i64,
+    ) {
+        self.check_with(
+            &mut |m: &str| {
+                let scores: Vec<(String, f64)> = redis::cmd("ZREVRANGE")
+                    .arg(keys.scores(m))
+                    .arg(0)
+                    .arg(-1)
+                    .arg("WITHSCORES")
+                    .query(conn)
+                    .unwrap();
+                let meta: HashMap<String, String> =
+                    redis::cmd("HGETALL").arg(keys.meta(m)).query(conn).unwrap();
+                (scores, meta)
+            },
+            scorer,
+            t,
+        );
+    }
+
     /// Same, reading each member's (scores, meta) through `read`.
     pub fn check_with(
         &self,
