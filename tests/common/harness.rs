@@ -1,5 +1,5 @@
 //! One test's world: a broker, a `redis-server`, random topic names, group id and key prefix,
-//! a producer, and workers started in-process.
+//! producers, and workers started in-process.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -16,13 +16,17 @@ use rescorer::config::Settings;
 use rescorer::metrics::Metrics;
 use tokio_util::sync::CancellationToken;
 
-use super::services::{free_port, Broker, RedisServer};
+use super::services::{free_port, Broker, Engine, RedisServer};
 
 pub struct Harness {
     pub broker: Broker,
     pub redis: RedisServer,
     pub settings: Settings,
+    /// One record per batch (`linger.ms=0`, each send awaited): exact, step-by-step tests.
     pub producer: FutureProducer,
+    /// Batches as production producers do (`linger.ms=5`, sends in flight together), so
+    /// commits and resumes land inside record batches: [`Harness::send_batched`].
+    pub batching: FutureProducer,
     pub partitions: i32,
     /// One past the highest offset produced, per (topic, partition).
     produced: Mutex<HashMap<(String, i32), i64>>,
@@ -70,9 +74,16 @@ fn suffix() -> String {
 }
 
 impl Harness {
-    /// Starts the services and creates the four topics with `partitions` partitions each.
+    /// Starts the services (the broker on its memory engine) and creates the four topics with
+    /// `partitions` partitions each.
     pub async fn new(partitions: i32) -> Self {
-        let broker = Broker::start();
+        Self::with_engine(Engine::Memory, partitions).await
+    }
+
+    /// Same, on the broker engine given: `Engine::Sqlite` for tests that kill, restart or
+    /// rebalance a worker (see [`Engine`]).
+    pub async fn with_engine(engine: Engine, partitions: i32) -> Self {
+        let broker = Broker::start_with(engine);
         let redis = RedisServer::start();
         let id = suffix();
         let mut settings = Settings::default();
@@ -96,11 +107,17 @@ impl Harness {
             .set("linger.ms", "0")
             .create()
             .expect("producer");
+        let batching = ClientConfig::new()
+            .set("bootstrap.servers", &broker.bootstrap)
+            .set("linger.ms", "5")
+            .create()
+            .expect("batching producer");
         Self {
             broker,
             redis,
             settings,
             producer,
+            batching,
             partitions,
             produced: Mutex::new(HashMap::new()),
         }
@@ -137,11 +154,30 @@ impl Harness {
         self.deliver(topic, rec).await;
     }
 
+    /// Produces (topic, key, value) records through the batching producer, all in flight at
+    /// once (each is queued when first polled, and `join_all` polls them in order), and waits
+    /// for every acknowledgement. Records of one partition share batches of up to thousands.
+    pub async fn send_batched(&self, records: &[(String, String, String)]) {
+        let sends = records.iter().map(|(topic, key, value)| async move {
+            let rec = FutureRecord::to(topic).key(key.as_str()).payload(value.as_bytes());
+            self.deliver_by(&self.batching, topic, rec).await
+        });
+        futures::future::join_all(sends).await;
+    }
+
     /// Sends a record, waits for the broker's acknowledgement and notes the offset produced.
     async fn deliver(&self, topic: &str, rec: FutureRecord<'_, str, [u8]>) {
-        let delivery = self
-            .producer
-            .send(rec, Duration::from_secs(10))
+        self.deliver_by(&self.producer, topic, rec).await
+    }
+
+    async fn deliver_by(
+        &self,
+        producer: &FutureProducer,
+        topic: &str,
+        rec: FutureRecord<'_, str, [u8]>,
+    ) {
+        let delivery = producer
+            .send(rec, Duration::from_secs(30))
             .await
             .expect("delivered");
         let mut produced = self.produced.lock().unwrap();
