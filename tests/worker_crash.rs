@@ -35,8 +35,8 @@ const KILL_WITHIN: Duration = Duration::from_millis(1500);
 /// restart wait that long for the dead member).
 fn sets() -> Vec<String> {
     vec![
-        "kafka.options.\"session.timeout.ms\"=\"6000\"".into(),
-        "kafka.options.\"heartbeat.interval.ms\"=\"500\"".into(),
+        "kafka.options.session.timeout.ms=\"6000\"".into(),
+        "kafka.options.heartbeat.interval.ms=\"500\"".into(),
     ]
 }
 
@@ -51,7 +51,7 @@ async fn drain_under_kill_9(engine: Engine, seed: u64) {
     let mut rng = SmallRng::seed_from_u64(seed);
     let slice = EVENTS / KILLS;
     for i in 0..KILLS {
-        let w = WorkerProcess::spawn(
+        let mut w = WorkerProcess::spawn(
             &h.settings,
             &sets(),
             &logs.path().join(format!("worker-{i}.log")),

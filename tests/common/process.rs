@@ -57,12 +57,14 @@ pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> Option<(u16, St
 pub struct WorkerProcess {
     child: tokio::process::Child,
     pub http: std::net::SocketAddr,
+    log: std::path::PathBuf,
 }
 
 impl WorkerProcess {
     /// Starts the worker with `st`'s variables, then `--set` each of `sets`, logging to `log`.
     pub fn spawn(st: &Settings, sets: &[String], log: &Path) -> Self {
         let port = free_port();
+        let path = log.to_owned();
         let log = std::fs::File::create(log).expect("worker log file");
         let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_rescorer"));
         cmd.args(["run", "--set", &format!("http.listen=\"127.0.0.1:{port}\"")]);
@@ -79,6 +81,7 @@ impl WorkerProcess {
         Self {
             child,
             http: format!("127.0.0.1:{port}").parse().unwrap(),
+            log: path,
         }
     }
 
@@ -94,15 +97,26 @@ impl WorkerProcess {
     }
 
     /// Waits until the worker has taken in at least one event (it is assigned and consuming).
-    pub async fn wait_consuming(&self, within: Duration) {
+    pub async fn wait_consuming(&mut self, within: Duration) {
         let until = Instant::now() + within;
         while self.events_handled().await < 1.0 {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("the worker exited ({status}); its log ends:\n{}", self.log_tail());
+            }
             assert!(
                 Instant::now() < until,
-                "the worker consumed nothing within {within:?}"
+                "the worker consumed nothing within {within:?}; its log ends:\n{}",
+                self.log_tail()
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    /// The last lines of the worker's log.
+    pub fn log_tail(&self) -> String {
+        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
     }
 
     /// SIGKILL: no drain, no commit, nothing the worker can react to.
