@@ -267,6 +267,48 @@ impl Harness {
             .await;
     }
 
+    /// One past the highest offset produced so far, per (topic, partition).
+    pub fn produced(&self) -> HashMap<(String, i32), i64> {
+        self.produced.lock().unwrap().clone()
+    }
+
+    /// A client that reads the group's committed offsets ([`Harness::committed_with`]).
+    pub fn offset_reader(&self) -> BaseConsumer {
+        ClientConfig::new()
+            .set("bootstrap.servers", &self.broker.bootstrap)
+            .set("group.id", &self.settings.kafka.group_id)
+            .create()
+            .expect("offset reader")
+    }
+
+    /// The group's committed offset of each input topic's partitions (absent: none committed).
+    pub async fn committed(&self) -> HashMap<(String, i32), i64> {
+        self.committed_with(&self.offset_reader()).await
+    }
+
+    /// Same, through a reader from [`Harness::offset_reader`].
+    pub async fn committed_with(&self, consumer: &BaseConsumer) -> HashMap<(String, i32), i64> {
+        let t = &self.settings.topics;
+        let mut tpl = TopicPartitionList::new();
+        for topic in [&t.feature_updates, &t.new_candidates, &t.decay_ticks] {
+            for p in 0..self.partitions {
+                tpl.add_partition(topic, p);
+            }
+        }
+        let committed = tokio::task::block_in_place(|| {
+            consumer.committed_offsets(tpl, Duration::from_secs(10))
+        })
+        .expect("committed offsets");
+        committed
+            .elements()
+            .iter()
+            .filter_map(|e| match e.offset() {
+                Offset::Offset(o) => Some(((e.topic().to_owned(), e.partition()), o)),
+                _ => None,
+            })
+            .collect()
+    }
+
     /// Same, for another consumer group.
     pub async fn wait_consumed_by(&self, group: &str) {
         let expected = self.produced.lock().unwrap().clone();

@@ -63,6 +63,11 @@ pub struct WorkerProcess {
 impl WorkerProcess {
     /// Starts the worker with `st`'s variables, then `--set` each of `sets`, logging to `log`.
     pub fn spawn(st: &Settings, sets: &[String], log: &Path) -> Self {
+        Self::spawn_logging(st, sets, "info,ort=warn", log)
+    }
+
+    /// Same, with this log filter (`RUST_LOG`).
+    pub fn spawn_logging(st: &Settings, sets: &[String], filter: &str, log: &Path) -> Self {
         let port = free_port();
         let path = log.to_owned();
         let log = std::fs::File::create(log).expect("worker log file");
@@ -73,6 +78,7 @@ impl WorkerProcess {
         }
         let child = cmd
             .envs(worker_env(st))
+            .env("RUST_LOG", filter)
             .stdout(Stdio::null())
             .stderr(log)
             .kill_on_drop(true)
@@ -96,13 +102,18 @@ impl WorkerProcess {
             .sum()
     }
 
+    /// Panics with the log if the worker has exited (it must not exit on its own).
+    pub fn assert_running(&mut self) {
+        if let Ok(Some(status)) = self.child.try_wait() {
+            panic!("the worker exited ({status}); its log ends:\n{}", self.log_tail());
+        }
+    }
+
     /// Waits until the worker has taken in at least one event (it is assigned and consuming).
     pub async fn wait_consuming(&mut self, within: Duration) {
         let until = Instant::now() + within;
         while self.events_handled().await < 1.0 {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                panic!("the worker exited ({status}); its log ends:\n{}", self.log_tail());
-            }
+            self.assert_running();
             assert!(
                 Instant::now() < until,
                 "the worker consumed nothing within {within:?}; its log ends:\n{}",
