@@ -159,7 +159,9 @@ impl Harness {
     /// for every acknowledgement. Records of one partition share batches of up to thousands.
     pub async fn send_batched(&self, records: &[(String, String, String)]) {
         let sends = records.iter().map(|(topic, key, value)| async move {
-            let rec = FutureRecord::to(topic).key(key.as_str()).payload(value.as_bytes());
+            let rec = FutureRecord::to(topic)
+                .key(key.as_str())
+                .payload(value.as_bytes());
             self.deliver_by(&self.batching, topic, rec).await
         });
         futures::future::join_all(sends).await;

@@ -105,7 +105,10 @@ impl WorkerProcess {
     /// Panics with the log if the worker has exited (it must not exit on its own).
     pub fn assert_running(&mut self) {
         if let Ok(Some(status)) = self.child.try_wait() {
-            panic!("the worker exited ({status}); its log ends:\n{}", self.log_tail());
+            panic!(
+                "the worker exited ({status}); its log ends:\n{}",
+                self.log_tail()
+            );
         }
     }
 
