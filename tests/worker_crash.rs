@@ -85,16 +85,19 @@ const LOG: &str = "info,ort=warn,rescorer::internal_events=debug";
 
 /// Where each instance resumed against where its group had committed: the case the drill is for
 /// (a resume inside a record batch) and what the broker made of it.
+/// (topic, partition, offset).
+type At = (String, i32, i64);
+
 #[derive(Default)]
 struct ResumeAudit {
     /// Per instance: the group's committed offsets when it started.
     starts: Vec<HashMap<(String, i32), i64>>,
     /// Per instance: every (topic, partition, offset) it took in (applied to Redis), and whether
     /// it split a partition (its head reader then starts at the log end, not at the commit).
-    handled: Vec<(HashSet<(String, i32, i64)>, bool)>,
+    handled: Vec<(HashSet<At>, bool)>,
     /// Offsets where a slice of the stream (one batched send, so one or a few record batches per
     /// partition) ends: a commit elsewhere lies inside a slice.
-    boundaries: HashSet<(String, i32, i64)>,
+    boundaries: HashSet<At>,
 }
 
 /// Offsets `[from, to)` of a partition that an instance resumed at `from` was never delivered.
