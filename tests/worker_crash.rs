@@ -9,8 +9,8 @@
 //! records, not the worker (`tests/broker.rs`).
 //!
 //! What it showed (tansu 0.6.0, two cores; seed 24, 20 kills, 8,000 events):
-//! - SQLite engine: about 70 s; 8 partition resumes from a commit inside a batched send, each
-//!   delivered from its committed offset; scores exact.
+//! - SQLite engine: about 70 s; 8 and 4 partition resumes from a commit inside a batched send
+//!   (two runs), each delivered from its committed offset; scores exact.
 //! - Memory engine, by hand (`cargo test --test worker_crash -- --ignored`), twice: 11 and 10
 //!   partition resumes inside a batch, and every one was delivered from the next batch: the
 //!   rest of the batch (54 to 93 records in the second run) lost in the broker, all on the
