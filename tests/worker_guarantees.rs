@@ -1,13 +1,19 @@
 //! The guarantee users rely on, under replays, rebalances, outages and shutdown: once every
 //! event and then a tick at T that makes every pair due are consumed, every stored score equals
 //! the model's score of the final state as of T.
+//!
+//! Tests where a worker resumes from another's committed offsets (a rebalance, a restart) run on
+//! the broker's SQLite engine with batched producers, so they resume inside record batches as
+//! production consumers do (see `tests/broker.rs`); kill -9 is in `tests/worker_crash.rs`.
 
 mod common;
 
 use std::time::Duration;
 
 use common::harness::Harness;
+use common::process::WorkerProcess;
 use common::scenario::Scenario;
+use common::services::Engine;
 
 const T0: i64 = 1_764_000_000_000;
 
@@ -138,7 +144,7 @@ async fn messages_read_already_behind_count_as_backlog_freshness() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_workers_split_the_partitions_and_one_finishes_after_the_other_stops() {
-    let h = Harness::new(4).await;
+    let h = Harness::with_engine(Engine::Sqlite, 4).await;
     let scorer = common::scorer();
     let s = Scenario::generate(12, 300, 12, 10, T0);
     let a = h.start_worker().await;
@@ -164,7 +170,7 @@ async fn two_workers_split_the_partitions_and_one_finishes_after_the_other_stops
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    s.send(&h, 0..150).await;
+    s.send_batched(&h, 0..150).await;
     h.wait_consumed().await;
     let scored = |w: &common::harness::WorkerHandle| w.metrics.pairs_scored_total.get();
     assert!(
@@ -173,8 +179,11 @@ async fn two_workers_split_the_partitions_and_one_finishes_after_the_other_stops
         scored(&a),
         scored(&b)
     );
-    a.stop().await.unwrap();
-    s.send(&h, 150..s.events.len()).await;
+    // The rest arrives batched while `a` leaves: `b` takes over `a`'s partitions from their
+    // committed offsets, wherever in a batch those fall.
+    let rest = s.send_batched(&h, 150..s.events.len());
+    let (stopped, ()) = tokio::join!(a.stop(), rest);
+    stopped.unwrap();
     h.wait_consumed().await;
     let t = s.final_tick();
     h.tick(t).await;
@@ -287,61 +296,23 @@ async fn metrics_and_health_are_served_and_valid() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_commits_and_exits_cleanly() {
-    let h = Harness::new(2).await;
+    let h = Harness::with_engine(Engine::Sqlite, 2).await;
     let scorer = common::scorer();
     let s = Scenario::generate(15, 240, 8, 8, T0);
-    let st = &h.settings;
-    let port = common::services::free_port();
-    let env = [
-        (
-            "RESCORER__KAFKA__BOOTSTRAP_SERVERS",
-            st.kafka.bootstrap_servers.clone(),
-        ),
-        ("RESCORER__KAFKA__GROUP_ID", st.kafka.group_id.clone()),
-        (
-            "RESCORER__TOPICS__FEATURE_UPDATES",
-            st.topics.feature_updates.clone(),
-        ),
-        (
-            "RESCORER__TOPICS__NEW_CANDIDATES",
-            st.topics.new_candidates.clone(),
-        ),
-        (
-            "RESCORER__TOPICS__DECAY_TICKS",
-            st.topics.decay_ticks.clone(),
-        ),
-        ("RESCORER__TOPICS__DLQ", st.topics.dlq.clone()),
-        ("RESCORER__REDIS__URL", st.redis.url.clone()),
-        ("RESCORER__OUTPUT__KEY_PREFIX", st.output.key_prefix.clone()),
-        ("RESCORER__DECAY__SHARDS", st.decay.shards.to_string()),
-        ("RESCORER__MODEL__SPEC", st.model.spec.display().to_string()),
-    ];
-    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_rescorer"))
-        .args(["run", "--set", &format!("http.listen=\"127.0.0.1:{port}\"")])
-        .envs(env)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    s.send(&h, 0..120).await;
+    let logs = tempfile::tempdir().unwrap();
+    let log = logs.path().join("worker.log");
+    let w = WorkerProcess::spawn(&h.settings, &[], &log);
+    s.send_batched(&h, 0..120).await;
     h.wait_consumed().await;
-    s.send(&h, 120..s.events.len()).await;
-    let pid = child.id().unwrap().to_string();
-    let killed = std::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap();
-    assert!(killed.success());
-    let out = tokio::time::timeout(Duration::from_secs(30), child.wait_with_output())
-        .await
-        .expect("exits within 30 s of SIGTERM")
-        .unwrap();
-    let log = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "clean exit after SIGTERM:\n{log}");
+    s.send_batched(&h, 120..s.events.len()).await;
+    let status = w.sigterm(Duration::from_secs(30)).await;
+    let log = std::fs::read_to_string(&log).unwrap();
+    assert!(status.success(), "clean exit after SIGTERM:\n{log}");
     assert!(log.contains("signal received"), "{log}");
     assert!(log.contains("shutting down"), "{log}");
 
-    // Whatever it did not finish is replayed by the next worker of the group: nothing lost.
+    // Whatever it did not finish is replayed by the next worker of the group, from the
+    // committed offsets (inside a batch, as likely as not): nothing lost.
     let w = h.start_worker().await;
     h.wait_consumed().await;
     let t = s.final_tick();

@@ -1,5 +1,5 @@
 //! One test's world: a broker, a `redis-server`, random topic names, group id and key prefix,
-//! a producer, and workers started in-process.
+//! producers, and workers started in-process.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -16,13 +16,17 @@ use rescorer::config::Settings;
 use rescorer::metrics::Metrics;
 use tokio_util::sync::CancellationToken;
 
-use super::services::{free_port, Broker, RedisServer};
+use super::services::{free_port, Broker, Engine, RedisServer};
 
 pub struct Harness {
     pub broker: Broker,
     pub redis: RedisServer,
     pub settings: Settings,
+    /// One record per batch (`linger.ms=0`, each send awaited): exact, step-by-step tests.
     pub producer: FutureProducer,
+    /// Batches as production producers do (`linger.ms=5`, sends in flight together), so
+    /// commits and resumes land inside record batches: [`Harness::send_batched`].
+    pub batching: FutureProducer,
     pub partitions: i32,
     /// One past the highest offset produced, per (topic, partition).
     produced: Mutex<HashMap<(String, i32), i64>>,
@@ -70,14 +74,24 @@ fn suffix() -> String {
 }
 
 impl Harness {
-    /// Starts the services and creates the four topics with `partitions` partitions each.
+    /// Starts the services (the broker on its memory engine) and creates the four topics with
+    /// `partitions` partitions each.
     pub async fn new(partitions: i32) -> Self {
-        Self::with_redis(partitions, RedisServer::start()).await
+        Self::with_engine(Engine::Memory, partitions).await
+    }
+
+    /// Same, on the broker engine given: `Engine::Sqlite` for tests that kill, restart or
+    /// rebalance a worker (see [`Engine`]).
+    pub async fn with_engine(engine: Engine, partitions: i32) -> Self {
+        Self::with_services(Broker::start_with(engine), RedisServer::start(), partitions).await
     }
 
     /// Same, with this `redis-server` (TLS, a password) as `settings.redis`.
     pub async fn with_redis(partitions: i32, redis: RedisServer) -> Self {
-        let broker = Broker::start();
+        Self::with_services(Broker::start(), redis, partitions).await
+    }
+
+    async fn with_services(broker: Broker, redis: RedisServer, partitions: i32) -> Self {
         let id = suffix();
         let mut settings = Settings::default();
         settings.kafka.bootstrap_servers = broker.bootstrap.clone();
@@ -100,11 +114,17 @@ impl Harness {
             .set("linger.ms", "0")
             .create()
             .expect("producer");
+        let batching = ClientConfig::new()
+            .set("bootstrap.servers", &broker.bootstrap)
+            .set("linger.ms", "5")
+            .create()
+            .expect("batching producer");
         Self {
             broker,
             redis,
             settings,
             producer,
+            batching,
             partitions,
             produced: Mutex::new(HashMap::new()),
         }
@@ -141,12 +161,25 @@ impl Harness {
         self.deliver(topic, rec).await;
     }
 
-    /// Sends a record, waits for the broker's acknowledgement and notes the offset produced.
-    async fn deliver(&self, topic: &str, rec: FutureRecord<'_, str, [u8]>) {
-        self.deliver_via(&self.producer, topic, rec).await;
+    /// Produces (topic, key, value) records through the batching producer, all in flight at
+    /// once (each is queued when first polled, and `join_all` polls them in order), and waits
+    /// for every acknowledgement. Records of one partition share batches of up to thousands.
+    pub async fn send_batched(&self, records: &[(String, String, String)]) {
+        let sends = records.iter().map(|(topic, key, value)| async move {
+            let rec = FutureRecord::to(topic)
+                .key(key.as_str())
+                .payload(value.as_bytes());
+            self.deliver_via(&self.batching, topic, rec).await
+        });
+        futures::future::join_all(sends).await;
     }
 
-    /// Same, through another producer (e.g. one that compresses its batches).
+    /// Sends a record, waits for the broker's acknowledgement and notes the offset produced.
+    async fn deliver(&self, topic: &str, rec: FutureRecord<'_, str, [u8]>) {
+        self.deliver_via(&self.producer, topic, rec).await
+    }
+
+    /// Same, through another producer (e.g. one that compresses or batches).
     pub async fn deliver_via(
         &self,
         producer: &FutureProducer,
@@ -154,7 +187,7 @@ impl Harness {
         rec: FutureRecord<'_, str, [u8]>,
     ) {
         let delivery = producer
-            .send(rec, Duration::from_secs(10))
+            .send(rec, Duration::from_secs(30))
             .await
             .expect("delivered");
         let mut produced = self.produced.lock().unwrap();
@@ -242,6 +275,48 @@ impl Harness {
     pub async fn wait_consumed(&self) {
         self.wait_consumed_by(&self.settings.kafka.group_id.clone())
             .await;
+    }
+
+    /// One past the highest offset produced so far, per (topic, partition).
+    pub fn produced(&self) -> HashMap<(String, i32), i64> {
+        self.produced.lock().unwrap().clone()
+    }
+
+    /// A client that reads the group's committed offsets ([`Harness::committed_with`]).
+    pub fn offset_reader(&self) -> BaseConsumer {
+        ClientConfig::new()
+            .set("bootstrap.servers", &self.broker.bootstrap)
+            .set("group.id", &self.settings.kafka.group_id)
+            .create()
+            .expect("offset reader")
+    }
+
+    /// The group's committed offset of each input topic's partitions (absent: none committed).
+    pub async fn committed(&self) -> HashMap<(String, i32), i64> {
+        self.committed_with(&self.offset_reader()).await
+    }
+
+    /// Same, through a reader from [`Harness::offset_reader`].
+    pub async fn committed_with(&self, consumer: &BaseConsumer) -> HashMap<(String, i32), i64> {
+        let t = &self.settings.topics;
+        let mut tpl = TopicPartitionList::new();
+        for topic in [&t.feature_updates, &t.new_candidates, &t.decay_ticks] {
+            for p in 0..self.partitions {
+                tpl.add_partition(topic, p);
+            }
+        }
+        let committed = tokio::task::block_in_place(|| {
+            consumer.committed_offsets(tpl, Duration::from_secs(10))
+        })
+        .expect("committed offsets");
+        committed
+            .elements()
+            .iter()
+            .filter_map(|e| match e.offset() {
+                Offset::Offset(o) => Some(((e.topic().to_owned(), e.partition()), o)),
+                _ => None,
+            })
+            .collect()
     }
 
     /// Same, for another consumer group.

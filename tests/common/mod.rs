@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod harness;
+pub mod process;
 pub mod scenario;
 pub mod services;
 

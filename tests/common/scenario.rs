@@ -195,6 +195,23 @@ impl Scenario {
         futures::future::join_all(sends).await;
     }
 
+    /// Sends a range as production producers do: batched, every send in flight at once (see
+    /// [`Harness::send_batched`]), so a worker's commits and resumes land inside batches.
+    pub async fn send_batched(&self, h: &Harness, range: std::ops::Range<usize>) {
+        let (f, p) = (
+            &h.settings.topics.feature_updates,
+            &h.settings.topics.new_candidates,
+        );
+        let records: Vec<(String, String, String)> = self.events[range]
+            .iter()
+            .map(|ev| match ev {
+                Ev::Feature(k, v) => (f.clone(), k.clone(), v.to_string()),
+                Ev::Pair(k, v) => (p.clone(), k.clone(), v.to_string()),
+            })
+            .collect();
+        h.send_batched(&records).await;
+    }
+
     /// The model's score of every live pair's final state as of `t`, by member.
     pub fn expected(
         &self,
