@@ -20,8 +20,9 @@
 //! Why the worker stayed exact on the memory engine (in earlier manual kill -9 runs too) while a
 //! plain consumer lost records: nothing in the worker aligns commits or resumes to batch starts.
 //! The committed offset is the per-message contiguous watermark (`src/offsets.rs`), which stops
-//! inside a batch wherever a message is still pending (a candidate update waiting for its
-//! fan-out while the rest of its batch is written, say); auto-commit takes it as it stands. But
+//! inside a batch wherever a message is still pending (before fan-out intents were recorded in
+//! Redis, typically a candidate update waiting for its fan-out; now, a batch taken in over several
+//! intakes, which this drill forces with small windows); auto-commit takes it as it stands. But
 //! the watermark cannot pass a message the group's reader has not delivered, and intake
 //! (`take_fetched` in `src/worker/intake.rs`) takes everything librdkafka has fetched, whole
 //! batches, and applies it to Redis in one round trip before any of it is done. So a commit
@@ -72,8 +73,14 @@ const STALL: Duration = Duration::from_secs(3);
 /// restart wait that long for the dead member), and offsets are committed every 100 ms, so the
 /// commit a restart resumes from is where the watermark stood just before the kill, wherever in
 /// a batch that is (at the default 1 s, an instance killed early commits nothing).
+///
+/// Windows of at most 8 pairs make intake take a few messages at a time, so a fetched record
+/// batch is taken in over many intakes and the watermark stands inside it most of the time (a
+/// candidate update no longer holds it there: its fan-out intent is recorded in Redis and its
+/// offset stored at once).
 fn sets() -> Vec<String> {
     vec![
+        "batch.max_pairs=8".into(),
         "kafka.options.session.timeout.ms=\"3000\"".into(),
         "kafka.options.heartbeat.interval.ms=\"300\"".into(),
         "kafka.options.auto.commit.interval.ms=\"100\"".into(),
