@@ -47,7 +47,11 @@ pub async fn connect_store(
                 let error = redact::scrub(&e.to_string(), &settings.redis.url);
                 if e.is_outage() {
                     failing_since = None;
-                } else if failing_since.get_or_insert_with(std::time::Instant::now).elapsed() >= give_up {
+                } else if failing_since
+                    .get_or_insert_with(std::time::Instant::now)
+                    .elapsed()
+                    >= give_up
+                {
                     let url = redact::redis_url(&settings.redis.url);
                     anyhow::bail!(
                         "cannot use redis at {url}: {error} (not an outage; retried for redis.give_up_after_secs = {} s)",
@@ -98,9 +102,10 @@ pub async fn run_worker(
     tracing::info!(settings = %settings.summary(), "starting");
     let health = Arc::new(Health::default());
     let stall_ms = settings.http.stall_timeout_secs.saturating_mul(1000);
-    health
-        .stall_timeout_ms
-        .store(i64::try_from(stall_ms).unwrap_or(i64::MAX), Ordering::Relaxed);
+    health.stall_timeout_ms.store(
+        i64::try_from(stall_ms).unwrap_or(i64::MAX),
+        Ordering::Relaxed,
+    );
     let addr = settings.http.listen.parse().context("http.listen")?;
     let bound = crate::http::serve(addr, metrics.clone(), health.clone(), shutdown.clone())
         .await

@@ -405,7 +405,11 @@ mod tests {
                 "pair_features.a",
             ),
             (DecayTicks, r#"{"ts": null}"#, "non-negative integer"),
-            (DecayTicks, r#"{"ts": 9223372036854775807}"#, "after year 9999"),
+            (
+                DecayTicks,
+                r#"{"ts": 9223372036854775807}"#,
+                "after year 9999",
+            ),
             (DecayTicks, r#"{"ts": 253402300800000}"#, "after year 9999"),
             (
                 FeatureUpdates,

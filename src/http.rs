@@ -37,7 +37,10 @@ async fn healthz(State(s): State<AppState>) -> (StatusCode, String) {
         None => (StatusCode::OK, "ok\n".into()),
         Some(ms) => (
             StatusCode::SERVICE_UNAVAILABLE,
-            format!("stalled: input pending and no progress for {} s\n", ms / 1000),
+            format!(
+                "stalled: input pending and no progress for {} s\n",
+                ms / 1000
+            ),
         ),
     }
 }

@@ -23,8 +23,13 @@ async fn a_queued_fanout_commits_its_message_and_the_next_owner_resumes_it() {
     for m in &members {
         h.upsert(m, "hot", "job_change", json!({}), T0).await;
     }
-    h.feature("candidate", "hot", json!({"profile_completeness": 0.1}), T0 + 1)
-        .await;
+    h.feature(
+        "candidate",
+        "hot",
+        json!({"profile_completeness": 0.1}),
+        T0 + 1,
+    )
+    .await;
     h.wait_consumed().await;
     let score_as = |v: f64, as_of: i64| {
         common::expected_score(
@@ -44,8 +49,13 @@ async fn a_queued_fanout_commits_its_message_and_the_next_owner_resumes_it() {
 
     // The second update's fan-out waits for the interval, yet its message is committed at once
     // (before, the partition's lag stayed pinned to it for the whole interval).
-    h.feature("candidate", "hot", json!({"profile_completeness": 0.9}), T0 + 2)
-        .await;
+    h.feature(
+        "candidate",
+        "hot",
+        json!({"profile_completeness": 0.9}),
+        T0 + 2,
+    )
+    .await;
     let started = Instant::now();
     h.wait_consumed().await;
     assert!(
@@ -78,8 +88,14 @@ async fn a_queued_fanout_commits_its_message_and_the_next_owner_resumes_it() {
     let key1 = h.keys().fanouts(1);
     let until = Instant::now() + Duration::from_secs(10);
     loop {
-        let left: usize = redis::cmd("HLEN").arg(&key).query(&mut h.redis.client()).unwrap();
-        let left1: usize = redis::cmd("HLEN").arg(&key1).query(&mut h.redis.client()).unwrap();
+        let left: usize = redis::cmd("HLEN")
+            .arg(&key)
+            .query(&mut h.redis.client())
+            .unwrap();
+        let left1: usize = redis::cmd("HLEN")
+            .arg(&key1)
+            .query(&mut h.redis.client())
+            .unwrap();
         if left + left1 == 0 {
             break;
         }

@@ -76,10 +76,13 @@ async fn canaries(h: &Harness, round: &str, ts: i64) -> Vec<(String, String)> {
         let cand = format!("canary-{round}-c{p}");
         let pair = json!({"member_id": m, "candidate_id": cand, "reason": "job_change", "ts": ts});
         let bytes = pair.to_string();
-        h.send_raw(&c, Some(&m), Some(bytes.as_bytes()), Some(p)).await;
-        let feat = json!({"entity": "member", "id": m, "features": {"sessions_7d": 3}, "ts": ts + 1});
+        h.send_raw(&c, Some(&m), Some(bytes.as_bytes()), Some(p))
+            .await;
+        let feat =
+            json!({"entity": "member", "id": m, "features": {"sessions_7d": 3}, "ts": ts + 1});
         let bytes = feat.to_string();
-        h.send_raw(&f, Some(&m), Some(bytes.as_bytes()), Some(p)).await;
+        h.send_raw(&f, Some(&m), Some(bytes.as_bytes()), Some(p))
+            .await;
         members.push((m, cand));
     }
     h.tick(ts + 2).await;
@@ -100,7 +103,10 @@ async fn assert_canaries_scored(h: &Harness, members: &[(String, String)]) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_inputs_are_dead_lettered_or_skipped_and_every_partition_keeps_flowing() {
-    let _ = tracing_subscriber::fmt().with_env_filter("rescorer=warn").with_test_writer().try_init();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter("rescorer=warn")
+        .with_test_writer()
+        .try_init();
     let h = Harness::new(2).await;
     let w = h.start_worker().await;
     let f = h.settings.topics.feature_updates.clone();
@@ -123,7 +129,8 @@ async fn hostile_inputs_are_dead_lettered_or_skipped_and_every_partition_keeps_f
     ];
     for (p, (topic, value, _)) in hostile.iter().enumerate() {
         let p = p as i32 % h.partitions;
-        h.send_raw(topic, Some("hostile"), Some(value), Some(p)).await;
+        h.send_raw(topic, Some("hostile"), Some(value), Some(p))
+            .await;
     }
     // Every sample the contract calls invalid, on both partitions.
     let samples = common::root().join("topics/samples");
@@ -132,17 +139,25 @@ async fn hostile_inputs_are_dead_lettered_or_skipped_and_every_partition_keeps_f
         let text = std::fs::read_to_string(samples.join(format!("{file}.invalid.jsonl"))).unwrap();
         for (i, line) in text.lines().enumerate() {
             let p = i as i32 % h.partitions;
-            h.send_raw(topic, Some("sample"), Some(line.as_bytes()), Some(p)).await;
+            h.send_raw(topic, Some("sample"), Some(line.as_bytes()), Some(p))
+                .await;
             invalid += 1;
         }
     }
     // A valid candidate feature at the edge of float32 (the model gives NaN for it): its pairs
     // are skipped and counted, the rest of the window is written.
-    h.feature("candidate", "c-nan", json!({"profile_completeness": 3.4e38}), T0)
-        .await;
+    h.feature(
+        "candidate",
+        "c-nan",
+        json!({"profile_completeness": 3.4e38}),
+        T0,
+    )
+    .await;
     h.wait_consumed().await;
-    h.upsert("m-nan", "c-nan", "job_change", json!({}), T0 + 1).await;
-    h.upsert("m-nan", "c-ok", "job_change", json!({}), T0 + 1).await;
+    h.upsert("m-nan", "c-nan", "job_change", json!({}), T0 + 1)
+        .await;
+    h.upsert("m-nan", "c-ok", "job_change", json!({}), T0 + 1)
+        .await;
 
     let members = canaries(&h, "a", T0 + 10).await;
     assert_canaries_scored(&h, &members).await;
@@ -220,8 +235,13 @@ async fn batches_in_every_compression_codec_are_consumed_end_to_end() {
     let members = canaries(&h, "codecs", T0 + 100).await;
     assert_canaries_scored(&h, &members).await;
     for codec in codecs {
-        let pairs: usize = (0..8).map(|i| h.scores(&format!("{codec}-m{i}")).len()).sum();
-        assert_eq!(pairs, 40, "{codec}: every pair of the compressed batches scored");
+        let pairs: usize = (0..8)
+            .map(|i| h.scores(&format!("{codec}-m{i}")).len())
+            .sum();
+        assert_eq!(
+            pairs, 40,
+            "{codec}: every pair of the compressed batches scored"
+        );
     }
     w.stop().await.unwrap();
 }

@@ -109,11 +109,18 @@ async fn a_demoted_node_makes_the_worker_exit_and_a_restart_on_the_new_primary_i
     let b = RedisServer::start();
     let (mut a_conn, mut b_conn) = (h.redis.client(), b.client());
     let replicaof = |c: &mut redis::Connection, host: &str, port: &str| {
-        let _: () = redis::cmd("REPLICAOF").arg(host).arg(port).query(c).unwrap();
+        let _: () = redis::cmd("REPLICAOF")
+            .arg(host)
+            .arg(port)
+            .query(c)
+            .unwrap();
     };
     replicaof(&mut b_conn, "127.0.0.1", &h.redis.port.to_string());
     wait_until("B in sync with A", 20, || {
-        let info: String = redis::cmd("INFO").arg("replication").query(&mut b.client()).unwrap();
+        let info: String = redis::cmd("INFO")
+            .arg("replication")
+            .query(&mut b.client())
+            .unwrap();
         info.contains("master_link_status:up")
     })
     .await;

@@ -108,7 +108,10 @@ fn due_times_never_wrap_whatever_the_times_and_intervals() {
     let d = DecaySettings::default();
     assert_eq!(d.next_due(max_ts, 0), max_ts + 24 * 3_600_000);
     assert!(d.next_due(i64::MAX, 0) == i64::MAX, "saturates");
-    assert!(d.next_due(0, i64::MAX) > 0, "a moment after as_of counts as age 0");
+    assert!(
+        d.next_due(0, i64::MAX) > 0,
+        "a moment after as_of counts as age 0"
+    );
     let huge = DecaySettings {
         min_interval_secs: u64::MAX,
         max_interval_secs: u64::MAX,

@@ -41,7 +41,12 @@ impl Store {
             self.keys.reverse(candidate),
             self.keys.reverse_versions(candidate),
         ];
-        let args = vec![member.to_owned(), ts.to_string(), offset.to_string(), op.into()];
+        let args = vec![
+            member.to_owned(),
+            ts.to_string(),
+            offset.to_string(),
+            op.into(),
+        ];
         (&self.scripts.rev, keys, args)
     }
 
@@ -140,14 +145,26 @@ impl Store {
                 Event::Upsert(u) => {
                     let applied = i64::from_redis_value(reply)? == 1;
                     if applied {
-                        rev_calls.push(self.rev_call(&u.candidate_id, &u.member_id, u.ts, *offset, "add"));
+                        rev_calls.push(self.rev_call(
+                            &u.candidate_id,
+                            &u.member_id,
+                            u.ts,
+                            *offset,
+                            "add",
+                        ));
                     }
                     out.push(Applied::Pair(applied));
                 }
                 Event::Remove(r) => {
                     let applied = i64::from_redis_value(reply)? == 1;
                     if applied {
-                        rev_calls.push(self.rev_call(&r.candidate_id, &r.member_id, r.ts, *offset, "rem"));
+                        rev_calls.push(self.rev_call(
+                            &r.candidate_id,
+                            &r.member_id,
+                            r.ts,
+                            *offset,
+                            "rem",
+                        ));
                         let mut zrem = redis::cmd("ZREM");
                         zrem.arg(self.keys.due(self.keys.shard_of(&r.member_id)))
                             .arg(due_member(&r.member_id, &r.candidate_id));

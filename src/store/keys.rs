@@ -139,7 +139,9 @@ mod tests {
     #[test]
     fn every_key_of_an_id_shares_one_non_empty_hash_tag_whatever_its_braces() {
         let k = Keys::new("catchup", 8);
-        for id in ["m42", "}x", "}", "}}", "{", "{}", "a}b", "{x}", "}{", "x{", "~{0}"] {
+        for id in [
+            "m42", "}x", "}", "}}", "{", "{}", "a}b", "{x}", "}{", "x{", "~{0}",
+        ] {
             let member_keys = [
                 k.scores(id),
                 k.meta(id),
@@ -164,7 +166,10 @@ mod tests {
                 assert_eq!(cluster_tag(key), tag, "{id}: {key}");
             }
         }
-        assert_eq!(k.scores("}x"), format!("catchup:scores:~{{{:016x}}}}}x", fnv1a("}x")));
+        assert_eq!(
+            k.scores("}x"),
+            format!("catchup:scores:~{{{:016x}}}}}x", fnv1a("}x"))
+        );
         // An escaped key never equals an ordinary one: ordinary keys have `{` after the colon.
         let ordinary = format!("~{{{:016x}}}}}x", fnv1a("}x"));
         assert_ne!(k.scores(&ordinary), k.scores("}x"));

@@ -366,13 +366,18 @@ mod tests {
 
     #[test]
     fn outages_are_told_apart_from_errors_that_need_a_restart() {
-        let io = StoreError::Redis(std::io::Error::from(std::io::ErrorKind::ConnectionRefused).into());
+        let io =
+            StoreError::Redis(std::io::Error::from(std::io::ErrorKind::ConnectionRefused).into());
         assert!(io.is_outage());
-        assert!(server_error("OOM command not allowed when used memory > 'maxmemory'.").is_outage());
+        assert!(
+            server_error("OOM command not allowed when used memory > 'maxmemory'.").is_outage()
+        );
         assert!(server_error("BUSY Redis is busy running a script.").is_outage());
         assert!(server_error("LOADING Redis is loading the dataset in memory").is_outage());
         assert!(!server_error("READONLY You can't write against a read only replica.").is_outage());
-        assert!(server_error("READONLY You can't write against a read only replica.").is_read_only());
+        assert!(
+            server_error("READONLY You can't write against a read only replica.").is_read_only()
+        );
         assert!(!server_error("NOPERM this user has no permissions").is_outage());
         assert!(!StoreError::Protocol("bad reply".into()).is_outage());
     }

@@ -372,11 +372,16 @@ impl Store {
             .into_iter()
             .map(|(p, args)| (vec![self.keys.fanouts(p)], args))
             .collect();
-        self.eval_many(&self.scripts.fanouts, calls).await.map(|_| ())
+        self.eval_many(&self.scripts.fanouts, calls)
+            .await
+            .map(|_| ())
     }
 
     /// The fan-out intents recorded for `partition`: candidate → as_of.
-    pub async fn fanout_intents_of(&self, partition: i32) -> Result<Vec<(String, i64)>, StoreError> {
+    pub async fn fanout_intents_of(
+        &self,
+        partition: i32,
+    ) -> Result<Vec<(String, i64)>, StoreError> {
         let mut c = self.conn();
         let r = redis::cmd("HGETALL")
             .arg(self.keys.fanouts(partition))

@@ -217,7 +217,10 @@ impl Worker {
         }
         for (lane, candidate, ts, mref) in fanouts {
             self.complete(run, std::slice::from_ref(&mref), false);
-            let mref = MsgRef { acked: true, ..mref };
+            let mref = MsgRef {
+                acked: true,
+                ..mref
+            };
             run.jobs_mut(lane).fanout(&candidate, ts, mref);
         }
     }
@@ -243,7 +246,11 @@ impl Worker {
             match loaded {
                 Ok(intents) => {
                     if !intents.is_empty() {
-                        tracing::info!(partition = p, fanouts = intents.len(), "resuming recorded fan-outs");
+                        tracing::info!(
+                            partition = p,
+                            fanouts = intents.len(),
+                            "resuming recorded fan-outs"
+                        );
                     }
                     for (candidate, ts) in intents {
                         run.jobs.resume_fanout(&candidate, ts, p);

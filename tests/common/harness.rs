@@ -370,7 +370,10 @@ impl Harness {
 
     /// The worker's key layout for this test's prefix.
     pub fn keys(&self) -> rescorer::store::Keys {
-        rescorer::store::Keys::new(self.settings.output.key_prefix.clone(), self.settings.decay.shards)
+        rescorer::store::Keys::new(
+            self.settings.output.key_prefix.clone(),
+            self.settings.decay.shards,
+        )
     }
 
     /// The member's top-N scores, best first.
