@@ -112,6 +112,11 @@ pub async fn run_worker(
         .with_context(|| format!("binding http.listen {addr}"))?;
     tracing::info!(%bound, "serving /metrics, /healthz, /readyz");
 
+    tokio::spawn(crate::worker::watch_stall(
+        health.clone(),
+        metrics.clone(),
+        shutdown.clone(),
+    ));
     let scorer = Scorer::load(&settings.model, metrics.clone())?;
     health.model_loaded.store(true, Ordering::Relaxed);
     let Some(store) = connect_store(&settings, &shutdown).await? else {

@@ -294,7 +294,6 @@ impl Worker {
         let consumer = self.consumer.clone();
         let mut jobs_turn = false;
         let mut flight: Option<InFlight> = None;
-        let mut stalled = false;
         loop {
             if run.fatal.is_some() {
                 break;
@@ -395,7 +394,7 @@ impl Worker {
                     run.intake_per_s = 0.5 * run.intake_per_s + 0.5 * taken;
                     self.split_lagging(&mut run);
                     let lag = self.update_lag(&run.tracker);
-                    self.check_stall(&run, lag > 0, &mut stalled);
+                    self.check_stall(&run, lag > 0);
                     for (lane, jobs) in [("live", &run.jobs), ("backlog", &run.backlog_jobs)] {
                         self.metrics.jobs_in_progress.with_label_values(&[lane]).set(jobs.len() as i64);
                     }
@@ -567,26 +566,15 @@ impl Worker {
         Duration::from_secs(self.settings.redis.give_up_after_secs)
     }
 
-    /// Input is pending when a partition lags or work is open; with no progress for the stall
-    /// timeout the worker reports itself unhealthy (and says so once, and once when it recovers).
-    fn check_stall(&self, run: &Run, lagging: bool, stalled: &mut bool) {
-        let now = chrono_now_ms();
+    /// Input is pending when a partition lags or work is open (the stall watch reads it).
+    fn check_stall(&self, run: &Run, lagging: bool) {
         let pending = lagging
             || !run.window.is_empty()
             || !run.backlog.is_empty()
             || !run.jobs.is_empty()
             || !run.backlog_jobs.is_empty()
             || run.backlog_hold.held() > 0;
-        self.health.set_pending(pending, now);
-        let idle = self.health.stalled_ms(now);
-        if idle.is_some() != *stalled {
-            *stalled = idle.is_some();
-            crate::internal_events::StallChanged {
-                stalled: *stalled,
-                idle_ms: idle.unwrap_or(0),
-            }
-            .emit(&self.metrics);
-        }
+        self.health.set_pending(pending, chrono_now_ms());
     }
 
     /// Lag per assigned partition: high watermark (from fetch statistics) minus position, and the
@@ -657,6 +645,29 @@ impl Worker {
                     tracing::debug!(error = %e, topic = %m.tp.0, partition = m.tp.1, "offset not stored (partition revoked?)");
                 }
             }
+        }
+    }
+}
+
+/// Once a second, whether the worker is stalled (input pending, no progress for the stall
+/// timeout): said once when it starts and once when it ends, with `rescorer_unhealthy`. Runs off
+/// the worker loop, which may itself be what is stuck.
+pub async fn watch_stall(health: Arc<Health>, metrics: Metrics, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut stalled = false;
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let idle = health.stalled_ms(chrono_now_ms());
+        if idle.is_some() != stalled {
+            stalled = idle.is_some();
+            crate::internal_events::StallChanged {
+                stalled,
+                idle_ms: idle.unwrap_or(0),
+            }
+            .emit(&metrics);
         }
     }
 }

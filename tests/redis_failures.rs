@@ -163,3 +163,56 @@ async fn a_refused_password_stops_start_up_after_the_give_up_time() {
     assert!(err.contains("give_up_after_secs"), "{err}");
     assert!(!err.contains("wrong-pass"), "the password is masked: {err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn healthz_fails_while_input_waits_without_progress_and_recovers() {
+    let mut h = Harness::new(1).await;
+    let scorer = common::scorer();
+    let s = Scenario::generate(34, 120, 6, 6, T0);
+    let mut settings = h.settings.clone();
+    settings.http.stall_timeout_secs = 2;
+    let w = h.start_worker_with(settings).await;
+    s.send(&h, 0..40).await;
+    h.wait_consumed().await;
+    assert_eq!(w.http_get("/healthz").await.0, 200, "idle is not stalled");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        w.http_get("/healthz").await.0,
+        200,
+        "idle for long is not stalled"
+    );
+
+    h.redis.stop();
+    s.send(&h, 40..s.events.len()).await;
+    let until = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (code, body) = w.http_get("/healthz").await;
+        // The metric follows within the stall watch's second.
+        let flagged = w
+            .metrics
+            .render()
+            .contains(r#"rescorer_unhealthy{reason="stalled"} 1"#);
+        if code == 503 && flagged {
+            assert!(body.contains("stalled"), "{body}");
+            break;
+        }
+        assert!(
+            Instant::now() < until,
+            "/healthz should fail while input waits"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    h.redis.restart();
+    h.wait_consumed().await;
+    let t = s.final_tick();
+    h.tick(t).await;
+    h.wait_consumed().await;
+    s.check(&h, &scorer, t);
+    // The next lag refresh (every second) sees the progress.
+    let until = Instant::now() + Duration::from_secs(10);
+    while w.http_get("/healthz").await.0 != 200 {
+        assert!(Instant::now() < until, "/healthz recovers with progress");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    w.stop().await.unwrap();
+}

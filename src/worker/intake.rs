@@ -29,6 +29,11 @@ impl Worker {
         source: Source,
         hard_stop: &CancellationToken,
     ) {
+        // Input is pending from now on, even if this intake then waits on Redis for long (the
+        // loop's once-a-second check does not run meanwhile): `/healthz` can see a stall.
+        if !msgs.is_empty() {
+            self.health.set_pending(true, super::chrono_now_ms());
+        }
         let mut valid: Vec<(Event, MsgRef)> = Vec::with_capacity(msgs.len());
         // Read already `catchup.lag_ms` behind (0: only split partitions' backlog is behind).
         let lag_ms = self.settings.catchup.lag_ms as i64;
