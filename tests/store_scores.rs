@@ -496,3 +496,40 @@ async fn ttls_are_set_on_creation_and_again_once_a_64th_of_the_ttl_has_passed() 
     let set_at: String = c.hget(&meta, "ttl_set_at").await.unwrap();
     assert_eq!(set_at, "201000");
 }
+
+#[tokio::test]
+async fn reverse_index_changes_applied_out_of_order_leave_the_newest() {
+    // On a cluster the reverse-index changes of one apply run concurrently, so a pair's removal
+    // may reach Redis before its upsert: the script keeps the newest by (ts, offset).
+    let redis = RedisServer::start();
+    let mut c = redis.client();
+    let script = redis::Script::new(include_str!("../src/store/rev.lua"));
+    let keys = Keys::new("t", 4);
+    let run = |c: &mut redis::Connection, member: &str, ts: i64, offset: i64, op: &str| -> i64 {
+        script
+            .key(keys.reverse("c1"))
+            .key(keys.reverse_versions("c1"))
+            .arg(member)
+            .arg(ts)
+            .arg(offset)
+            .arg(op)
+            .invoke(c)
+            .unwrap()
+    };
+    // Removal (ts 20) first, then the older upsert (ts 10): the member stays out.
+    assert_eq!(run(&mut c, "m1", 20, 5, "rem"), 1);
+    assert_eq!(run(&mut c, "m1", 10, 4, "add"), 0);
+    // Upsert (ts 30) first, then an older removal: the member stays in.
+    assert_eq!(run(&mut c, "m2", 30, 7, "add"), 1);
+    assert_eq!(run(&mut c, "m2", 25, 6, "rem"), 0);
+    // Equal ts: the later offset wins; a replay of the same change applies again.
+    assert_eq!(run(&mut c, "m3", 40, 9, "add"), 1);
+    assert_eq!(run(&mut c, "m3", 40, 8, "rem"), 0);
+    assert_eq!(run(&mut c, "m3", 40, 9, "add"), 1);
+    let mut members: Vec<String> = redis::cmd("SMEMBERS")
+        .arg(keys.reverse("c1"))
+        .query(&mut c)
+        .unwrap();
+    members.sort();
+    assert_eq!(members, vec!["m2".to_string(), "m3".to_string()]);
+}
