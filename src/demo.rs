@@ -236,7 +236,10 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
     println!("\nTop candidates of the busiest members (catchup:scores:{{member}}):");
     for m in ["m0", "m1", "m2"] {
         let top: Vec<(String, f64)> = redis::cmd("ZREVRANGE")
-            .arg(format!("{}:scores:{{{m}}}", settings.output.key_prefix))
+            .arg(
+                crate::store::Keys::new(settings.output.key_prefix.clone(), settings.decay.shards)
+                    .scores(m),
+            )
             .arg(0)
             .arg(4)
             .arg("WITHSCORES")

@@ -47,6 +47,20 @@ pub const MAX_VALUE_BYTES: usize = 8 * 1024;
 pub const MAX_KEY_BYTES: usize = 1024;
 /// Most bytes of original headers (names and values) a dead letter carries; more are dropped.
 pub const MAX_HEADER_BYTES: usize = 16 * 1024;
+/// Longest reason (`rescorer.error`): a reason quotes the offending input, which may be huge.
+pub const MAX_REASON_BYTES: usize = 1024;
+
+/// `s` cut to at most `max` bytes on a character boundary, with "…" when cut.
+fn cut_reason(s: &str, max: usize) -> std::borrow::Cow<'_, str> {
+    if s.len() <= max {
+        return s.into();
+    }
+    let mut end = max.saturating_sub('…'.len_utf8());
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &s[..end]).into()
+}
 
 /// Why a dead letter could not be written.
 #[derive(Debug, thiserror::Error)]
@@ -196,9 +210,10 @@ async fn send_envelope(
         .to_millis()
         .map(|t| t.to_string())
         .unwrap_or_default();
+    let reason = cut_reason(reason, MAX_REASON_BYTES);
     let truncated = cut.join(",");
     let mut ours: Vec<(&str, &str)> = vec![
-        (H_REASON, reason),
+        (H_REASON, &reason),
         (H_TOPIC, msg.topic()),
         (H_PARTITION, &partition),
         (H_OFFSET, &offset),
@@ -246,6 +261,21 @@ mod tests {
         assert!(!permanent(&timeout));
         let denied = KafkaError::MessageProduction(RDKafkaErrorCode::TopicAuthorizationFailed);
         assert!(permanent(&denied));
+    }
+
+    #[test]
+    fn a_long_reason_is_cut_on_a_character_boundary() {
+        let long = format!(
+            "field `entity` must be \"member\" or \"candidate\", got {:?}",
+            "é".repeat(4000)
+        );
+        let cut = cut_reason(&long, MAX_REASON_BYTES);
+        assert!(
+            cut.len() <= MAX_REASON_BYTES && cut.ends_with('…'),
+            "{}",
+            cut.len()
+        );
+        assert_eq!(cut_reason("short", MAX_REASON_BYTES), "short");
     }
 
     #[test]

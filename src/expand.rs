@@ -25,8 +25,9 @@ enum Kind {
         candidate: String,
         cursor: u64,
         started: bool,
-        /// Partitions of the feature-updates topic whose recorded intents this run fulfils.
-        partitions: Vec<i32>,
+        /// Per partition of the feature-updates topic, the highest offset of the candidate's
+        /// updates this run took in before it started: the recorded intents it fulfils.
+        partitions: Vec<(i32, i64)>,
     },
     /// Due pairs of `shards` up to the tick time.
     Tick { shards: Vec<u32>, next: usize },
@@ -164,22 +165,28 @@ impl Jobs {
 
     /// Queues a fan-out over `candidate`'s members as of `as_of`, merging with a queued one.
     pub fn fanout(&mut self, candidate: &str, as_of: i64, msg: MsgRef) {
-        let partition = msg.tp.1;
-        self.queue_fanout(candidate, as_of, partition, Some(msg));
+        let (partition, offset) = (msg.tp.1, msg.offset);
+        self.queue_fanout(candidate, as_of, (partition, offset), Some(msg));
     }
 
-    /// Queues a fan-out recorded as an intent of `partition` by an earlier owner.
-    pub fn resume_fanout(&mut self, candidate: &str, as_of: i64, partition: i32) {
-        self.queue_fanout(candidate, as_of, partition, None);
+    /// Queues a fan-out recorded as an intent of `partition` (up to `offset`) by an earlier owner.
+    pub fn resume_fanout(&mut self, candidate: &str, as_of: i64, partition: i32, offset: i64) {
+        self.queue_fanout(candidate, as_of, (partition, offset), None);
     }
 
-    /// Fan-outs that wrote their last chunk since the last call: `(partition, candidate, as_of)`,
-    /// whose recorded intents can be cleared.
+    /// Fan-outs that wrote their last chunk since the last call: `(partition, candidate, offset)`,
+    /// whose recorded intents up to that offset can be cleared.
     pub fn take_done_fanouts(&mut self) -> Vec<(i32, String, i64)> {
         std::mem::take(&mut self.done_fanouts)
     }
 
-    fn queue_fanout(&mut self, candidate: &str, as_of: i64, partition: i32, msg: Option<MsgRef>) {
+    fn queue_fanout(
+        &mut self,
+        candidate: &str,
+        as_of: i64,
+        (partition, offset): (i32, i64),
+        msg: Option<MsgRef>,
+    ) {
         for j in self.queue.iter_mut() {
             if let Kind::Fanout {
                 candidate: c,
@@ -190,8 +197,9 @@ impl Jobs {
             {
                 if c == candidate {
                     j.as_of = j.as_of.max(as_of);
-                    if !partitions.contains(&partition) {
-                        partitions.push(partition);
+                    match partitions.iter_mut().find(|(p, _)| *p == partition) {
+                        Some((_, o)) => *o = (*o).max(offset),
+                        None => partitions.push((partition, offset)),
                     }
                     // Offsets are stored already (acked): beyond a few, the merged messages
                     // would only add freshness samples, and memory for a hot candidate.
@@ -222,7 +230,7 @@ impl Jobs {
                 candidate: candidate.to_owned(),
                 cursor: 0,
                 started: false,
-                partitions: vec![partition],
+                partitions: vec![(partition, offset)],
             },
             as_of,
             messages: msg.into_iter().collect(),
@@ -340,8 +348,8 @@ impl Jobs {
                     ..
                 } = &j.kind
                 {
-                    for p in partitions {
-                        fanouts.push((*p, candidate.clone(), j.as_of));
+                    for (p, o) in partitions {
+                        fanouts.push((*p, candidate.clone(), *o));
                     }
                 }
                 false
@@ -351,6 +359,15 @@ impl Jobs {
         });
         self.done_fanouts.extend(fanouts);
         done
+    }
+
+    /// Window `seq` (and every one before it not yet written) will never be written: jobs whose
+    /// chunk was in it are dropped without completing their messages or clearing their intents
+    /// (replayed, or resumed by the partition's next owner).
+    pub fn window_lost(&mut self, seq: u64) -> usize {
+        let before = self.queue.len();
+        self.queue.retain(|j| j.in_window.is_none_or(|s| s > seq));
+        before - self.queue.len()
     }
 
     /// Drops every job (shutdown): their messages stay unacknowledged and are replayed.

@@ -76,7 +76,8 @@ pub struct Health {
     pub model_loaded: AtomicBool,
     pub redis_ok: AtomicBool,
     pub assigned: AtomicBool,
-    /// Wall clock (ms) of the last progress: a message finished (scored, dead-lettered, stale).
+    /// Wall clock (ms) of the last progress: a message finished (scored, dead-lettered, stale) or
+    /// a window written.
     pub last_progress_ms: AtomicI64,
     /// Wall clock (ms) since input has been pending (lag, an open window, a job); 0: none is.
     pub pending_since_ms: AtomicI64,
@@ -394,7 +395,7 @@ impl Worker {
                     run.intake_per_s = 0.5 * run.intake_per_s + 0.5 * taken;
                     self.split_lagging(&mut run);
                     let lag = self.update_lag(&run.tracker);
-                    self.check_stall(&run, lag > 0);
+                    self.check_stall(&run, lag > 0 || flight.is_some());
                     for (lane, jobs) in [("live", &run.jobs), ("backlog", &run.backlog_jobs)] {
                         self.metrics.jobs_in_progress.with_label_values(&[lane]).set(jobs.len() as i64);
                     }
@@ -566,13 +567,15 @@ impl Worker {
         Duration::from_secs(self.settings.redis.give_up_after_secs)
     }
 
-    /// Input is pending when a partition lags or work is open (the stall watch reads it).
-    fn check_stall(&self, run: &Run, lagging: bool) {
-        let pending = lagging
+    /// Input is pending when a partition lags, a window is open or being written, or a job can
+    /// step (a fan-out waiting for its candidate's interval is not pending work: it may wait for
+    /// minutes by design). The stall watch reads it.
+    fn check_stall(&self, run: &Run, busy: bool) {
+        let pending = busy
             || !run.window.is_empty()
             || !run.backlog.is_empty()
-            || !run.jobs.is_empty()
-            || !run.backlog_jobs.is_empty()
+            || run.jobs.runnable()
+            || run.backlog_jobs.runnable()
             || run.backlog_hold.held() > 0;
         self.health.set_pending(pending, chrono_now_ms());
     }

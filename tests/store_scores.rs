@@ -533,3 +533,41 @@ async fn reverse_index_changes_applied_out_of_order_leave_the_newest() {
     members.sort();
     assert_eq!(members, vec!["m2".to_string(), "m3".to_string()]);
 }
+
+#[tokio::test]
+async fn a_fanout_intent_is_cleared_only_by_a_run_that_covered_its_offset() {
+    // A second update with the same ts arrives after the first fan-out started: that run
+    // covered offset 10 only, so its clear must leave the intent for the follow-up run.
+    let redis = RedisServer::start();
+    let store = store(&redis).await;
+    store
+        .fanout_intents(true, &[(0, "c", 200, 10)])
+        .await
+        .unwrap();
+    store
+        .fanout_intents(true, &[(0, "c", 200, 12)])
+        .await
+        .unwrap();
+    store
+        .fanout_intents(false, &[(0, "c", 0, 10)])
+        .await
+        .unwrap();
+    assert_eq!(
+        store.fanout_intents_of(0).await.unwrap(),
+        vec![("c".to_string(), 200, 12)]
+    );
+    // An older update recorded later keeps the larger as_of and offset.
+    store
+        .fanout_intents(true, &[(0, "c", 150, 11)])
+        .await
+        .unwrap();
+    assert_eq!(
+        store.fanout_intents_of(0).await.unwrap(),
+        vec![("c".to_string(), 200, 12)]
+    );
+    store
+        .fanout_intents(false, &[(0, "c", 0, 12)])
+        .await
+        .unwrap();
+    assert!(store.fanout_intents_of(0).await.unwrap().is_empty());
+}

@@ -149,6 +149,7 @@ impl Settings {
             ("decay.shards", u64::from(self.decay.shards)),
             ("decay.chunk", self.decay.chunk as u64),
             ("decay.max_interval_secs", self.decay.max_interval_secs),
+            ("redis.give_up_after_secs", self.redis.give_up_after_secs),
             ("output.top_n", self.output.top_n as u64),
             ("output.ttl_secs", self.output.ttl_secs),
             ("redis.timeout_ms", self.redis.timeout_ms),

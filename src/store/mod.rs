@@ -63,7 +63,10 @@ impl StoreError {
                             | K::Moved
                             | K::Ask
                     )
-                    || matches!(e.code(), Some("OOM" | "BUSY" | "LOADING" | "NOREPLICAS"))
+                    || matches!(
+                        e.code(),
+                        Some("OOM" | "BUSY" | "LOADING" | "NOREPLICAS" | "MISCONF")
+                    )
             }
             StoreError::Protocol(_) | StoreError::Certificate(_) => false,
         }

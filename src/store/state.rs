@@ -353,20 +353,22 @@ impl Store {
         Ok(flags)
     }
 
-    /// Records (`set`) or clears fan-out intents `(partition, candidate, as_of)`; see
-    /// `fanouts.lua`. Recording never lowers an intent, clearing never drops a later one.
+    /// Records (`set`) or clears fan-out intents `(partition, candidate, as_of, offset)`; see
+    /// `fanouts.lua`. Recording keeps the largest as_of and offset; clearing drops an intent only
+    /// when its offset is covered (`as_of` is ignored).
     pub async fn fanout_intents(
         &self,
         set: bool,
-        intents: &[(i32, &str, i64)],
+        intents: &[(i32, &str, i64, i64)],
     ) -> Result<(), StoreError> {
         let mut by_partition: HashMap<i32, Vec<String>> = HashMap::new();
-        for (p, c, ts) in intents {
+        for (p, c, ts, offset) in intents {
             let args = by_partition
                 .entry(*p)
                 .or_insert_with(|| vec![if set { "set" } else { "clear" }.to_owned()]);
             args.push((*c).to_owned());
             args.push(ts.to_string());
+            args.push(offset.to_string());
         }
         let calls = by_partition
             .into_iter()
@@ -377,17 +379,29 @@ impl Store {
             .map(|_| ())
     }
 
-    /// The fan-out intents recorded for `partition`: candidate → as_of.
+    /// The fan-out intents recorded for `partition`: (candidate, as_of, offset).
     pub async fn fanout_intents_of(
         &self,
         partition: i32,
-    ) -> Result<Vec<(String, i64)>, StoreError> {
+    ) -> Result<Vec<(String, i64, i64)>, StoreError> {
         let mut c = self.conn();
         let r = redis::cmd("HGETALL")
             .arg(self.keys.fanouts(partition))
-            .query_async::<HashMap<String, i64>>(&mut c)
+            .query_async::<HashMap<String, String>>(&mut c)
             .await;
-        Ok(self.checked(r).await?.into_iter().collect())
+        self.checked(r)
+            .await?
+            .into_iter()
+            .map(|(cand, v)| {
+                let parsed = v
+                    .split_once(':')
+                    .and_then(|(t, o)| Some((t.parse().ok()?, o.parse().ok()?)));
+                match parsed {
+                    Some((ts, offset)) => Ok((cand, ts, offset)),
+                    None => Err(protocol("fan-out intent", format!("{v:?}"))),
+                }
+            })
+            .collect()
     }
 
     /// Sets the due time of written pairs and drops the schedule entries of gone ones.

@@ -198,9 +198,9 @@ impl Worker {
         fanouts: Vec<(Lane, String, i64, MsgRef)>,
         hard_stop: &CancellationToken,
     ) {
-        let intents: Vec<(i32, &str, i64)> = fanouts
+        let intents: Vec<(i32, &str, i64, i64)> = fanouts
             .iter()
-            .map(|(_, c, ts, m)| (m.tp.1, c.as_str(), *ts))
+            .map(|(_, c, ts, m)| (m.tp.1, c.as_str(), *ts, m.offset))
             .collect();
         match retry(
             "fanout intents",
@@ -257,8 +257,8 @@ impl Worker {
                             "resuming recorded fan-outs"
                         );
                     }
-                    for (candidate, ts) in intents {
-                        run.jobs.resume_fanout(&candidate, ts, p);
+                    for (candidate, ts, offset) in intents {
+                        run.jobs.resume_fanout(&candidate, ts, p, offset);
                     }
                 }
                 Err(Stop::Cancelled) => return,

@@ -82,17 +82,30 @@ impl Worker {
     pub(super) fn finish_flush(&self, run: &mut Run, seq: u64, lane: Lane, result: FlushResult) {
         let (stats, mut msgs) = match result {
             Ok(Ok(done)) => done,
-            // Hard stop during an outage: nothing acknowledged, replayed by the next owner.
-            Ok(Err(Stop::Cancelled)) => return,
+            // Hard stop during an outage: nothing acknowledged, replayed by the next owner. The
+            // jobs whose chunks were in it are dropped: a later window's write must not finish
+            // them (their intents stay recorded, their ticks unacknowledged).
+            Ok(Err(Stop::Cancelled)) => {
+                self.window_lost(run, seq);
+                return;
+            }
             Ok(Err(Stop::Fatal(e))) => {
+                self.window_lost(run, seq);
                 run.fatal.get_or_insert(e);
                 return;
             }
             Err(e) => {
-                tracing::error!(error = %e, "flush task failed; its messages stay unacknowledged");
+                // A panic in the write or the model: nothing of it is acknowledged, and going on
+                // would leave its messages pinned for good. Exit to be restarted.
+                self.window_lost(run, seq);
+                run.fatal
+                    .get_or_insert(anyhow::anyhow!("flush task failed: {e}"));
                 return;
             }
         };
+        self.health
+            .last_progress_ms
+            .store(super::chrono_now_ms(), std::sync::atomic::Ordering::Relaxed);
         run.shares
             .written(lane == Lane::Backlog, stats.pairs_scored);
         // Windows are written one at a time in `seq` order, so every earlier window is written too.
@@ -105,8 +118,10 @@ impl Worker {
             // a restart (idempotent), so a failure is logged, not retried.
             let store = self.store.clone();
             tokio::spawn(async move {
-                let intents: Vec<(i32, &str, i64)> =
-                    done.iter().map(|(p, c, t)| (*p, c.as_str(), *t)).collect();
+                let intents: Vec<(i32, &str, i64, i64)> = done
+                    .iter()
+                    .map(|(p, c, o)| (*p, c.as_str(), 0, *o))
+                    .collect();
                 if let Err(e) = store.fanout_intents(false, &intents).await {
                     tracing::warn!(error = %e, fanouts = intents.len(), "clearing finished fan-out intents failed; a restart repeats them");
                 }
@@ -131,6 +146,18 @@ impl Worker {
         }
         .emit(&self.metrics);
         self.complete(run, &msgs, true);
+    }
+
+    /// Window `seq` will never be written: its jobs go (see [`crate::expand::Jobs::window_lost`]).
+    fn window_lost(&self, run: &mut Run, seq: u64) {
+        let dropped = run.jobs.window_lost(seq) + run.backlog_jobs.window_lost(seq);
+        if dropped > 0 {
+            tracing::warn!(
+                window = seq,
+                jobs = dropped,
+                "window not written: its fan-outs and ticks are left for replay"
+            );
+        }
     }
 
     /// Writes the current window and waits for it (shutdown).
