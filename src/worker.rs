@@ -196,6 +196,9 @@ struct Run {
     counts: LoopCounts,
     /// Messages taken in per second, both readers (smoothed over the last few seconds).
     intake_per_s: f64,
+    /// Partitions of the feature-updates topic whose recorded fan-outs were loaded since their
+    /// assignment.
+    resumed: std::collections::HashSet<i32>,
     /// A failure no retry can fix: the loop stops, commits what is acknowledged and returns it,
     /// so the process exits non-zero and the orchestrator restarts it.
     fatal: Option<anyhow::Error>,
@@ -271,6 +274,7 @@ impl Worker {
             counts: LoopCounts::default(),
             intake_per_s: 0.0,
             fatal: None,
+            resumed: Default::default(),
         };
         let initial = INITIAL_MEMBER_WEIGHT.min(self.settings.batch.max_pairs);
         run.window.set_member_weight(initial);
@@ -377,16 +381,8 @@ impl Worker {
                 biased;
                 _ = shutdown.cancelled() => break,
                 Some(ev) = self.rebalances.recv() => {
-                    let resume: Vec<i32> = match &ev {
-                        RebalanceEvent::Assigned(tps) => tps
-                            .iter()
-                            .filter(|(t, _)| *t == self.settings.topics.feature_updates)
-                            .map(|(_, p)| *p)
-                            .collect(),
-                        RebalanceEvent::Revoked(_) => Vec::new(),
-                    };
                     self.rebalanced(&mut run, ev);
-                    self.resume_fanouts(&mut run, &resume, &hard_stop).await;
+                    self.resume_assigned(&mut run, &hard_stop).await;
                 }
                 Some(end) = fetched_ends.recv() => self.split_at(&mut run, end),
                 _ = lag_timer.tick() => {
@@ -394,6 +390,8 @@ impl Worker {
                     let taken = f64::from(counts.group_messages + counts.head_messages);
                     run.intake_per_s = 0.5 * run.intake_per_s + 0.5 * taken;
                     self.split_lagging(&mut run);
+                    // Also here: a rebalance event can be dropped (bounded channel).
+                    self.resume_assigned(&mut run, &hard_stop).await;
                     let lag = self.update_lag(&run.tracker);
                     self.check_stall(&run, lag > 0 || flight.is_some());
                     for (lane, jobs) in [("live", &run.jobs), ("backlog", &run.backlog_jobs)] {
@@ -541,9 +539,35 @@ impl Worker {
         Ok(())
     }
 
+    /// Resumes the recorded fan-outs of every partition of the feature-updates topic assigned
+    /// since its intents were last loaded (read from the assignment itself, so a dropped
+    /// rebalance event delays this by a second at most, and a partition kept across an eager
+    /// rebalance is not loaded twice).
+    async fn resume_assigned(&self, run: &mut Run, hard_stop: &CancellationToken) {
+        let topic = &self.settings.topics.feature_updates;
+        let (assigned, _) = self.shared.snapshot();
+        let now: std::collections::HashSet<i32> = assigned
+            .iter()
+            .filter(|(t, _)| t == topic)
+            .map(|(_, p)| *p)
+            .collect();
+        run.resumed.retain(|p| now.contains(p));
+        let mut new: Vec<i32> = now.difference(&run.resumed).copied().collect();
+        if new.is_empty() {
+            return;
+        }
+        new.sort_unstable();
+        if self.resume_fanouts(run, &new, hard_stop).await {
+            run.resumed.extend(new);
+        }
+    }
+
     fn rebalanced(&self, run: &mut Run, ev: RebalanceEvent) {
         if let RebalanceEvent::Revoked(tps) = &ev {
             for tp in tps {
+                if tp.0 == self.settings.topics.feature_updates {
+                    run.resumed.remove(&tp.1);
+                }
                 if let Some(given) = run.catching_up.remove(tp) {
                     Self::release_catchup(run, tp, given);
                 }

@@ -231,13 +231,14 @@ impl Worker {
     }
 
     /// Queues the fan-outs recorded for newly assigned partitions of the feature-updates topic
-    /// (a previous owner's, unfinished when it crashed or gave the partition up).
+    /// (a previous owner's, unfinished when it crashed or gave the partition up). False when it
+    /// stopped before loading them all (hard stop, fatal).
     pub(super) async fn resume_fanouts(
         &self,
         run: &mut Run,
         partitions: &[i32],
         hard_stop: &CancellationToken,
-    ) {
+    ) -> bool {
         for &p in partitions {
             let loaded = retry(
                 "resume fanouts",
@@ -261,13 +262,14 @@ impl Worker {
                         run.jobs.resume_fanout(&candidate, ts, p, offset);
                     }
                 }
-                Err(Stop::Cancelled) => return,
+                Err(Stop::Cancelled) => return false,
                 Err(Stop::Fatal(e)) => {
                     run.fatal.get_or_insert(e);
-                    return;
+                    return false;
                 }
             }
         }
+        true
     }
 
     /// The decay-schedule shards a tick on `partition` covers: s with s mod partitions = p.
