@@ -24,9 +24,9 @@ pub async fn connect_store(
     let timeout = Duration::from_millis(settings.redis.timeout_ms);
     let ca = redis_ca(settings)?;
     let mut delay = Duration::from_millis(200);
-    // An error that is not an outage (WRONGPASS, NOPERM, ...) gets `redis.give_up_after_secs`.
-    let give_up = Duration::from_secs(settings.redis.give_up_after_secs);
-    let mut failing_since: Option<std::time::Instant> = None;
+    // Only outages and failovers are retried; a refused password, NOPERM, ... stop start-up.
+    let mut give_up =
+        crate::worker::GiveUp::new(Duration::from_secs(settings.redis.give_up_after_secs));
     loop {
         let attempt = async {
             let (url, cluster) = (&settings.redis.url, settings.redis.cluster);
@@ -45,18 +45,10 @@ pub async fn connect_store(
             }
             Err(e) => {
                 let error = redact::scrub(&e.to_string(), &settings.redis.url);
-                if e.is_outage() {
-                    failing_since = None;
-                } else if failing_since
-                    .get_or_insert_with(std::time::Instant::now)
-                    .elapsed()
-                    >= give_up
-                {
+                if let Some(fatal) = give_up.failed("connect", &e) {
                     let url = redact::redis_url(&settings.redis.url);
-                    anyhow::bail!(
-                        "cannot use redis at {url}: {error} (not an outage; retried for redis.give_up_after_secs = {} s)",
-                        give_up.as_secs()
-                    );
+                    let fatal = redact::scrub(&fatal.to_string(), &settings.redis.url);
+                    anyhow::bail!("cannot use redis at {url}: {fatal}");
                 }
                 tracing::warn!(%error, retry_in_ms = delay.as_millis() as u64, "redis not reachable at start-up; retrying");
                 tokio::select! {

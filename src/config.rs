@@ -107,12 +107,12 @@ pub struct RedisSettings {
     /// Connect and response timeout; a slower reply counts as an outage and is retried (in
     /// smaller round trips).
     pub timeout_ms: u64,
-    /// An error that is not an outage (READONLY from a node a failover demoted, WRONGPASS,
-    /// NOPERM, WRONGTYPE, an unexpected reply, a model failure while writing) is retried this
-    /// long, then the worker exits non-zero so that the orchestrator restarts it with fresh
-    /// connections; nothing past the last acknowledged write is committed. 60 s: longer than a
+    /// READONLY replies (a node demoted by a failover) are retried this long, the store
+    /// connecting again each time, then the worker exits non-zero so that the orchestrator
+    /// restarts it; nothing past the last acknowledged write is committed. 60 s: longer than a
     /// Redis failover takes. Outages (no connection, timeouts, LOADING, CLUSTERDOWN, OOM) are
-    /// retried for as long as they last.
+    /// retried for as long as they last; permanent errors (WRONGPASS, NOPERM, WRONGTYPE, an
+    /// unexpected reply, a model failure while writing) are not retried: the worker exits.
     pub give_up_after_secs: u64,
     /// PEM file of the CA certificate(s) a `rediss://` server's certificate must chain to,
     /// instead of the system trust store (for a private CA). Unset: the system trust store. A

@@ -40,10 +40,10 @@ pub enum StoreError {
 
 impl StoreError {
     /// An outage: no connection, a timeout, a node loading, a cluster re-electing, Redis out of
-    /// memory or busy with a script. Retried for as long as it lasts (nothing is skipped). Every
-    /// other error (READONLY from a demoted node, WRONGPASS, NOPERM, WRONGTYPE, an unexpected
-    /// reply) is retried only for `redis.give_up_after_secs`: long enough for a failover to end,
-    /// then the worker exits so that it is restarted with fresh connections.
+    /// memory or busy with a script. Retried for as long as it lasts (nothing is skipped). A
+    /// READONLY reply (see [`Self::is_failover`]) is retried for a bounded time; every other
+    /// error (WRONGPASS, NOPERM, WRONGTYPE, an unexpected reply) is permanent: no retry can fix
+    /// it, so the worker exits at once and is restarted.
     pub fn is_outage(&self) -> bool {
         use redis::ErrorKind as K;
         match self {
@@ -70,6 +70,14 @@ impl StoreError {
             }
             StoreError::Protocol(_) | StoreError::Certificate(_) => false,
         }
+    }
+
+    /// READONLY: the node was demoted by a failover that is still settling (the store connects
+    /// again, following a name that moves to the new primary). Transient while the failover
+    /// lasts, so retried for `redis.give_up_after_secs`, then fatal: a URL that points at a
+    /// replica for good never succeeds.
+    pub fn is_failover(&self) -> bool {
+        self.is_read_only()
     }
 
     fn is_read_only(&self) -> bool {

@@ -1,8 +1,8 @@
 //! Redis operations retried with backoff: while Redis is unreachable the worker is not ready and
-//! intake waits, so nothing is dropped and memory stays bounded. An outage is retried for as long
-//! as it lasts; any other error for `redis.give_up_after_secs`, after which the operation stops
-//! with [`Stop::Fatal`] and the worker exits to be restarted (a retry that can never succeed is
-//! not retried forever).
+//! intake waits, so nothing is dropped and memory stays bounded. Only what can succeed is retried:
+//! an outage for as long as it lasts, a failover (READONLY) for `redis.give_up_after_secs`. Any
+//! other error is permanent: the operation stops with [`Stop::Fatal`] at once and the worker exits
+//! to be restarted.
 
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -20,7 +20,8 @@ use crate::store::StoreError;
 pub(super) enum Stop {
     /// The hard stop fired (shutdown during an outage): nothing acknowledged, replayed later.
     Cancelled,
-    /// The same kind of failure outlasted `redis.give_up_after_secs`: the worker exits.
+    /// A permanent error, or a failover that outlasted `redis.give_up_after_secs`: the worker
+    /// exits.
     Fatal(anyhow::Error),
 }
 
@@ -49,37 +50,42 @@ pub(super) async fn backoff(
     }
 }
 
-/// Tracks how long errors other than outages have lasted, to give up on them.
-pub(super) struct GiveUp {
+/// Tells retried failures from fatal ones, and how long a failover has lasted.
+pub struct GiveUp {
     after: Duration,
     since: Option<Instant>,
 }
 
 impl GiveUp {
-    pub(super) fn new(after: Duration) -> Self {
+    pub fn new(after: Duration) -> Self {
         Self { after, since: None }
     }
 
-    /// Notes a failure: Some(fatal) once errors that are not outages have lasted `after` (an
-    /// outage in between starts the count again).
-    pub(super) fn failed(&mut self, what: &str, e: &StoreError) -> Option<anyhow::Error> {
+    /// Notes a failure: None to retry it (an outage; a failover not yet `after` old, an outage
+    /// in between starting the count again), Some(fatal) for a permanent error or a failover that
+    /// lasted `after`.
+    pub fn failed(&mut self, what: &str, e: &StoreError) -> Option<anyhow::Error> {
         if e.is_outage() {
             self.since = None;
             return None;
         }
+        if !e.is_failover() {
+            return Some(anyhow::anyhow!(
+                "redis {what} failed with an error no retry can fix: {e}"
+            ));
+        }
         let since = *self.since.get_or_insert_with(Instant::now);
         (since.elapsed() >= self.after).then(|| {
             anyhow::anyhow!(
-                "redis {what} kept failing for {} s with an error that is not an outage \
-                 (redis.give_up_after_secs): {e}",
+                "redis {what} kept answering READONLY for {} s (redis.give_up_after_secs): {e}",
                 self.after.as_secs()
             )
         })
     }
 }
 
-/// Retries `op` with exponential backoff until it succeeds, `cancel` fires, or an error that is
-/// not an outage outlasts `give_up`.
+/// Retries `op` with exponential backoff until it succeeds, `cancel` fires, a permanent error
+/// comes back, or a failover outlasts `give_up`.
 pub(super) async fn retry<T, F, Fut>(
     what: &str,
     metrics: &Metrics,

@@ -281,7 +281,7 @@ impl Drop for RedisServer {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Engine {
     /// tansu's memory engine (`dynostore`): fast, but a fetch from an offset inside a stored
-    /// record batch returns nothing from that batch (tansu 0.6.0; `/work/shared/notes` and
+    /// record batch returns nothing from that batch (tansu 0.6.0; README "Tests" and
     /// `tests/broker.rs`). Fine for tests whose consumers never resume inside a batch.
     Memory,
     /// tansu's SQLite engine (`lite`): rebuilds batches from per-record rows, so a consumer that
