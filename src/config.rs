@@ -22,6 +22,40 @@ pub struct Settings {
     pub decay: DecaySettings,
     pub output: OutputSettings,
     pub http: HttpSettings,
+    pub state: StateSettings,
+}
+
+/// Where the worker keeps the state it scores from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StateMode {
+    /// Every window reads what it needs from Redis and writes through per-member scripts that
+    /// guard every value by event time (any worker may write any member).
+    Remote,
+    /// Each member's state is owned by the worker that owns the member's partition, held in
+    /// memory and written behind as plain commands fenced by the owner's generation
+    /// (`docs/state.md`).
+    Owned,
+}
+
+/// `[state]`: where the state lives.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StateSettings {
+    pub mode: StateMode,
+    /// Owned mode: bytes of member state kept in memory (estimated); the least recently used
+    /// members whose writes are acknowledged are evicted past it and read again on their next
+    /// event. 256 MiB holds about a million pairs.
+    pub cache_bytes: u64,
+}
+
+impl Default for StateSettings {
+    fn default() -> Self {
+        Self {
+            mode: StateMode::Remote,
+            cache_bytes: 256 * 1024 * 1024,
+        }
+    }
 }
 
 /// `[kafka]`: the consumer group and any librdkafka option.
@@ -82,6 +116,9 @@ pub struct TopicSettings {
     pub decay_ticks: String,
     /// Where undecodable or invalid events go, with the reason in headers.
     pub dlq: String,
+    /// Owned state: candidate updates ask the owners of the candidate's members to rescore them
+    /// here (internal; as many partitions as the input topics).
+    pub rescore_requests: String,
 }
 
 impl Default for TopicSettings {
@@ -91,6 +128,7 @@ impl Default for TopicSettings {
             new_candidates: "catchup.new-candidates".into(),
             decay_ticks: "catchup.decay-ticks".into(),
             dlq: "catchup.rescorer-dlq".into(),
+            rescore_requests: "catchup.rescore-requests".into(),
         }
     }
 }

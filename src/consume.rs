@@ -196,6 +196,11 @@ pub fn consumer(
             .set("auto.offset.reset", "earliest")
             .set("statistics.interval.ms", "500")
             .set("queued.max.messages.kbytes", "16384");
+        // Owned state: partition p of every input topic goes to one worker (range assignment
+        // over topics with equal partition counts), so a member's events have one owner.
+        if settings.state.mode == crate::config::StateMode::Owned {
+            c.set("partition.assignment.strategy", "range");
+        }
     });
     let shared = Arc::new(Shared::default());
     let (tx, rx) = mpsc::channel(64);

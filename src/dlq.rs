@@ -108,7 +108,7 @@ fn too_large(e: &KafkaError) -> bool {
 }
 
 /// Errors no retry of the same record can fix.
-fn permanent(e: &KafkaError) -> bool {
+pub(crate) fn permanent(e: &KafkaError) -> bool {
     matches!(
         e.rdkafka_error_code(),
         Some(

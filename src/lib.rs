@@ -10,6 +10,9 @@
 //!    thread ([`model::engine`] runs ONNX Runtime) → guarded score writes to Redis;
 //! 7. [`offsets`]: a message's offset is stored once everything it caused is acknowledged.
 //!
+//! With `state.mode = "owned"` ([`owned`]), stages 3 to 6 run on state held in memory by the
+//! owner of each member's partition, written behind to Redis as plain commands.
+//!
 //! [`worker`] is the loop that drives them; [`app`] wires it from [`config`]. Around it:
 //! [`metrics`], [`internal_events`] and [`http`] (what operators see), [`tick`] (decay ticks),
 //! [`traffic`] and [`demo`] (synthetic load, the zero-setup first run), and [`cli`].
@@ -30,6 +33,7 @@ pub mod internal_events;
 pub mod metrics;
 pub mod model;
 pub mod offsets;
+pub mod owned;
 pub mod score;
 pub mod store;
 pub mod tick;

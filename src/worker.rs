@@ -36,6 +36,7 @@ mod health;
 mod hold;
 mod intake;
 mod jobs;
+mod owned;
 mod retry;
 mod shares;
 mod writer;
@@ -180,6 +181,9 @@ struct LoopCounts {
 impl Worker {
     /// Runs until `shutdown` fires (then drains) or the consumer fails for good.
     pub async fn run(mut self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        if self.settings.state.mode == crate::config::StateMode::Owned {
+            return self.run_owned(shutdown).await;
+        }
         let t = &self.settings.topics;
         let kinds: HashMap<String, TopicKind> = [
             (t.feature_updates.clone(), TopicKind::FeatureUpdates),
@@ -553,6 +557,12 @@ impl Worker {
 
     /// Marks messages done and stores the advanced watermarks.
     fn complete(&self, run: &mut Run, msgs: &[MsgRef], scored: bool) {
+        self.complete_tracked(&mut run.tracker, msgs, scored);
+    }
+
+    /// Marks messages done in `tracker` (observing freshness when `scored`) and stores the
+    /// advanced watermarks.
+    fn complete_tracked(&self, tracker: &mut OffsetTracker, msgs: &[MsgRef], scored: bool) {
         let now = chrono_now_ms();
         if !msgs.is_empty() {
             self.health.last_progress_ms.store(now, Ordering::Relaxed);
@@ -575,7 +585,7 @@ impl Worker {
             if m.acked {
                 continue; // its offset was stored when its fan-out intent was recorded
             }
-            if let Some(store_at) = run.tracker.done(&m.tp, m.offset) {
+            if let Some(store_at) = tracker.done(&m.tp, m.offset) {
                 if let Err(e) = self.consumer.store_offset(&m.tp.0, m.tp.1, store_at) {
                     tracing::debug!(error = %e, topic = %m.tp.0, partition = m.tp.1, "offset not stored (partition revoked?)");
                 }

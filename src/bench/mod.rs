@@ -183,7 +183,7 @@ fn suffix() -> String {
     format!("{:x}", rand::random::<u32>())
 }
 
-/// Creates the four configured topics with `partitions` partitions, replication 1 (a broker on
+/// Creates the five configured topics with `partitions` partitions, replication 1 (a broker on
 /// this machine). Shared by the benchmark and the integration tests.
 pub async fn create_topics(settings: &Settings, partitions: i32) -> anyhow::Result<()> {
     let admin: AdminClient<DefaultClientContext> =
@@ -194,6 +194,7 @@ pub async fn create_topics(settings: &Settings, partitions: i32) -> anyhow::Resu
         &t.new_candidates,
         &t.decay_ticks,
         &t.dlq,
+        &t.rescore_requests,
     ];
     let topics: Vec<NewTopic<'_>> = names
         .iter()
@@ -214,6 +215,7 @@ async fn phase_settings(base: &Settings, partitions: i32) -> anyhow::Result<Sett
     s.topics.new_candidates = format!("bench-{id}-candidates");
     s.topics.decay_ticks = format!("bench-{id}-ticks");
     s.topics.dlq = format!("bench-{id}-dlq");
+    s.topics.rescore_requests = format!("bench-{id}-requests");
     s.kafka.group_id = format!("bench-{id}");
     s.output.key_prefix = format!("bench{id}");
     create_topics(&s, partitions).await?;

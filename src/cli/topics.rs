@@ -23,7 +23,7 @@ pub struct TopicsFile {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TopicDef {
-    /// feature_updates | new_candidates | decay_ticks | dlq.
+    /// feature_updates | new_candidates | decay_ticks | dlq | rescore_requests.
     pub role: String,
     /// The default name; the applied name is the configured one for `role`.
     pub name: String,
@@ -68,8 +68,9 @@ fn configured_name<'a>(settings: &'a Settings, role: &str) -> anyhow::Result<&'a
         "new_candidates" => &t.new_candidates,
         "decay_ticks" => &t.decay_ticks,
         "dlq" => &t.dlq,
+        "rescore_requests" => &t.rescore_requests,
         other => bail!(
-            "unknown topic role `{other}` (feature_updates, new_candidates, decay_ticks, dlq)"
+            "unknown topic role `{other}` (feature_updates, new_candidates, decay_ticks, dlq, rescore_requests)"
         ),
     })
 }

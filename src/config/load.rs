@@ -126,6 +126,7 @@ impl Settings {
             ("topics.new_candidates", &self.topics.new_candidates),
             ("topics.decay_ticks", &self.topics.decay_ticks),
             ("topics.dlq", &self.topics.dlq),
+            ("topics.rescore_requests", &self.topics.rescore_requests),
             ("redis.url", &self.redis.url),
             ("output.key_prefix", &self.output.key_prefix),
         ];
@@ -153,10 +154,20 @@ impl Settings {
             ("output.top_n", self.output.top_n as u64),
             ("output.ttl_secs", self.output.ttl_secs),
             ("redis.timeout_ms", self.redis.timeout_ms),
+            ("state.cache_bytes", self.state.cache_bytes),
         ];
         for (field, v) in positive {
             if v == 0 {
                 return Err(invalid(field, "must be at least 1"));
+            }
+        }
+        if self.state.mode == super::StateMode::Owned {
+            let strategy = self.kafka.options.get("partition.assignment.strategy");
+            if strategy.is_some_and(|s| s.split(',').next().map(str::trim) != Some("range")) {
+                return Err(invalid(
+                    "kafka.options.partition.assignment.strategy",
+                    "owned state needs partition p of every input topic on one worker: use \"range\"",
+                ));
             }
         }
         if self.decay.min_interval_secs > self.decay.max_interval_secs {
@@ -255,7 +266,7 @@ impl Settings {
             .map(|p| format!(" tls_ca={}", p.display()))
             .unwrap_or_default();
         format!(
-            "kafka={} group={} options=[{}] redis={} cluster={}{tls_ca} model={} device={:?} batch={}/{}ms top_n={} prefix={}",
+            "kafka={} group={} options=[{}] redis={} cluster={}{tls_ca} model={} device={:?} batch={}/{}ms top_n={} prefix={} state={:?}",
             self.kafka.bootstrap_servers,
             self.kafka.group_id,
             self.kafka.options.keys().cloned().collect::<Vec<_>>().join(","),
@@ -267,6 +278,7 @@ impl Settings {
             self.batch.max_wait_ms,
             self.output.top_n,
             self.output.key_prefix,
+            self.state.mode,
         )
     }
 }

@@ -96,6 +96,23 @@ impl Keys {
         format!("{}:fanouts:{{part-{partition}}}", self.prefix)
     }
 
+    /// The generation of the member's owner that last took it (owned state: a writer with an
+    /// older generation is a zombie and is refused).
+    pub fn owner(&self, member: &str) -> String {
+        format!("{}:own:{}", self.prefix, tagged(member))
+    }
+
+    /// Owned state: the generation counter of one member partition (taken on assignment).
+    pub fn generation(&self, partition: i32) -> String {
+        format!("{}:gen:{{part-{partition}}}", self.prefix)
+    }
+
+    /// Owned state: the decay schedule of one member partition, pairs by due time (ms), members
+    /// `["member","candidate"]` JSON.
+    pub fn partition_due(&self, partition: i32) -> String {
+        format!("{}:pdue:{{part-{partition}}}", self.prefix)
+    }
+
     /// Number of decay-schedule shards.
     pub fn shards(&self) -> u32 {
         self.shards

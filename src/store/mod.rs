@@ -11,6 +11,7 @@
 
 mod apply;
 mod keys;
+mod owned;
 mod state;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -23,6 +24,7 @@ use redis::{Cmd, Pipeline, RedisFuture, Value};
 
 pub use apply::Applied;
 pub use keys::Keys;
+pub use owned::{Loaded, MemberKey, MemberWrite, OwnedLoad, WriteOp};
 pub use state::{FeatureOutcome, LoadedMember, PairState, ScoreWrite, WriteFlag};
 
 /// A Redis operation failed; the caller retries (it is never a reason to skip data), except

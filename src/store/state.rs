@@ -15,6 +15,9 @@ pub(super) struct Scripts {
     pub(super) scores: Script,
     pub(super) rev: Script,
     pub(super) fanouts: Script,
+    pub(super) owned_load: Script,
+    pub(super) owned_write: Script,
+    pub(super) owned_rev: Script,
 }
 
 impl Scripts {
@@ -25,6 +28,9 @@ impl Scripts {
             scores: Script::new(include_str!("scores.lua")),
             rev: Script::new(include_str!("rev.lua")),
             fanouts: Script::new(include_str!("fanouts.lua")),
+            owned_load: Script::new(include_str!("owned_load.lua")),
+            owned_write: Script::new(include_str!("owned_write.lua")),
+            owned_rev: Script::new(include_str!("owned_rev.lua")),
         }
     }
 }
@@ -86,7 +92,7 @@ pub(super) fn protocol(what: &str, e: impl std::fmt::Display) -> StoreError {
     StoreError::Protocol(format!("{what}: {e}"))
 }
 
-fn parse_map(v: Value, what: &str) -> Result<FeatureMap, StoreError> {
+pub(super) fn parse_map(v: Value, what: &str) -> Result<FeatureMap, StoreError> {
     let raw: HashMap<String, String> = FromRedisValue::from_redis_value(&v)?;
     raw.into_iter()
         .map(|(k, s)| {
@@ -146,6 +152,9 @@ impl Store {
             &self.scripts.scores,
             &self.scripts.rev,
             &self.scripts.fanouts,
+            &self.scripts.owned_load,
+            &self.scripts.owned_write,
+            &self.scripts.owned_rev,
         ] {
             let r = s.prepare_invoke().load_async(&mut c).await;
             self.checked(r).await?;

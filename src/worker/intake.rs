@@ -302,7 +302,7 @@ impl Worker {
 
     /// Sends to the DLQ until the broker acknowledges: Err(None) when the hard stop fires first,
     /// Err(Some) when no retry can succeed (the worker exits so the orchestrator restarts it).
-    async fn dead_letter(
+    pub(super) async fn dead_letter(
         &self,
         msg: &BorrowedMessage<'_>,
         reason: &str,

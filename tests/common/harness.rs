@@ -100,6 +100,7 @@ impl Harness {
         settings.topics.new_candidates = format!("candidates-{id}");
         settings.topics.decay_ticks = format!("ticks-{id}");
         settings.topics.dlq = format!("dlq-{id}");
+        settings.topics.rescore_requests = format!("requests-{id}");
         settings.redis.url = redis.url();
         settings.redis.timeout_ms = 500;
         settings.output.key_prefix = format!("t{id}");
@@ -109,13 +110,16 @@ impl Harness {
         rescorer::bench::create_topics(&settings, partitions)
             .await
             .expect("topics created");
+        // Keyed by entity id with the Java client's partitioner, as topics/README.md asks.
         let producer = ClientConfig::new()
             .set("bootstrap.servers", &broker.bootstrap)
+            .set("partitioner", "murmur2_random")
             .set("linger.ms", "0")
             .create()
             .expect("producer");
         let batching = ClientConfig::new()
             .set("bootstrap.servers", &broker.bootstrap)
+            .set("partitioner", "murmur2_random")
             .set("linger.ms", "5")
             .create()
             .expect("batching producer");
@@ -319,22 +323,32 @@ impl Harness {
             .collect()
     }
 
-    /// Same, for another consumer group.
+    /// Same, for another consumer group: every message produced so far, and every message the
+    /// workers sent on (forwarded to a member's partition, rescore requests), is committed. The
+    /// committed offsets are read before the log ends, so a message sent on by a worker before
+    /// it committed what caused it is inside the ends read.
     pub async fn wait_consumed_by(&self, group: &str) {
-        let expected = self.produced.lock().unwrap().clone();
         let consumer: BaseConsumer = ClientConfig::new()
             .set("bootstrap.servers", &self.broker.bootstrap)
             .set("group.id", group)
             .create()
             .expect("offset reader");
+        let t = &self.settings.topics;
+        let topics = [
+            &t.feature_updates,
+            &t.new_candidates,
+            &t.decay_ticks,
+            &t.rescore_requests,
+        ];
         let mut tpl = TopicPartitionList::new();
-        for (t, p) in expected.keys() {
-            if *t != self.settings.topics.dlq {
-                tpl.add_partition(t, *p);
+        for topic in topics {
+            for p in 0..self.partitions {
+                tpl.add_partition(topic, p);
             }
         }
         let until = Instant::now() + Duration::from_secs(60);
         loop {
+            let expected = self.produced.lock().unwrap().clone();
             let committed = tokio::task::block_in_place(|| {
                 consumer.committed_offsets(tpl.clone(), Duration::from_secs(5))
             });
@@ -343,9 +357,16 @@ impl Harness {
                     .elements()
                     .iter()
                     .filter_map(|e| {
-                        let want = expected[&(e.topic().to_owned(), e.partition())];
+                        let (topic, p) = (e.topic().to_owned(), e.partition());
+                        let end = tokio::task::block_in_place(|| {
+                            consumer.fetch_watermarks(&topic, p, Duration::from_secs(5))
+                        })
+                        .map(|(_, high)| high)
+                        .unwrap_or(i64::MAX);
+                        let want = end.max(expected.get(&(topic, p)).copied().unwrap_or(0));
                         match e.offset() {
                             Offset::Offset(o) if o >= want => None,
+                            _ if want == 0 => None,
                             other => Some(format!(
                                 "{}/{}: {:?} < {want}",
                                 e.topic(),

@@ -1,0 +1,568 @@
+//! The owner's state: its members (features, pairs, scores, the ranking as written) and the
+//! features of their candidates, in a cache bounded by bytes.
+//!
+//! Everything here is synchronous and reads nothing from Redis: the loop loads a member once,
+//! applies events to it, and takes each window's writes from it ([`Member::plan`]).
+//!
+//! Guarantee: a member's in-memory state is what its writes made of the loaded state; the ranking
+//! written (`scores:{m}` and `rest:{m}`) is exactly the top N and the rest of the member's current
+//! scores in `ZREVRANGE` order. Limits: sizes are estimates (a few hundred bytes a pair); a dirty
+//! member is never evicted, so the budget can be overshot by one window's members.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+
+use crate::decode::FeatureUpdate;
+use crate::model::FeatureMap;
+use crate::store::{MemberKey, OwnedLoad, PairState, WriteOp};
+
+/// Candidates with their scores, best first.
+pub type Ranked<'a> = Vec<(&'a String, f64)>;
+
+/// One owned member.
+#[derive(Debug, Clone, Default)]
+pub struct Member {
+    pub partition: i32,
+    pub features: FeatureMap,
+    versions: HashMap<String, (i64, i64)>,
+    /// Every pair, removal tombstones included.
+    pub pairs: HashMap<String, PairState>,
+    /// As of when each pair's score was computed (kept after a removal, so a pair added again
+    /// never scores as of an earlier time).
+    pub as_of: HashMap<String, i64>,
+    /// The current score of each live scored pair.
+    scores: HashMap<String, f64>,
+    /// What Redis holds: the top N and the rest.
+    written_top: HashMap<String, f64>,
+    written_rest: HashMap<String, f64>,
+    dirty_features: BTreeSet<String>,
+    dirty_pairs: BTreeSet<String>,
+    dirty_as_of: BTreeSet<String>,
+    bytes: usize,
+    used: u64,
+}
+
+/// A pair event's effect on a member.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PairApplied {
+    /// Newer than (or equal to) the stored state, so it was applied.
+    pub applied: bool,
+    pub was_live: bool,
+    pub is_live: bool,
+}
+
+impl Member {
+    pub fn from_load(partition: i32, l: OwnedLoad) -> Self {
+        let mut m = Member {
+            partition,
+            features: l.features,
+            versions: l.versions,
+            pairs: l.pairs,
+            as_of: l.as_of,
+            written_top: l.top.into_iter().collect(),
+            written_rest: l.rest.into_iter().collect(),
+            ..Member::default()
+        };
+        m.scores = m
+            .written_top
+            .iter()
+            .chain(&m.written_rest)
+            .filter(|(c, _)| m.pairs.get(*c).is_some_and(|p| !p.rm))
+            .map(|(c, s)| (c.clone(), *s))
+            .collect();
+        m.bytes = m.estimate();
+        m
+    }
+
+    /// The live pair with candidate `c`.
+    pub fn live(&self, c: &str) -> Option<&PairState> {
+        self.pairs.get(c).filter(|p| !p.rm)
+    }
+
+    pub fn live_pairs(&self) -> impl Iterator<Item = (&String, &PairState)> {
+        self.pairs.iter().filter(|(_, p)| !p.rm)
+    }
+
+    /// Per-feature last-writer-wins by `(ts, offset)` (an equal version applies again, so a
+    /// replay is idempotent). Returns the features applied.
+    pub fn apply_features(&mut self, u: &FeatureUpdate, offset: i64) -> usize {
+        let mut applied = 0;
+        for (name, value) in &u.features {
+            if self.versions.get(name).is_some_and(|v| *v > (u.ts, offset)) {
+                continue;
+            }
+            self.versions.insert(name.clone(), (u.ts, offset));
+            match value {
+                Some(x) => self.features.insert(name.clone(), *x),
+                None => self.features.remove(name),
+            };
+            self.dirty_features.insert(name.clone());
+            applied += 1;
+        }
+        applied
+    }
+
+    /// An upsert or a removal tombstone, last-writer-wins by `(ts, offset)`.
+    pub fn apply_pair(&mut self, candidate: &str, st: PairState) -> PairApplied {
+        let was_live = self.live(candidate).is_some();
+        if self
+            .pairs
+            .get(candidate)
+            .is_some_and(|cur| (cur.ts, cur.o) > (st.ts, st.o))
+        {
+            return PairApplied {
+                applied: false,
+                was_live,
+                is_live: was_live,
+            };
+        }
+        let is_live = !st.rm;
+        if !is_live {
+            self.scores.remove(candidate);
+        }
+        self.pairs.insert(candidate.to_owned(), st);
+        self.dirty_pairs.insert(candidate.to_owned());
+        PairApplied {
+            applied: true,
+            was_live,
+            is_live,
+        }
+    }
+
+    /// Records a new score of a live pair (false: the pair is gone).
+    pub fn set_score(&mut self, candidate: &str, score: f64, as_of: i64) -> bool {
+        if self.live(candidate).is_none() {
+            return false;
+        }
+        self.scores.insert(candidate.to_owned(), score);
+        self.as_of.insert(candidate.to_owned(), as_of);
+        self.dirty_as_of.insert(candidate.to_owned());
+        true
+    }
+
+    /// Whether this member has changes not written yet (scores change only with a pair or an
+    /// as_of, so the ranking cannot differ from what was written without one of these).
+    pub fn dirty(&self) -> bool {
+        !(self.dirty_features.is_empty()
+            && self.dirty_pairs.is_empty()
+            && self.dirty_as_of.is_empty())
+    }
+
+    /// The top N and the rest of the current scores, in ZREVRANGE order (higher score first,
+    /// then the greater candidate by bytes).
+    pub fn ranking(&self, top_n: usize) -> (Ranked<'_>, Ranked<'_>) {
+        let mut all: Vec<(&String, f64)> = self.scores.iter().map(|(c, s)| (c, *s)).collect();
+        all.sort_unstable_by(|a, b| {
+            b.1.total_cmp(&a.1)
+                .then_with(|| b.0.as_bytes().cmp(a.0.as_bytes()))
+        });
+        let rest = all.split_off(top_n.min(all.len()));
+        (all, rest)
+    }
+
+    /// This member's window of writes: changed pairs, features and as_of, the ranking's diff
+    /// against what Redis holds, and meta with the output's TTL when the output changed. Empty
+    /// when nothing changed.
+    pub fn plan(&self, model: &str, top_n: usize, ttl_ms: u64, now_ms: i64) -> Vec<WriteOp> {
+        let mut ops = Vec::new();
+        let mut hset = |key, fields: Vec<String>| {
+            if !fields.is_empty() {
+                ops.extend(WriteOp::split(key, "HSET", fields, 2));
+            }
+        };
+        let pairs: Vec<String> = self
+            .dirty_pairs
+            .iter()
+            .filter_map(|c| Some((c, serde_json::to_string(self.pairs.get(c)?).ok()?)))
+            .flat_map(|(c, j)| [c.clone(), j])
+            .collect();
+        hset(MemberKey::Pairs, pairs);
+        let as_of: Vec<String> = self
+            .dirty_as_of
+            .iter()
+            .filter_map(|c| Some([c.clone(), self.as_of.get(c)?.to_string()]))
+            .flatten()
+            .collect();
+        hset(MemberKey::AsOf, as_of);
+        let (mut set, mut del, mut vers) = (Vec::new(), Vec::new(), Vec::new());
+        for name in &self.dirty_features {
+            match self.features.get(name) {
+                Some(x) => set.extend([name.clone(), x.to_string()]),
+                None => del.push(name.clone()),
+            }
+            if let Some((t, o)) = self.versions.get(name) {
+                vers.extend([name.clone(), format!("{t}:{o}")]);
+            }
+        }
+        hset(MemberKey::Features, set);
+        hset(MemberKey::Versions, vers);
+        if !del.is_empty() {
+            ops.extend(WriteOp::split(MemberKey::Features, "HDEL", del, 1));
+        }
+
+        let (top, rest) = self.ranking(top_n);
+        let mut output_changed = !self.dirty_as_of.is_empty();
+        for (key, want, held) in [
+            (MemberKey::Top, &top, &self.written_top),
+            (MemberKey::Rest, &rest, &self.written_rest),
+        ] {
+            let add: Vec<String> = want
+                .iter()
+                .filter(|(c, s)| held.get(*c) != Some(s))
+                .flat_map(|(c, s)| [s.to_string(), (*c).clone()])
+                .collect();
+            let wanted: HashSet<&String> = want.iter().map(|(c, _)| *c).collect();
+            let rem: Vec<String> = held
+                .keys()
+                .filter(|c| !wanted.contains(c))
+                .cloned()
+                .collect();
+            if !add.is_empty() || !rem.is_empty() {
+                output_changed |= key == MemberKey::Top;
+            }
+            if !rem.is_empty() {
+                ops.extend(WriteOp::split(key, "ZREM", rem, 1));
+            }
+            if !add.is_empty() {
+                ops.extend(WriteOp::split(key, "ZADD", add, 2));
+            }
+        }
+        if output_changed {
+            let mut meta = vec![
+                "model".to_owned(),
+                model.to_owned(),
+                "updated_at".to_owned(),
+                now_ms.to_string(),
+                "ttl_set_at".to_owned(),
+                now_ms.to_string(),
+            ];
+            if let Some(max) = self.as_of.values().max() {
+                meta.extend(["as_of".to_owned(), max.to_string()]);
+            }
+            ops.push(WriteOp {
+                key: MemberKey::Meta,
+                cmd: "HSET",
+                args: meta,
+            });
+            for key in [MemberKey::Top, MemberKey::Rest, MemberKey::Meta] {
+                ops.push(WriteOp {
+                    key,
+                    cmd: "PEXPIRE",
+                    args: vec![ttl_ms.to_string()],
+                });
+            }
+        }
+        ops
+    }
+
+    /// The planned writes were acknowledged: Redis now holds this state.
+    pub fn written(&mut self, top_n: usize) {
+        let (top, rest) = self.ranking(top_n);
+        let top: HashMap<String, f64> = top.into_iter().map(|(c, s)| (c.clone(), s)).collect();
+        let rest: HashMap<String, f64> = rest.into_iter().map(|(c, s)| (c.clone(), s)).collect();
+        self.written_top = top;
+        self.written_rest = rest;
+        self.dirty_features.clear();
+        self.dirty_pairs.clear();
+        self.dirty_as_of.clear();
+    }
+
+    /// Bytes this member holds, estimated.
+    fn estimate(&self) -> usize {
+        let feats = |f: &FeatureMap| f.keys().map(|k| k.len() + 48).sum::<usize>();
+        let pairs: usize = self
+            .pairs
+            .iter()
+            .map(|(c, p)| 3 * c.len() + p.reason.len() + feats(&p.pair_features) + 240)
+            .sum();
+        256 + feats(&self.features) * 2 + pairs
+    }
+}
+
+/// The features of a candidate that cached members have, and how many live pairs refer to it.
+#[derive(Debug, Default)]
+struct Candidate {
+    features: Option<FeatureMap>,
+    refs: usize,
+}
+
+/// Owned members and their candidates' features, bounded by `budget` bytes.
+#[derive(Debug, Default)]
+pub struct Cache {
+    members: HashMap<String, Member>,
+    candidates: HashMap<String, Candidate>,
+    budget: usize,
+    bytes: usize,
+    clock: u64,
+}
+
+impl Cache {
+    pub fn new(budget: usize) -> Self {
+        Self {
+            budget,
+            ..Self::default()
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.members.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.members.is_empty()
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    pub fn contains(&self, member: &str) -> bool {
+        self.members.contains_key(member)
+    }
+
+    pub fn get(&self, member: &str) -> Option<&Member> {
+        self.members.get(member)
+    }
+
+    /// A member, marked as used now.
+    pub fn get_mut(&mut self, member: &str) -> Option<&mut Member> {
+        self.clock += 1;
+        let m = self.members.get_mut(member)?;
+        m.used = self.clock;
+        Some(m)
+    }
+
+    fn refer(&mut self, candidate: &str, delta: isize) {
+        let e = self.candidates.entry(candidate.to_owned()).or_default();
+        e.refs = e.refs.saturating_add_signed(delta);
+        if e.refs == 0 {
+            self.candidates.remove(candidate);
+        }
+    }
+
+    /// Adds a loaded member; its candidates without features are in [`Self::unknown_candidates`].
+    pub fn insert(&mut self, member: &str, mut m: Member) {
+        self.remove(member);
+        m.bytes = m.estimate();
+        let live: Vec<String> = m.live_pairs().map(|(c, _)| c.clone()).collect();
+        for c in live {
+            self.refer(&c, 1);
+        }
+        self.bytes += m.bytes;
+        self.members.insert(member.to_owned(), m);
+        self.get_mut(member);
+    }
+
+    fn remove(&mut self, member: &str) -> Option<Member> {
+        let m = self.members.remove(member)?;
+        self.bytes = self.bytes.saturating_sub(m.bytes);
+        let live: Vec<String> = m.live_pairs().map(|(c, _)| c.clone()).collect();
+        for c in live {
+            self.refer(&c, -1);
+        }
+        Some(m)
+    }
+
+    /// Applies a pair event to a cached member (false when it is not cached).
+    pub fn apply_pair(&mut self, member: &str, candidate: &str, st: PairState) -> PairApplied {
+        let Some(m) = self.get_mut(member) else {
+            return PairApplied {
+                applied: false,
+                was_live: false,
+                is_live: false,
+            };
+        };
+        let r = m.apply_pair(candidate, st);
+        if r.is_live && !r.was_live {
+            self.refer(candidate, 1);
+        } else if r.was_live && !r.is_live {
+            self.refer(candidate, -1);
+        }
+        r
+    }
+
+    /// Candidates of cached members whose features have not been read yet.
+    pub fn unknown_candidates(&self) -> Vec<String> {
+        self.candidates
+            .iter()
+            .filter(|(_, c)| c.features.is_none())
+            .map(|(id, _)| id.clone())
+            .collect()
+    }
+
+    /// Features of a candidate read from Redis (kept only while a cached member has it).
+    pub fn set_candidate(&mut self, candidate: &str, features: FeatureMap) {
+        if let Some(c) = self.candidates.get_mut(candidate) {
+            c.features = Some(features);
+        }
+    }
+
+    pub fn has_candidate(&self, candidate: &str) -> bool {
+        self.candidates.contains_key(candidate)
+    }
+
+    pub fn candidate(&self, candidate: &str) -> Option<&FeatureMap> {
+        self.candidates.get(candidate)?.features.as_ref()
+    }
+
+    /// After a member's writes were acknowledged: what Redis holds, and its size again.
+    pub fn written(&mut self, member: &str, top_n: usize) {
+        if let Some(m) = self.members.get_mut(member) {
+            m.written(top_n);
+            let before = m.bytes;
+            m.bytes = m.estimate();
+            self.bytes = (self.bytes + m.bytes).saturating_sub(before);
+        }
+    }
+
+    /// Drops every member of `partition` (revoked, or taken by a later owner).
+    pub fn drop_partition(&mut self, partition: i32) -> usize {
+        let gone: Vec<String> = self
+            .members
+            .iter()
+            .filter(|(_, m)| m.partition == partition)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in &gone {
+            self.remove(id);
+        }
+        gone.len()
+    }
+
+    /// Drops one member (its writes were refused: a later owner has it).
+    pub fn drop_member(&mut self, member: &str) {
+        self.remove(member);
+    }
+
+    /// Over budget: evicts the least recently used members that have nothing unwritten, down to
+    /// 90% of the budget. Returns how many were evicted.
+    pub fn evict(&mut self) -> usize {
+        if self.bytes <= self.budget {
+            return 0;
+        }
+        let target = self.budget / 10 * 9;
+        let mut cold: Vec<(u64, String)> = self
+            .members
+            .iter()
+            .filter(|(_, m)| !m.dirty())
+            .map(|(id, m)| (m.used, id.clone()))
+            .collect();
+        cold.sort_unstable();
+        let mut n = 0;
+        for (_, id) in cold {
+            if self.bytes <= target {
+                break;
+            }
+            self.remove(&id);
+            n += 1;
+        }
+        n
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::decode::Entity;
+
+    fn pair(ts: i64, o: i64, rm: bool) -> PairState {
+        PairState {
+            reason: "job_change".into(),
+            pair_features: FeatureMap::new(),
+            ts,
+            o,
+            rm,
+        }
+    }
+
+    #[test]
+    fn features_and_pairs_are_last_writer_wins_by_time_then_offset() {
+        let mut m = Member::default();
+        let upd = |ts, x| FeatureUpdate {
+            entity: Entity::Member,
+            id: "m".into(),
+            features: vec![("f".into(), x)],
+            ts,
+        };
+        assert_eq!(m.apply_features(&upd(10, Some(1.0)), 5), 1);
+        assert_eq!(m.apply_features(&upd(9, Some(2.0)), 9), 0, "older");
+        assert_eq!(m.apply_features(&upd(10, Some(3.0)), 4), 0, "same time, lower offset");
+        assert_eq!(m.apply_features(&upd(10, Some(1.0)), 5), 1, "a replay applies again");
+        assert_eq!(m.apply_features(&upd(11, None), 0), 1);
+        assert!(!m.features.contains_key("f"));
+
+        assert!(m.apply_pair("c", pair(10, 1, false)).applied);
+        assert!(!m.apply_pair("c", pair(9, 7, true)).applied, "an older removal");
+        let r = m.apply_pair("c", pair(12, 0, true));
+        assert!(r.applied && r.was_live && !r.is_live);
+        assert!(!m.apply_pair("c", pair(11, 3, false)).applied, "the tombstone holds");
+        assert!(!m.set_score("c", 1.0, 20), "a removed pair is not scored");
+    }
+
+    #[test]
+    fn the_plan_writes_the_ranking_diff_and_nothing_when_nothing_changed() {
+        let mut m = Member::default();
+        for (i, c) in ["a", "b", "c"].iter().enumerate() {
+            m.apply_pair(c, pair(1, i as i64, false));
+            m.set_score(c, i as f64, 5);
+        }
+        let ops = m.plan("model", 2, 1000, 7);
+        let zadd = |key| {
+            ops.iter()
+                .filter(|o: &&WriteOp| o.key == key && o.cmd == "ZADD")
+                .collect::<Vec<_>>()
+        };
+        let top = zadd(MemberKey::Top);
+        assert_eq!(top.len(), 1);
+        assert_eq!(top[0].args, vec!["2", "c", "1", "b"]);
+        let rest = zadd(MemberKey::Rest);
+        assert_eq!(rest[0].args, vec!["0", "a"]);
+        m.written(2);
+        assert!(m.plan("model", 2, 1000, 8).is_empty());
+
+        // "a" rises into the top: it leaves the rest, "b" goes down.
+        m.set_score("a", 5.0, 6);
+        let ops = m.plan("model", 2, 1000, 9);
+        let cmds: Vec<(MemberKey, &str, Vec<String>)> = ops
+            .iter()
+            .filter(|o| matches!(o.key, MemberKey::Top | MemberKey::Rest))
+            .map(|o| (o.key, o.cmd, o.args.clone()))
+            .collect();
+        assert!(cmds.contains(&(MemberKey::Top, "ZREM", vec!["b".into()])));
+        assert!(cmds.contains(&(MemberKey::Top, "ZADD", vec!["5".into(), "a".into()])));
+        assert!(cmds.contains(&(MemberKey::Rest, "ZREM", vec!["a".into()])));
+        assert!(cmds.contains(&(MemberKey::Rest, "ZADD", vec!["1".into(), "b".into()])));
+        assert!(ops.iter().any(|o| o.key == MemberKey::Meta && o.cmd == "HSET"));
+    }
+
+    #[test]
+    fn equal_scores_rank_by_candidate_bytes_like_zrevrange() {
+        let mut m = Member::default();
+        for c in ["x", "y", "z"] {
+            m.apply_pair(c, pair(1, 0, false));
+            m.set_score(c, 1.0, 5);
+        }
+        let (top, rest) = m.ranking(2);
+        assert_eq!(top.iter().map(|(c, _)| c.as_str()).collect::<Vec<_>>(), ["z", "y"]);
+        assert_eq!(rest[0].0, "x");
+    }
+
+    #[test]
+    fn eviction_keeps_dirty_members_and_candidate_features_follow_their_members() {
+        let mut cache = Cache::new(1);
+        let mut a = Member::default();
+        a.apply_pair("c1", pair(1, 0, false));
+        a.written(10);
+        cache.insert("a", a);
+        assert_eq!(cache.unknown_candidates(), vec!["c1".to_owned()]);
+        cache.set_candidate("c1", FeatureMap::from([("x".into(), 1.0)]));
+        assert!(cache.candidate("c1").is_some());
+        let mut b = Member::default();
+        b.apply_pair("c2", pair(1, 0, false)); // not written: dirty
+        cache.insert("b", b);
+        assert_eq!(cache.evict(), 1, "only the clean member goes");
+        assert!(!cache.contains("a") && cache.contains("b"));
+        assert!(!cache.has_candidate("c1"), "no cached member has c1 any more");
+        let r = cache.apply_pair("b", "c2", pair(2, 0, true));
+        assert!(r.applied && !cache.has_candidate("c2"));
+    }
+}

@@ -1,0 +1,319 @@
+//! Owned state (see `docs/state.md`): the owner of a member partition loads a member once, holds
+//! it in memory and writes each window's changes as plain commands, fenced by its generation.
+//!
+//! Guarantee: a member's load and each of its writes run in one script call that compares the
+//! caller's generation with the one stored for the member (`own:{m}`): a later owner's load
+//! refuses every write of an earlier one (a zombie), and nothing of the member's state is read on
+//! a write. Limits: the decay schedule (`pdue:{part-p}`) and the reverse index live in other slots
+//! and are not fenced (a zombie can at worst move a due time; the index is guarded by event time).
+
+use std::collections::HashMap;
+
+use redis::{Cmd, FromRedisValue, Value};
+
+use super::state::{due_member, parse_map, protocol, PairState};
+use super::{Store, StoreError};
+use crate::model::FeatureMap;
+
+/// One member's state as stored.
+#[derive(Debug, Clone, Default)]
+pub struct OwnedLoad {
+    /// Every pair, removal tombstones included.
+    pub pairs: HashMap<String, PairState>,
+    pub as_of: HashMap<String, i64>,
+    pub features: FeatureMap,
+    /// Per feature, the `(ts, offset)` of the update that set it.
+    pub versions: HashMap<String, (i64, i64)>,
+    pub top: Vec<(String, f64)>,
+    pub rest: Vec<(String, f64)>,
+}
+
+/// The outcome of loading one member for an owner.
+#[derive(Debug, Clone)]
+pub enum Loaded {
+    Taken(Box<OwnedLoad>),
+    /// A later owner (this generation) has taken the member: the caller is a zombie.
+    Fenced(u64),
+}
+
+/// A member key a window writes (the order of the write script's KEYS).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MemberKey {
+    Pairs = 2,
+    AsOf = 3,
+    Features = 4,
+    Versions = 5,
+    Top = 6,
+    Rest = 7,
+    Meta = 8,
+}
+
+/// One plain command on a member key.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WriteOp {
+    pub key: MemberKey,
+    pub cmd: &'static str,
+    pub args: Vec<String>,
+}
+
+/// One member's window of writes.
+#[derive(Debug, Clone)]
+pub struct MemberWrite {
+    pub member: String,
+    pub generation: u64,
+    pub ops: Vec<WriteOp>,
+}
+
+/// Most arguments of one command inside a script call (Lua's `unpack` is limited to a few
+/// thousand values): larger ones are split by the caller ([`WriteOp::split`]).
+pub const MAX_OP_ARGS: usize = 1000;
+
+impl WriteOp {
+    /// This command as several of at most [`MAX_OP_ARGS`] arguments, each one a whole number of
+    /// `stride`-sized groups (2 for HSET and ZADD, 1 for ZREM and HDEL).
+    pub fn split(key: MemberKey, cmd: &'static str, args: Vec<String>, stride: usize) -> Vec<Self> {
+        let per = (MAX_OP_ARGS / stride) * stride;
+        args.chunks(per.max(stride))
+            .map(|c| WriteOp {
+                key,
+                cmd,
+                args: c.to_vec(),
+            })
+            .collect()
+    }
+}
+
+fn pairs_of(v: &Value, what: &str) -> Result<Vec<(String, String)>, StoreError> {
+    let flat: Vec<String> = FromRedisValue::from_redis_value(v)?;
+    if flat.len() % 2 != 0 {
+        return Err(protocol(what, "odd reply"));
+    }
+    Ok(flat
+        .chunks(2)
+        .map(|c| (c[0].clone(), c[1].clone()))
+        .collect())
+}
+
+fn version(s: &str) -> Option<(i64, i64)> {
+    let (t, o) = s.split_once(':')?;
+    Some((t.parse().ok()?, o.parse().ok()?))
+}
+
+impl Store {
+    fn member_keys(&self, member: &str) -> Vec<String> {
+        let k = &self.keys;
+        vec![
+            k.owner(member),
+            k.pairs(member),
+            k.scored_as_of(member),
+            k.member_features(member),
+            k.member_versions(member),
+            k.scores(member),
+            k.rest_scores(member),
+            k.meta(member),
+        ]
+    }
+
+    /// Runs commands (EVALSHA among them) in order, loading the scripts once if Redis lost them.
+    async fn multi_scripts(&self, build: impl Fn() -> Vec<Cmd>) -> Result<Vec<Value>, StoreError> {
+        match self.multi(build()).await {
+            Err(StoreError::Redis(e)) if e.kind() == redis::ErrorKind::NoScriptError => {
+                self.load_scripts().await?;
+                self.multi(build()).await
+            }
+            other => other,
+        }
+    }
+
+    /// A new generation for the owner of member partition `partition` (taken on assignment).
+    pub async fn take_generation(&self, partition: i32) -> Result<u64, StoreError> {
+        let mut c = self.conn();
+        let r = redis::cmd("INCR")
+            .arg(self.keys.generation(partition))
+            .query_async::<u64>(&mut c)
+            .await;
+        self.checked(r).await
+    }
+
+    /// Loads each member for an owner of generation `g` (one script call each, one round trip on
+    /// a single Redis).
+    pub async fn load_owned(&self, members: &[(&str, u64)]) -> Result<Vec<Loaded>, StoreError> {
+        let sha = self.scripts.owned_load.get_hash().to_owned();
+        let build = || {
+            members
+                .iter()
+                .map(|(m, g)| {
+                    let keys = &self.member_keys(m)[..7];
+                    let mut c = redis::cmd("EVALSHA");
+                    c.arg(&sha).arg(keys.len()).arg(keys).arg(g);
+                    c
+                })
+                .collect()
+        };
+        let replies = self.multi_scripts(build).await?;
+        replies.iter().map(parse_load).collect()
+    }
+
+    /// Applies reverse-index changes `(candidate, member, ts, offset, add)` and returns each
+    /// candidate's features as read in the same call.
+    pub async fn rev_and_features(
+        &self,
+        ops: &[(&str, &str, i64, i64, bool)],
+    ) -> Result<Vec<FeatureMap>, StoreError> {
+        let sha = self.scripts.owned_rev.get_hash().to_owned();
+        let build = || {
+            ops.iter()
+                .map(|(cand, member, ts, offset, add)| {
+                    let mut c = redis::cmd("EVALSHA");
+                    c.arg(&sha)
+                        .arg(3)
+                        .arg(self.keys.reverse(cand))
+                        .arg(self.keys.reverse_versions(cand))
+                        .arg(self.keys.candidate_features(cand))
+                        .arg(member)
+                        .arg(ts)
+                        .arg(offset)
+                        .arg(if *add { "add" } else { "rem" });
+                    c
+                })
+                .collect()
+        };
+        let replies = self.multi_scripts(build).await?;
+        replies
+            .into_iter()
+            .map(|v| parse_map(v, "candidate features"))
+            .collect()
+    }
+
+    /// Writes each member's window (fenced) and the decay schedule changes
+    /// `(partition, member, candidate, due)` and `(partition, member, candidate)`. Returns, per
+    /// member, whether it was written (false: a later owner has taken it).
+    pub async fn write_owned(
+        &self,
+        members: &[MemberWrite],
+        due: &[(i32, &str, &str, i64)],
+        unscheduled: &[(i32, &str, &str)],
+    ) -> Result<Vec<bool>, StoreError> {
+        let sha = self.scripts.owned_write.get_hash().to_owned();
+        let mut schedule: Vec<Cmd> = Vec::new();
+        let mut adds: HashMap<i32, Vec<(i64, String)>> = HashMap::new();
+        for (p, m, c, at) in due {
+            adds.entry(*p).or_default().push((*at, due_member(m, c)));
+        }
+        let mut rems: HashMap<i32, Vec<String>> = HashMap::new();
+        for (p, m, c) in unscheduled {
+            rems.entry(*p).or_default().push(due_member(m, c));
+        }
+        for (p, entries) in adds {
+            for chunk in entries.chunks(512) {
+                let mut z = redis::cmd("ZADD");
+                z.arg(self.keys.partition_due(p));
+                for (at, e) in chunk {
+                    z.arg(at).arg(e);
+                }
+                schedule.push(z);
+            }
+        }
+        for (p, entries) in rems {
+            for chunk in entries.chunks(512) {
+                let mut z = redis::cmd("ZREM");
+                z.arg(self.keys.partition_due(p)).arg(chunk);
+                schedule.push(z);
+            }
+        }
+        let build = || {
+            let mut cmds: Vec<Cmd> = members
+                .iter()
+                .map(|w| {
+                    let keys = self.member_keys(&w.member);
+                    let mut c = redis::cmd("EVALSHA");
+                    c.arg(&sha).arg(keys.len()).arg(keys).arg(w.generation);
+                    for op in &w.ops {
+                        c.arg(op.key as usize)
+                            .arg(op.cmd)
+                            .arg(op.args.len())
+                            .arg(&op.args);
+                    }
+                    c
+                })
+                .collect();
+            cmds.extend(schedule.iter().cloned());
+            cmds
+        };
+        let replies = self.multi_scripts(build).await?;
+        replies
+            .iter()
+            .take(members.len())
+            .map(|v| Ok(i64::from_redis_value(v)? == 1))
+            .collect()
+    }
+
+    /// Up to `limit` pairs of member partition `partition` due at or before `until` (ms).
+    pub async fn partition_due(
+        &self,
+        partition: i32,
+        until: i64,
+        limit: usize,
+    ) -> Result<Vec<(String, String)>, StoreError> {
+        let mut c = self.conn();
+        let r = redis::cmd("ZRANGE")
+            .arg(self.keys.partition_due(partition))
+            .arg("-inf")
+            .arg(until)
+            .arg("BYSCORE")
+            .arg("LIMIT")
+            .arg(0)
+            .arg(limit)
+            .query_async::<Vec<String>>(&mut c)
+            .await;
+        let raw = self.checked(r).await?;
+        raw.iter()
+            .map(|s| {
+                serde_json::from_str::<(String, String)>(s).map_err(|e| protocol("due entry", e))
+            })
+            .collect()
+    }
+}
+
+fn parse_load(v: &Value) -> Result<Loaded, StoreError> {
+    let parts: Vec<Value> = FromRedisValue::from_redis_value(v)?;
+    let flag = parts
+        .first()
+        .map(i64::from_redis_value)
+        .transpose()?
+        .ok_or_else(|| protocol("owned load", "empty reply"))?;
+    if flag == 0 {
+        let newer = parts
+            .get(1)
+            .map(u64::from_redis_value)
+            .transpose()?
+            .unwrap_or(0);
+        return Ok(Loaded::Fenced(newer));
+    }
+    let [_, pairs, as_of, features, versions, top, rest] = &parts[..] else {
+        return Err(protocol("owned load", "short reply"));
+    };
+    let mut out = OwnedLoad::default();
+    for (cand, json) in pairs_of(pairs, "pairs")? {
+        let st: PairState = serde_json::from_str(&json).map_err(|e| protocol("pair state", e))?;
+        out.pairs.insert(cand, st);
+    }
+    for (cand, a) in pairs_of(as_of, "as_of")? {
+        let a = a.parse().map_err(|e| protocol("as_of", e))?;
+        out.as_of.insert(cand, a);
+    }
+    for (name, x) in pairs_of(features, "member features")? {
+        let x = x.parse().map_err(|e| protocol("member features", e))?;
+        out.features.insert(name, x);
+    }
+    for (name, ver) in pairs_of(versions, "member versions")? {
+        let ver = version(&ver).ok_or_else(|| protocol("member versions", &ver))?;
+        out.versions.insert(name, ver);
+    }
+    for (set, v) in [(&mut out.top, top), (&mut out.rest, rest)] {
+        for (cand, s) in pairs_of(v, "scores")? {
+            set.push((cand, s.parse().map_err(|e| protocol("score", e))?));
+        }
+    }
+    Ok(Loaded::Taken(Box::new(out)))
+}

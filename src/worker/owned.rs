@@ -1,0 +1,494 @@
+//! The owned-state loop (`state.mode = "owned"`, design in `docs/state.md`): consume → route →
+//! apply in memory → score → write behind → acknowledge.
+//!
+//! Guarantee: each member has one writer, the owner of its partition (partition p of every input
+//! topic is assigned to one worker by the `range` assignor; a message on another partition is
+//! forwarded to its member's partition). A message's offset is stored only after Redis
+//! acknowledged the writes of everything it caused (a forwarded message, or a candidate update,
+//! once the broker acknowledged what it sent on). A worker that lost a partition without knowing
+//! (a zombie) is refused by the generation fence on every member a later owner has touched, and
+//! drops that partition. Limits: one window is written at a time and intake waits meanwhile; a
+//! candidate update's fan-out runs inline (its requests are produced before intake goes on);
+//! `[catchup]` splitting does not apply.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use rdkafka::consumer::{CommitMode, Consumer};
+use rdkafka::message::{BorrowedMessage, Header, Headers, OwnedHeaders};
+use rdkafka::producer::FutureRecord;
+use rdkafka::Message;
+use tokio::time::{sleep, sleep_until, Instant};
+use tokio_util::sync::CancellationToken;
+
+use super::retry::{retry, Stop};
+use super::{chrono_now_ms, take_fetched, Worker, MAX_INTAKE};
+use crate::coalesce::{MsgRef, Window};
+use crate::consume::RebalanceEvent;
+use crate::decode::{decode, Entity, Event, FeatureUpdate, TopicKind};
+use crate::internal_events::EventHandled;
+use crate::offsets::{OffsetTracker, Received};
+use crate::owned::cache::Cache;
+use crate::owned::route::{partition_of, RescoreRequest, FORWARDED_FROM};
+
+mod flush;
+mod intake;
+
+/// What a subscribed topic carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Input {
+    Events(TopicKind),
+    Requests,
+}
+
+/// A decay tick walking its partition's schedule, one chunk per window.
+#[derive(Debug)]
+struct TickJob {
+    partition: i32,
+    as_of: i64,
+    msg: MsgRef,
+    /// A chunk is in the current window: the next is fetched once it is written.
+    waiting: bool,
+    /// The previous chunk's first entry: a chunk that starts where the last one did made no
+    /// progress (its pairs could not be rescheduled), and the walk ends.
+    last_first: Option<(String, String)>,
+}
+
+/// Loop state of the owned worker.
+struct Owned {
+    tracker: OffsetTracker,
+    cache: Cache,
+    window: Window,
+    /// Members changed since the last write (their rows, if any, are in the window).
+    touched: HashSet<String>,
+    /// Schedule entries to drop with the next write: (partition, member, candidate).
+    unscheduled: Vec<(i32, String, String)>,
+    /// This worker's generation of each member partition it owns (taken on first use).
+    gens: HashMap<i32, u64>,
+    /// Partitions a later owner took (a refused write or load): skipped until assigned again.
+    fenced: HashSet<i32>,
+    ticks: VecDeque<TickJob>,
+    /// Partition count of every input topic.
+    partitions: i32,
+    kinds: HashMap<String, Input>,
+    fatal: Option<anyhow::Error>,
+}
+
+impl Owned {
+    /// Forgets a partition taken by a later owner: its members, its window work (its messages
+    /// are left to the new owner) and its ticks.
+    fn fence(&mut self, partition: i32, newer: Option<u64>) {
+        let dropped = self.cache.drop_partition(partition);
+        tracing::warn!(
+            partition,
+            newer_generation = newer,
+            generation = self.gens.get(&partition),
+            members = dropped,
+            "a later owner has taken this partition: dropped it until it is assigned again"
+        );
+        self.gens.remove(&partition);
+        self.fenced.insert(partition);
+        let n = self.partitions;
+        self.window
+            .members
+            .retain(|m, _| partition_of(m, n) != partition);
+        self.window.messages.retain(|m| m.tp.1 != partition);
+        self.touched.retain(|m| partition_of(m, n) != partition);
+        self.unscheduled.retain(|(p, _, _)| *p != partition);
+        self.ticks.retain(|t| t.partition != partition);
+    }
+}
+
+impl Worker {
+    /// Partition count of the input topics and the requests topic; an error when one is missing
+    /// or their counts differ (a member's partition must be the same on every topic).
+    async fn owned_partitions(&self, shutdown: &CancellationToken) -> anyhow::Result<Option<i32>> {
+        let t = &self.settings.topics;
+        let topics = [
+            t.new_candidates.clone(),
+            t.feature_updates.clone(),
+            t.decay_ticks.clone(),
+            t.rescore_requests.clone(),
+        ];
+        let mut delay = Duration::from_millis(200);
+        loop {
+            let consumer = self.consumer.clone();
+            let names = topics.clone();
+            let counts = tokio::task::spawn_blocking(move || {
+                names
+                    .iter()
+                    .map(|n| {
+                        let md = consumer.fetch_metadata(Some(n), Duration::from_secs(10))?;
+                        Ok(md
+                            .topics()
+                            .first()
+                            .filter(|t| t.error().is_none())
+                            .map_or(0, |t| t.partitions().len() as i32))
+                    })
+                    .collect::<Result<Vec<i32>, rdkafka::error::KafkaError>>()
+            })
+            .await?;
+            match counts {
+                Ok(counts) => {
+                    if let Some((name, _)) = topics.iter().zip(&counts).find(|(_, c)| **c == 0) {
+                        anyhow::bail!("state.mode = \"owned\": topic `{name}` does not exist (create it with `rescorer topics apply`)");
+                    }
+                    if counts.iter().any(|c| *c != counts[0]) {
+                        let list: Vec<String> = topics
+                            .iter()
+                            .zip(&counts)
+                            .map(|(n, c)| format!("{n}={c}"))
+                            .collect();
+                        anyhow::bail!("state.mode = \"owned\" needs the same partition count on the input topics and the requests topic: {}", list.join(", "));
+                    }
+                    return Ok(Some(counts[0]));
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "reading topic metadata failed; retrying");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return Ok(None),
+                        _ = sleep(delay) => {}
+                    }
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+
+    /// The owned-state loop: decide (what is due: a full or timed-out window, a tick chunk, a
+    /// rebalance), then act.
+    pub(super) async fn run_owned(mut self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let Some(partitions) = self.owned_partitions(&shutdown).await? else {
+            return Ok(());
+        };
+        let t = &self.settings.topics;
+        let kinds: HashMap<String, Input> = [
+            (
+                t.feature_updates.clone(),
+                Input::Events(TopicKind::FeatureUpdates),
+            ),
+            (
+                t.new_candidates.clone(),
+                Input::Events(TopicKind::NewCandidates),
+            ),
+            (t.decay_ticks.clone(), Input::Events(TopicKind::DecayTicks)),
+            (t.rescore_requests.clone(), Input::Requests),
+        ]
+        .into();
+        let topics: Vec<&str> = kinds.keys().map(String::as_str).collect();
+        self.consumer.subscribe(&topics)?;
+        tracing::info!(topics = ?topics, partitions, group = %self.settings.kafka.group_id, "subscribed (owned state)");
+        let mut st = Owned {
+            tracker: OffsetTracker::new(),
+            cache: Cache::new(usize::try_from(self.settings.state.cache_bytes).unwrap_or(usize::MAX)),
+            window: Window::new(true),
+            touched: HashSet::new(),
+            unscheduled: Vec::new(),
+            gens: HashMap::new(),
+            fenced: HashSet::new(),
+            ticks: VecDeque::new(),
+            partitions,
+            kinds,
+            fatal: None,
+        };
+        let hard_stop = CancellationToken::new();
+        {
+            let (shutdown, hard_stop) = (shutdown.clone(), hard_stop.clone());
+            tokio::spawn(async move {
+                shutdown.cancelled().await;
+                sleep(Duration::from_secs(10)).await;
+                hard_stop.cancel();
+            });
+        }
+        let max_wait = Duration::from_millis(self.settings.batch.max_wait_ms);
+        let max_pairs = self.settings.batch.max_pairs;
+        let mut lag_timer = tokio::time::interval(Duration::from_secs(1));
+        lag_timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        let consumer = self.consumer.clone();
+        while st.fatal.is_none() {
+            if st.window.size() < max_pairs && self.step_tick(&mut st, &hard_stop).await {
+                self.flush_owned(&mut st, &hard_stop).await;
+                continue;
+            }
+            if st.window.size() >= max_pairs {
+                self.flush_owned(&mut st, &hard_stop).await;
+                continue;
+            }
+            let deadline = st.window.started.map(|s| s + max_wait);
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break,
+                ev = self.rebalances.recv() => {
+                    let Some(ev) = ev else { break };
+                    // The window in flight is written (with this owner's generation) first.
+                    self.flush_owned(&mut st, &hard_stop).await;
+                    self.rebalanced_owned(&mut st, ev);
+                }
+                _ = sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => {
+                    self.flush_owned(&mut st, &hard_stop).await;
+                }
+                msg = consumer.recv() => match msg {
+                    Ok(first) => {
+                        let batch = take_fetched(&consumer, first, MAX_INTAKE);
+                        let drained = batch.len() < MAX_INTAKE;
+                        self.health.set_pending(true, chrono_now_ms());
+                        self.intake_owned(&mut st, &batch, &hard_stop).await;
+                        drop(batch);
+                        // Nothing more fetched: the window goes now (idle, an event is scored
+                        // as soon as it arrives; busy, windows grow with the write time).
+                        if drained {
+                            self.flush_owned(&mut st, &hard_stop).await;
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "consumer error; librdkafka retries");
+                        sleep(Duration::from_millis(200)).await;
+                    }
+                },
+                _ = lag_timer.tick() => {
+                    let lag = self.update_lag(&st.tracker);
+                    let pending = lag > 0 || !st.window.is_empty() || !st.ticks.is_empty();
+                    self.health.set_pending(pending, chrono_now_ms());
+                    self.metrics.jobs_in_progress.with_label_values(&["live"]).set(st.ticks.len() as i64);
+                }
+            }
+        }
+        if let Some(fatal) = st.fatal.take() {
+            if let Err(e) = self.consumer.commit_consumer_state(CommitMode::Sync) {
+                tracing::warn!(error = %e, "commit before the fatal exit failed");
+            }
+            return Err(fatal);
+        }
+        tracing::info!("shutting down: writing the current window, then committing");
+        self.flush_owned(&mut st, &hard_stop).await;
+        match self.consumer.commit_consumer_state(CommitMode::Sync) {
+            Ok(()) => tracing::info!("offsets committed"),
+            Err(rdkafka::error::KafkaError::ConsumerCommit(
+                rdkafka::types::RDKafkaErrorCode::NoOffset,
+            )) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "final commit failed; the next owner replays from the last commit")
+            }
+        }
+        self.consumer.unsubscribe();
+        Ok(())
+    }
+
+    fn rebalanced_owned(&self, st: &mut Owned, ev: RebalanceEvent) {
+        match &ev {
+            RebalanceEvent::Revoked(tps) => {
+                let mut parts: HashSet<i32> = HashSet::new();
+                for tp in tps {
+                    parts.insert(tp.1);
+                    st.tracker.revoke(tp);
+                    let p = tp.1.to_string();
+                    let _ = self.metrics.consumer_lag.remove_label_values(&[&tp.0, &p]);
+                    let _ = self
+                        .metrics
+                        .consumer_lag_seconds
+                        .remove_label_values(&[&tp.0, &p]);
+                }
+                for p in parts {
+                    let members = st.cache.drop_partition(p);
+                    st.gens.remove(&p);
+                    st.fenced.remove(&p);
+                    st.ticks.retain(|t| t.partition != p);
+                    tracing::info!(partition = p, members, "partition revoked: its members dropped");
+                }
+            }
+            RebalanceEvent::Assigned(tps) => {
+                for tp in tps {
+                    st.fenced.remove(&tp.1);
+                }
+            }
+        }
+        let n = self.shared.assigned.lock().map(|a| a.len()).unwrap_or(0);
+        self.metrics.assigned_partitions.set(n as i64);
+        self.health.assigned.store(n > 0, Ordering::Relaxed);
+        self.metrics.ready.set(i64::from(self.health.ready()));
+    }
+
+    /// This worker's generation of `partition`, taken from Redis on first use after assignment.
+    async fn generation(
+        &self,
+        st: &mut Owned,
+        partition: i32,
+        hard_stop: &CancellationToken,
+    ) -> Option<u64> {
+        if let Some(g) = st.gens.get(&partition) {
+            return Some(*g);
+        }
+        let r = retry(
+            "take generation",
+            &self.metrics,
+            &self.health,
+            self.give_up_after(),
+            hard_stop,
+            || self.store.take_generation(partition),
+        )
+        .await;
+        match r {
+            Ok(g) => {
+                tracing::info!(partition, generation = g, "owning partition");
+                st.gens.insert(partition, g);
+                Some(g)
+            }
+            Err(Stop::Cancelled) => None,
+            Err(Stop::Fatal(e)) => {
+                st.fatal.get_or_insert(e);
+                None
+            }
+        }
+    }
+
+    /// Produces records until the broker acknowledges each: Err(None) when the hard stop fires
+    /// first, Err(Some) when the broker refuses for good (the worker exits).
+    async fn produce_acked(
+        &self,
+        records: Vec<OutRecord>,
+        hard_stop: &CancellationToken,
+    ) -> Result<(), Option<anyhow::Error>> {
+        let sends = records.into_iter().map(|r| async move {
+            let mut delay = Duration::from_millis(100);
+            loop {
+                let mut headers = OwnedHeaders::new();
+                for (k, v) in &r.headers {
+                    headers = headers.insert(Header {
+                        key: k,
+                        value: v.as_deref(),
+                    });
+                }
+                let mut rec = FutureRecord::to(&r.topic)
+                    .partition(r.partition)
+                    .headers(headers);
+                if let Some(k) = &r.key {
+                    rec = rec.key(k.as_slice());
+                }
+                if let Some(v) = &r.value {
+                    rec = rec.payload(v.as_slice());
+                }
+                if let Some(ts) = r.timestamp_ms {
+                    rec = rec.timestamp(ts);
+                }
+                match self.producer.send(rec, Duration::from_secs(30)).await {
+                    Ok(_) => return Ok(()),
+                    Err((e, _)) if crate::dlq::permanent(&e) => {
+                        return Err(Some(anyhow::anyhow!(
+                            "producing to {} partition {} can never succeed: {e}",
+                            r.topic,
+                            r.partition
+                        )))
+                    }
+                    Err((e, _)) => {
+                        tracing::warn!(error = %e, topic = %r.topic, "produce failed; retrying");
+                        tokio::select! {
+                            _ = hard_stop.cancelled() => return Err(None),
+                            _ = sleep(delay) => {}
+                        }
+                        delay = (delay * 2).min(Duration::from_secs(5));
+                    }
+                }
+            }
+        });
+        for r in futures::future::join_all(sends).await {
+            r?;
+        }
+        Ok(())
+    }
+}
+
+/// A record this worker sends on: a forwarded message or a rescore request.
+struct OutRecord {
+    topic: String,
+    partition: i32,
+    key: Option<Vec<u8>>,
+    value: Option<Vec<u8>>,
+    headers: Vec<(String, Option<Vec<u8>>)>,
+    timestamp_ms: Option<i64>,
+}
+
+impl OutRecord {
+    /// `msg`, unchanged, to `partition` of its topic, marked as forwarded.
+    fn forward(msg: &BorrowedMessage<'_>, partition: i32) -> Self {
+        let mut headers: Vec<(String, Option<Vec<u8>>)> = msg
+            .headers()
+            .map(|h| {
+                h.iter()
+                    .map(|x| (x.key.to_owned(), x.value.map(<[u8]>::to_vec)))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let from = format!("{}/{}/{}", msg.topic(), msg.partition(), msg.offset());
+        headers.push((FORWARDED_FROM.to_owned(), Some(from.into_bytes())));
+        Self {
+            topic: msg.topic().to_owned(),
+            partition,
+            key: msg.key().map(<[u8]>::to_vec),
+            value: msg.payload().map(<[u8]>::to_vec),
+            headers,
+            timestamp_ms: msg.timestamp().to_millis(),
+        }
+    }
+}
+
+/// The member an event belongs to (None: a candidate update or a tick).
+fn member_of(ev: &Event) -> Option<&str> {
+    match ev {
+        Event::Features(FeatureUpdate {
+            entity: Entity::Member,
+            id,
+            ..
+        }) => Some(id),
+        Event::Upsert(u) => Some(&u.member_id),
+        Event::Remove(r) => Some(&r.member_id),
+        _ => None,
+    }
+}
+
+/// Freshness and outcome label of a message on a topic.
+fn label(input: Input) -> &'static str {
+    match input {
+        Input::Events(k) => k.label(),
+        // A request's timestamp is its candidate update's: its freshness is that update's.
+        Input::Requests => TopicKind::FeatureUpdates.label(),
+    }
+}
+
+/// Whether `received` says the message is new to this worker.
+fn fresh(received: Received) -> bool {
+    !matches!(received, Received::Duplicate)
+}
+
+/// The parsed request, or why it is invalid.
+fn parse_request(value: Option<&[u8]>) -> Result<RescoreRequest, String> {
+    let bytes = value.ok_or("request has no value")?;
+    serde_json::from_slice(bytes).map_err(|e| format!("invalid rescore request: {e}"))
+}
+
+fn handled(topic: &'static str, outcome: &'static str, m: &MsgRef) -> EventHandled<'static> {
+    EventHandled {
+        topic,
+        outcome,
+        partition: m.tp.1,
+        offset: m.offset,
+        reason: None,
+    }
+}
+
+fn is_forwarded(msg: &BorrowedMessage<'_>) -> bool {
+    msg.headers()
+        .is_some_and(|h| h.iter().any(|x| x.key == FORWARDED_FROM))
+}
+
+fn decode_input(input: Input, value: Option<&[u8]>) -> Result<Decoded, String> {
+    match input {
+        Input::Requests => parse_request(value).map(Decoded::Request),
+        Input::Events(k) => decode(k, value).map(Decoded::Event).map_err(|e| e.0),
+    }
+}
+
+enum Decoded {
+    Event(Event),
+    Request(RescoreRequest),
+}

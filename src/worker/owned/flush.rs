@@ -1,0 +1,268 @@
+//! Writing a window of the owned loop: rows from memory → model → one pipeline of plain writes
+//! (fenced per member) → offsets. And decay ticks, one schedule chunk per window.
+
+use std::collections::HashSet;
+use std::time::Instant;
+
+use tokio_util::sync::CancellationToken;
+
+use super::Owned;
+use crate::model::{FeatureMap, PairInput};
+use crate::owned::route::partition_of;
+use crate::store::MemberWrite;
+use crate::worker::retry::{retry, Stop};
+use crate::worker::{chrono_now_ms, Worker};
+
+/// One pair to score: member, candidate, as_of, moment ts.
+type Row = (String, String, i64, i64);
+
+impl Worker {
+    /// Scores the window from memory and writes every changed member; the window's messages are
+    /// done once Redis acknowledged. Returns early (nothing acknowledged) on a hard stop or a
+    /// fatal error.
+    pub(super) async fn flush_owned(
+        &self,
+        st: &mut Owned,
+        hard_stop: &CancellationToken,
+    ) {
+        if st.window.is_empty() && st.touched.is_empty() && st.unscheduled.is_empty() {
+            return;
+        }
+        let window = st.window.take();
+        let n = st.partitions;
+        let mut rows: Vec<Row> = Vec::new();
+        let mut gone = std::mem::take(&mut st.unscheduled);
+        for (m, work) in &window.members {
+            let Some(mem) = st.cache.get(m) else {
+                continue;
+            };
+            let prev = |c: &str| mem.as_of.get(c).copied().unwrap_or(i64::MIN);
+            if let Some(all) = work.all {
+                for (c, p) in mem.live_pairs() {
+                    let t = work.pairs.get(c).copied().unwrap_or(all).max(all);
+                    rows.push((m.clone(), c.clone(), t.max(prev(c)), p.ts));
+                }
+            }
+            for (c, t) in &work.pairs {
+                match mem.live(c) {
+                    Some(_) if work.all.is_some() => {}
+                    Some(p) => rows.push((m.clone(), c.clone(), (*t).max(prev(c)), p.ts)),
+                    None => gone.push((mem.partition, m.clone(), c.clone())),
+                }
+            }
+        }
+
+        let layout = self.scorer.engine().layout();
+        let empty = FeatureMap::new();
+        let mut matrix = Vec::with_capacity(rows.len() * layout.width());
+        let mut kept: Vec<usize> = Vec::with_capacity(rows.len());
+        let mut due: Vec<(i32, String, String, i64)> = Vec::new();
+        let max_ms = self.settings.decay.max_interval_secs.saturating_mul(1000);
+        let later = |as_of: i64| as_of.saturating_add(i64::try_from(max_ms).unwrap_or(i64::MAX));
+        for (i, (m, c, as_of, _)) in rows.iter().enumerate() {
+            let Some(mem) = st.cache.get(m) else { continue };
+            let Some(p) = mem.live(c) else { continue };
+            let input = PairInput {
+                member: &mem.features,
+                candidate: st.cache.candidate(c).unwrap_or(&empty),
+                pair: &p.pair_features,
+                reason: &p.reason,
+                moment_ts_ms: p.ts,
+                as_of_ms: *as_of,
+            };
+            match layout.push_row(&input, &mut matrix) {
+                Ok(()) => kept.push(i),
+                Err(e) => {
+                    tracing::error!(error = %e, "stored features refused by the model; pair skipped");
+                    self.metrics
+                        .pairs_skipped_total
+                        .with_label_values(&["features_refused"])
+                        .inc();
+                    due.push((mem.partition, m.clone(), c.clone(), later(*as_of)));
+                }
+            }
+        }
+        let max_rows = self.settings.batch.max_pairs.max(1) * layout.width().max(1);
+        let mut scores = Vec::with_capacity(kept.len());
+        for chunk in matrix.chunks(max_rows) {
+            match self.scorer.score(chunk.to_vec()).await {
+                Ok((_, s)) => scores.extend(s),
+                Err(e) => {
+                    st.fatal
+                        .get_or_insert(anyhow::anyhow!("the model failed to score a window: {e}"));
+                    return;
+                }
+            }
+        }
+        for (&i, s) in kept.iter().zip(&scores) {
+            let (m, c, as_of, moment) = &rows[i];
+            let p = partition_of(m, n);
+            if !s.is_finite() {
+                self.metrics
+                    .pairs_skipped_total
+                    .with_label_values(&["non_finite_score"])
+                    .inc();
+                due.push((p, m.clone(), c.clone(), later(*as_of)));
+                continue;
+            }
+            let Some(mem) = st.cache.get_mut(m) else {
+                continue;
+            };
+            if mem.set_score(c, f64::from(*s), *as_of) {
+                due.push((p, m.clone(), c.clone(), self.settings.decay.next_due(*as_of, *moment)));
+                st.touched.insert(m.clone());
+            }
+        }
+
+        let model = self.scorer.engine().spec().model_id();
+        let (top_n, ttl_ms, now) = (
+            self.settings.output.top_n,
+            self.settings.output.ttl_secs.saturating_mul(1000),
+            chrono_now_ms(),
+        );
+        let mut writes: Vec<MemberWrite> = Vec::new();
+        for m in std::mem::take(&mut st.touched) {
+            let Some(mem) = st.cache.get(&m) else { continue };
+            let Some(&generation) = st.gens.get(&mem.partition) else {
+                continue;
+            };
+            let ops = mem.plan(&model, top_n, ttl_ms, now);
+            if !ops.is_empty() {
+                writes.push(MemberWrite {
+                    member: m,
+                    generation,
+                    ops,
+                });
+            }
+        }
+        // A pair removed and added again since the last write is scheduled, not dropped: only
+        // pairs not live now leave the schedule (the ZREMs run after the ZADDs).
+        gone.retain(|(_, m, c)| st.cache.get(m).is_none_or(|x| x.live(c).is_none()));
+        let due_refs: Vec<(i32, &str, &str, i64)> = due
+            .iter()
+            .map(|(p, m, c, t)| (*p, m.as_str(), c.as_str(), *t))
+            .collect();
+        let gone_refs: Vec<(i32, &str, &str)> = gone
+            .iter()
+            .map(|(p, m, c)| (*p, m.as_str(), c.as_str()))
+            .collect();
+        let started = Instant::now();
+        let flags = match retry(
+            "write",
+            &self.metrics,
+            &self.health,
+            self.give_up_after(),
+            hard_stop,
+            || self.store.write_owned(&writes, &due_refs, &gone_refs),
+        )
+        .await
+        {
+            Ok(f) => f,
+            Err(Stop::Cancelled) => return,
+            Err(Stop::Fatal(e)) => {
+                st.fatal.get_or_insert(e);
+                return;
+            }
+        };
+        self.metrics
+            .redis_write_seconds
+            .observe(started.elapsed().as_secs_f64());
+        let mut taken: HashSet<i32> = HashSet::new();
+        for (w, ok) in writes.iter().zip(flags) {
+            if ok {
+                st.cache.written(&w.member, top_n);
+            } else {
+                taken.insert(partition_of(&w.member, n));
+            }
+        }
+        for p in taken {
+            st.fence(p, None);
+        }
+        let done: Vec<_> = window
+            .messages
+            .into_iter()
+            .filter(|m| !st.fenced.contains(&m.tp.1))
+            .collect();
+        self.complete_tracked(&mut st.tracker, &done, true);
+        for t in st.ticks.iter_mut() {
+            t.waiting = false;
+        }
+        let evicted = st.cache.evict();
+        if evicted > 0 {
+            tracing::debug!(
+                evicted,
+                members = st.cache.len(),
+                bytes = st.cache.bytes(),
+                "cold members evicted"
+            );
+        }
+    }
+
+    /// Takes the next chunk of the first decay tick into the window: true when one was added
+    /// (the caller writes it before the next is fetched). A tick whose schedule has nothing left
+    /// due is done.
+    pub(super) async fn step_tick(
+        &self,
+        st: &mut Owned,
+        hard_stop: &CancellationToken,
+    ) -> bool {
+        let Some(job) = st.ticks.front() else {
+            return false;
+        };
+        if job.waiting {
+            return false;
+        }
+        let (p, as_of) = (job.partition, job.as_of);
+        let chunk = self.settings.decay.chunk;
+        let due = match retry(
+            "read schedule",
+            &self.metrics,
+            &self.health,
+            self.give_up_after(),
+            hard_stop,
+            || self.store.partition_due(p, as_of, chunk),
+        )
+        .await
+        {
+            Ok(d) => d,
+            Err(Stop::Cancelled) => return false,
+            Err(Stop::Fatal(e)) => {
+                st.fatal.get_or_insert(e);
+                return false;
+            }
+        };
+        let first = due.first().cloned();
+        let Some(job) = st.ticks.front_mut() else {
+            return false;
+        };
+        if due.is_empty() || first == job.last_first {
+            if !due.is_empty() {
+                tracing::error!(partition = p, "a decay tick made no progress; it ends here");
+            }
+            if let Some(job) = st.ticks.pop_front() {
+                tracing::debug!(partition = p, as_of, "decay tick done");
+                self.complete_tracked(&mut st.tracker, &[job.msg], true);
+            }
+            return false;
+        }
+        job.last_first = first;
+        job.waiting = true;
+        let n = st.partitions;
+        let members: Vec<String> = due.iter().map(|(m, _)| m.clone()).collect();
+        if !self.ensure_loaded(st, members, hard_stop).await {
+            return false;
+        }
+        for (m, c) in due {
+            let live = st.cache.get(&m).map(|x| x.live(&c).is_some());
+            match live {
+                Some(true) => st.window.pair(&m, &c, as_of),
+                // A pair that is gone, or an entry that is not this partition's.
+                Some(false) => st.unscheduled.push((p, m, c)),
+                None if partition_of(&m, n) != p => st.unscheduled.push((p, m, c)),
+                None => {}
+            }
+        }
+        st.window.touch_deadline();
+        true
+    }
+}

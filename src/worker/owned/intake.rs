@@ -1,0 +1,503 @@
+//! Intake of the owned loop: route each message to its owner, load the members it touches (once),
+//! apply it in memory, and fold its triggers into the window. Candidate updates are applied to the
+//! shared candidate table and fanned out as rescore requests to their members' owners.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use rdkafka::message::BorrowedMessage;
+use rdkafka::Message;
+use tokio_util::sync::CancellationToken;
+
+use super::{
+    decode_input, fresh, handled, is_forwarded, label, member_of, Decoded, Input, OutRecord,
+    Owned, TickJob,
+};
+use crate::coalesce::MsgRef;
+use crate::decode::{Entity, Event, FeatureUpdate};
+use crate::internal_events::EventHandled;
+use crate::owned::cache::Member;
+use crate::owned::route::{partition_of, RescoreRequest};
+use crate::store::{Applied, Loaded, PairState};
+use crate::worker::retry::{retry, Stop};
+use crate::worker::Worker;
+
+/// Most members loaded in one round trip.
+const LOAD_CHUNK: usize = 512;
+
+impl Worker {
+    pub(super) async fn intake_owned(
+        &self,
+        st: &mut Owned,
+        msgs: &[BorrowedMessage<'_>],
+        hard_stop: &CancellationToken,
+    ) {
+        let n = st.partitions;
+        let mut events: Vec<(Event, MsgRef)> = Vec::new();
+        let mut candidate_updates: Vec<(FeatureUpdate, MsgRef)> = Vec::new();
+        let mut requests: Vec<(RescoreRequest, MsgRef)> = Vec::new();
+        let mut forwards: Vec<(OutRecord, MsgRef)> = Vec::new();
+        for msg in msgs {
+            let Some(&input) = st.kinds.get(msg.topic()) else {
+                continue;
+            };
+            // A partition a later owner took: left to it.
+            if st.fenced.contains(&msg.partition()) {
+                continue;
+            }
+            let tp = (msg.topic().to_owned(), msg.partition());
+            let timestamp_ms = msg.timestamp().to_millis();
+            if !fresh(st.tracker.received(&tp, msg.offset(), timestamp_ms)) {
+                continue;
+            }
+            let mref = MsgRef {
+                tp,
+                offset: msg.offset(),
+                timestamp_ms,
+                topic_label: label(input),
+                backlog: false,
+                late: false,
+                acked: false,
+            };
+            let topic = match input {
+                Input::Events(k) => k.label(),
+                Input::Requests => "rescore_requests",
+            };
+            let reason = match decode_input(input, msg.payload()) {
+                Ok(Decoded::Request(r)) => {
+                    requests.push((r, mref));
+                    continue;
+                }
+                Ok(Decoded::Event(Event::Tick(t))) => {
+                    handled(topic, "applied", &mref).emit(&self.metrics);
+                    st.ticks.push_back(TickJob {
+                        partition: msg.partition(),
+                        as_of: t.ts,
+                        msg: mref,
+                        waiting: false,
+                        last_first: None,
+                    });
+                    continue;
+                }
+                Ok(Decoded::Event(Event::Features(u))) if u.entity == Entity::Candidate => {
+                    candidate_updates.push((u, mref));
+                    continue;
+                }
+                Ok(Decoded::Event(ev)) => {
+                    let owner = partition_of(member_of(&ev).unwrap_or_default(), n);
+                    if owner == msg.partition() {
+                        events.push((ev, mref));
+                        continue;
+                    }
+                    if !is_forwarded(msg) {
+                        forwards.push((OutRecord::forward(msg, owner), mref));
+                        continue;
+                    }
+                    format!(
+                        "forwarded to partition {} but its member's partition is {owner}: did the partition count change?",
+                        msg.partition()
+                    )
+                }
+                Err(reason) => reason,
+            };
+            match self.dead_letter(msg, &reason, hard_stop).await {
+                Ok(sent) => {
+                    if sent.truncated {
+                        self.metrics.dlq_truncated_total.inc();
+                    }
+                }
+                Err(None) => return,
+                Err(Some(fatal)) => {
+                    st.fatal.get_or_insert(fatal);
+                    return;
+                }
+            }
+            EventHandled {
+                topic,
+                outcome: "dead_lettered",
+                partition: mref.tp.1,
+                offset: mref.offset,
+                reason: Some(&reason),
+            }
+            .emit(&self.metrics);
+            self.complete_tracked(&mut st.tracker, &[mref], false);
+        }
+
+        if !forwards.is_empty() {
+            let (records, refs): (Vec<_>, Vec<_>) = forwards.into_iter().unzip();
+            match self.produce_acked(records, hard_stop).await {
+                Ok(()) => {
+                    for m in &refs {
+                        handled(m.topic_label, "forwarded", m).emit(&self.metrics);
+                    }
+                    self.complete_tracked(&mut st.tracker, &refs, false);
+                }
+                Err(None) => return,
+                Err(Some(fatal)) => {
+                    st.fatal.get_or_insert(fatal);
+                    return;
+                }
+            }
+        }
+
+        // Every member this run touches, loaded once (a cached member costs no read).
+        let mut wanted: Vec<String> = events
+            .iter()
+            .filter_map(|(e, _)| member_of(e).map(str::to_owned))
+            .collect();
+        for (r, m) in &requests {
+            wanted.extend(
+                r.members
+                    .iter()
+                    .filter(|x| partition_of(x, n) == m.tp.1)
+                    .cloned(),
+            );
+        }
+        if !self.ensure_loaded(st, wanted, hard_stop).await {
+            return;
+        }
+        self.apply_owned(st, events, hard_stop).await;
+        if st.fatal.is_some() {
+            return;
+        }
+        self.requests_owned(st, requests, hard_stop).await;
+        if !candidate_updates.is_empty() && st.fatal.is_none() {
+            self.fan_out(st, candidate_updates, hard_stop).await;
+        }
+    }
+
+    /// Loads the members not cached yet (taking this worker's generation of their partitions),
+    /// then the features of their candidates not known yet. False when stopped (hard stop, fatal).
+    pub(super) async fn ensure_loaded(
+        &self,
+        st: &mut Owned,
+        mut members: Vec<String>,
+        hard_stop: &CancellationToken,
+    ) -> bool {
+        let n = st.partitions;
+        members.sort_unstable();
+        members.dedup();
+        members.retain(|m| !st.cache.contains(m) && !st.fenced.contains(&partition_of(m, n)));
+        for chunk in members.chunks(LOAD_CHUNK) {
+            let mut with_gen: Vec<(&str, u64, i32)> = Vec::with_capacity(chunk.len());
+            for m in chunk {
+                let p = partition_of(m, n);
+                if st.fenced.contains(&p) {
+                    continue;
+                }
+                match self.generation(st, p, hard_stop).await {
+                    Some(g) => with_gen.push((m, g, p)),
+                    None => return false,
+                }
+            }
+            let args: Vec<(&str, u64)> = with_gen.iter().map(|(m, g, _)| (*m, *g)).collect();
+            let loaded = match retry(
+                "load members",
+                &self.metrics,
+                &self.health,
+                self.give_up_after(),
+                hard_stop,
+                || self.store.load_owned(&args),
+            )
+            .await
+            {
+                Ok(l) => l,
+                Err(Stop::Cancelled) => return false,
+                Err(Stop::Fatal(e)) => {
+                    st.fatal.get_or_insert(e);
+                    return false;
+                }
+            };
+            for ((m, _, p), l) in with_gen.iter().zip(loaded) {
+                if st.fenced.contains(p) {
+                    continue;
+                }
+                match l {
+                    Loaded::Taken(l) => st.cache.insert(m, Member::from_load(*p, *l)),
+                    Loaded::Fenced(newer) => st.fence(*p, Some(newer)),
+                }
+            }
+        }
+        self.refresh_candidates(st, st.cache.unknown_candidates(), hard_stop)
+            .await
+    }
+
+    /// Reads the features of these candidates (those a cached member has) from Redis.
+    pub(super) async fn refresh_candidates(
+        &self,
+        st: &mut Owned,
+        mut candidates: Vec<String>,
+        hard_stop: &CancellationToken,
+    ) -> bool {
+        candidates.retain(|c| st.cache.has_candidate(c));
+        if candidates.is_empty() {
+            return true;
+        }
+        let refs: Vec<&str> = candidates.iter().map(String::as_str).collect();
+        match retry(
+            "load candidates",
+            &self.metrics,
+            &self.health,
+            self.give_up_after(),
+            hard_stop,
+            || self.store.load_candidates(&refs),
+        )
+        .await
+        {
+            Ok(features) => {
+                for (c, f) in candidates.iter().zip(features) {
+                    st.cache.set_candidate(c, f);
+                }
+                true
+            }
+            Err(Stop::Cancelled) => false,
+            Err(Stop::Fatal(e)) => {
+                st.fatal.get_or_insert(e);
+                false
+            }
+        }
+    }
+
+    /// Applies member events in order to their cached members; pair changes update the reverse
+    /// index at once (reading the candidate's features in the same call).
+    async fn apply_owned(
+        &self,
+        st: &mut Owned,
+        events: Vec<(Event, MsgRef)>,
+        hard_stop: &CancellationToken,
+    ) {
+        let mut rev: Vec<(String, String, i64, i64, bool)> = Vec::new();
+        for (ev, mref) in events {
+            let p = mref.tp.1;
+            let member = member_of(&ev).unwrap_or_default().to_owned();
+            if st.fenced.contains(&p) || !st.cache.contains(&member) {
+                continue;
+            }
+            let topic = mref.topic_label;
+            let offset = mref.offset;
+            let applied = match &ev {
+                Event::Features(u) => {
+                    let Some(m) = st.cache.get_mut(&member) else {
+                        continue;
+                    };
+                    let n = m.apply_features(u, offset);
+                    let applied = n > 0 || u.features.is_empty();
+                    if applied {
+                        st.window.member(&member, u.ts);
+                    }
+                    applied
+                }
+                Event::Upsert(u) => {
+                    let state = PairState {
+                        reason: u.reason.clone(),
+                        pair_features: u.pair_features.clone(),
+                        ts: u.ts,
+                        o: offset,
+                        rm: false,
+                    };
+                    let r = st.cache.apply_pair(&member, &u.candidate_id, state);
+                    if r.applied {
+                        rev.push((u.candidate_id.clone(), member.clone(), u.ts, offset, true));
+                        st.window.pair(&member, &u.candidate_id, u.ts);
+                    }
+                    r.applied
+                }
+                Event::Remove(r) => {
+                    let state = PairState {
+                        reason: String::new(),
+                        pair_features: Default::default(),
+                        ts: r.ts,
+                        o: offset,
+                        rm: true,
+                    };
+                    let a = st.cache.apply_pair(&member, &r.candidate_id, state);
+                    if a.applied {
+                        rev.push((r.candidate_id.clone(), member.clone(), r.ts, offset, false));
+                        st.unscheduled
+                            .push((p, member.clone(), r.candidate_id.clone()));
+                    }
+                    a.applied
+                }
+                Event::Tick(_) => false,
+            };
+            if applied {
+                handled(topic, "applied", &mref).emit(&self.metrics);
+                st.touched.insert(member);
+                st.window.message(mref);
+            } else {
+                handled(topic, "stale", &mref).emit(&self.metrics);
+                self.complete_tracked(&mut st.tracker, &[mref], false);
+            }
+        }
+        if rev.is_empty() {
+            return;
+        }
+        let ops: Vec<(&str, &str, i64, i64, bool)> = rev
+            .iter()
+            .map(|(c, m, t, o, a)| (c.as_str(), m.as_str(), *t, *o, *a))
+            .collect();
+        match retry(
+            "reverse index",
+            &self.metrics,
+            &self.health,
+            self.give_up_after(),
+            hard_stop,
+            || self.store.rev_and_features(&ops),
+        )
+        .await
+        {
+            Ok(features) => {
+                for ((c, ..), f) in rev.iter().zip(features) {
+                    st.cache.set_candidate(c, f);
+                }
+            }
+            Err(Stop::Cancelled) => {}
+            Err(Stop::Fatal(e)) => {
+                st.fatal.get_or_insert(e);
+            }
+        }
+    }
+
+    /// Rescore requests: the listed members' pairs with the candidate, with its features read
+    /// again (at least as new as the update that sent the request).
+    async fn requests_owned(
+        &self,
+        st: &mut Owned,
+        requests: Vec<(RescoreRequest, MsgRef)>,
+        hard_stop: &CancellationToken,
+    ) {
+        if requests.is_empty() {
+            return;
+        }
+        let n = st.partitions;
+        let candidates: HashSet<String> = requests.iter().map(|(r, _)| r.candidate.clone()).collect();
+        if !self
+            .refresh_candidates(st, candidates.into_iter().collect(), hard_stop)
+            .await
+        {
+            return;
+        }
+        for (r, mref) in requests {
+            if st.fenced.contains(&mref.tp.1) {
+                continue;
+            }
+            for m in &r.members {
+                let owned = partition_of(m, n) == mref.tp.1;
+                if owned && st.cache.get(m).is_some_and(|x| x.live(&r.candidate).is_some()) {
+                    st.window.pair(m, &r.candidate, r.as_of);
+                }
+            }
+            handled("rescore_requests", "applied", &mref).emit(&self.metrics);
+            st.window.message(mref);
+        }
+    }
+
+    /// Candidate updates: applied to the shared candidate table (guarded by event time), then
+    /// fanned out over the reverse index as rescore requests to the members' partitions. Their
+    /// offsets are stored once the broker acknowledged every request.
+    async fn fan_out(
+        &self,
+        st: &mut Owned,
+        updates: Vec<(FeatureUpdate, MsgRef)>,
+        hard_stop: &CancellationToken,
+    ) {
+        let events: Vec<Event> = updates
+            .iter()
+            .map(|(u, _)| Event::Features(u.clone()))
+            .collect();
+        let refs: Vec<(&Event, i64)> = events
+            .iter()
+            .zip(&updates)
+            .map(|(e, (_, m))| (e, m.offset))
+            .collect();
+        let top_n = self.settings.output.top_n;
+        let applied = match retry(
+            "apply candidate features",
+            &self.metrics,
+            &self.health,
+            self.give_up_after(),
+            hard_stop,
+            || self.store.apply(&refs, top_n),
+        )
+        .await
+        {
+            Ok(a) => a,
+            Err(Stop::Cancelled) => return,
+            Err(Stop::Fatal(e)) => {
+                st.fatal.get_or_insert(e);
+                return;
+            }
+        };
+        // One fan-out per candidate, as of its latest update in this run.
+        let mut fan: BTreeMap<String, (i64, Option<i64>, Vec<MsgRef>)> = BTreeMap::new();
+        for ((u, mref), a) in updates.into_iter().zip(applied) {
+            if matches!(a, Applied::Features(o) if o.applied == 0) && !u.features.is_empty() {
+                handled(mref.topic_label, "stale", &mref).emit(&self.metrics);
+                self.complete_tracked(&mut st.tracker, &[mref], false);
+                continue;
+            }
+            handled(mref.topic_label, "applied", &mref).emit(&self.metrics);
+            let e = fan.entry(u.id).or_insert((i64::MIN, None, Vec::new()));
+            e.0 = e.0.max(u.ts);
+            e.1 = e.1.max(mref.timestamp_ms);
+            e.2.push(mref);
+        }
+        let n = st.partitions;
+        let chunk = self.settings.batch.fanout_chunk;
+        let topic = self.settings.topics.rescore_requests.clone();
+        for (candidate, (as_of, timestamp_ms, msgs)) in fan {
+            let mut cursor = 0;
+            loop {
+                let (next, members) = match retry(
+                    "scan reverse index",
+                    &self.metrics,
+                    &self.health,
+                    self.give_up_after(),
+                    hard_stop,
+                    || self.store.scan_reverse(&candidate, cursor, chunk),
+                )
+                .await
+                {
+                    Ok(r) => r,
+                    Err(Stop::Cancelled) => return,
+                    Err(Stop::Fatal(e)) => {
+                        st.fatal.get_or_insert(e);
+                        return;
+                    }
+                };
+                let mut by_partition: HashMap<i32, Vec<String>> = HashMap::new();
+                for m in members {
+                    by_partition.entry(partition_of(&m, n)).or_default().push(m);
+                }
+                let records: Vec<OutRecord> = by_partition
+                    .into_iter()
+                    .map(|(p, members)| OutRecord {
+                        topic: topic.clone(),
+                        partition: p,
+                        key: Some(candidate.as_bytes().to_vec()),
+                        value: serde_json::to_vec(&RescoreRequest {
+                            candidate: candidate.clone(),
+                            as_of,
+                            members,
+                        })
+                        .ok(),
+                        headers: Vec::new(),
+                        timestamp_ms,
+                    })
+                    .collect();
+                match self.produce_acked(records, hard_stop).await {
+                    Ok(()) => {}
+                    Err(None) => return,
+                    Err(Some(fatal)) => {
+                        st.fatal.get_or_insert(fatal);
+                        return;
+                    }
+                }
+                cursor = next;
+                if cursor == 0 {
+                    break;
+                }
+            }
+            self.complete_tracked(&mut st.tracker, &msgs, false);
+        }
+    }
+}

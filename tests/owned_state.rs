@@ -1,0 +1,186 @@
+//! Owned state (`state.mode = "owned"`): the central guarantee with each member's state held in
+//! memory by the owner of its partition and written behind, under misrouted messages, replays,
+//! eviction, two workers, and a zombie owner.
+
+mod common;
+
+use std::time::Duration;
+
+use common::harness::Harness;
+use common::scenario::{Ev, Scenario};
+use common::services::Engine;
+use rescorer::config::{Settings, StateMode};
+use rescorer::owned::route::partition_of;
+use rescorer::store::{Keys, Loaded, MemberKey, MemberWrite, Store, WriteOp};
+
+const T0: i64 = 1_764_000_000_000;
+
+fn owned(h: &Harness) -> Settings {
+    let mut s = h.settings.clone();
+    s.state.mode = StateMode::Owned;
+    s
+}
+
+/// Sends the scenario's events; every `misroute`-th member event goes to a partition that does
+/// not own its member (as an explicit partition, or a producer keyed otherwise would).
+async fn send_misrouting(h: &Harness, s: &Scenario, misroute: usize) -> usize {
+    let (f, p) = (
+        h.settings.topics.feature_updates.clone(),
+        h.settings.topics.new_candidates.clone(),
+    );
+    let mut misrouted = 0;
+    for (i, ev) in s.events.iter().enumerate() {
+        let (topic, key, value) = match ev {
+            Ev::Feature(k, v) => (&f, k, v),
+            Ev::Pair(k, v) => (&p, k, v),
+        };
+        let is_member = value.get("member_id").is_some() || value["entity"] == "member";
+        let partition = if is_member && i % misroute == 0 {
+            misrouted += 1;
+            Some((partition_of(key, h.partitions) + 1) % h.partitions)
+        } else {
+            None
+        };
+        let bytes = value.to_string();
+        h.send_raw(topic, Some(key), Some(bytes.as_bytes()), partition)
+            .await;
+    }
+    misrouted
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn owned_state_is_exact_with_misrouted_messages_and_a_replay_reproduces_it() {
+    let h = Harness::new(4).await;
+    let scorer = common::scorer();
+    let s = Scenario::generate(21, 400, 10, 12, T0);
+    let mut settings = owned(&h);
+    settings.batch.max_pairs = 16;
+    let w = h.start_worker_with(settings.clone()).await;
+    let misrouted = send_misrouting(&h, &s, 7).await;
+    assert!(misrouted > 20, "{misrouted}");
+    h.wait_consumed().await;
+    let t = s.final_tick();
+    h.tick(t).await;
+    h.wait_consumed().await;
+    s.check(&h, &scorer, t);
+    let text = w.metrics.render();
+    assert!(
+        text.lines()
+            .any(|l| l.contains("outcome=\"forwarded\"") && !l.ends_with(" 0")),
+        "misrouted messages were forwarded: {text}"
+    );
+    let first = h.output_snapshot();
+    w.stop().await.unwrap();
+
+    // Replay into an empty Redis with other batching: the same output.
+    redis::cmd("FLUSHALL")
+        .query::<()>(&mut h.redis.client())
+        .unwrap();
+    settings.kafka.group_id = format!("{}-replay", settings.kafka.group_id);
+    settings.batch.max_pairs = 1024;
+    let group = settings.kafka.group_id.clone();
+    let w = h.start_worker_with(settings).await;
+    h.wait_consumed_by(&group).await;
+    h.tick(t).await;
+    h.wait_consumed_by(&group).await;
+    s.check(&h, &scorer, t);
+    assert_eq!(h.output_snapshot(), first, "a replay reproduces the scores");
+    w.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cache_smaller_than_the_state_evicts_and_reads_back_to_the_same_scores() {
+    let h = Harness::new(2).await;
+    let scorer = common::scorer();
+    let s = Scenario::generate(22, 400, 16, 10, T0);
+    let mut settings = owned(&h);
+    settings.state.cache_bytes = 1; // every written member is evicted at once
+    settings.batch.max_pairs = 8;
+    let w = h.start_worker_with(settings).await;
+    s.send(&h, 0..s.events.len()).await;
+    h.wait_consumed().await;
+    let t = s.final_tick();
+    h.tick(t).await;
+    h.wait_consumed().await;
+    s.check(&h, &scorer, t);
+    w.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_owned_workers_split_the_partitions_and_the_survivor_finishes() {
+    let h = Harness::with_engine(Engine::Sqlite, 4).await;
+    let scorer = common::scorer();
+    let s = Scenario::generate(23, 300, 12, 10, T0);
+    let a = h.start_worker_with(owned(&h)).await;
+    let b = h.start_worker_with(owned(&h)).await;
+    let assigned = |w: &common::harness::WorkerHandle| {
+        w.metrics.assigned_partitions.get()
+    };
+    let until = std::time::Instant::now() + Duration::from_secs(60);
+    // 4 topics (three inputs and the requests) × 4 partitions.
+    while !(assigned(&a) > 0 && assigned(&b) > 0 && assigned(&a) + assigned(&b) == 16) {
+        assert!(std::time::Instant::now() < until, "the group did not split");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    s.send_batched(&h, 0..150).await;
+    h.wait_consumed().await;
+    let scored = |w: &common::harness::WorkerHandle| w.metrics.pairs_scored_total.get();
+    assert!(scored(&a) > 0 && scored(&b) > 0, "both workers scored");
+    let rest = s.send_batched(&h, 150..s.events.len());
+    let (stopped, ()) = tokio::join!(a.stop(), rest);
+    stopped.unwrap();
+    h.wait_consumed().await;
+    let t = s.final_tick();
+    h.tick(t).await;
+    h.wait_consumed().await;
+    s.check(&h, &scorer, t);
+    b.stop().await.unwrap();
+}
+
+/// The fence on real Redis: once a later owner has loaded a member, an earlier owner's write is
+/// refused whole, and loading it again tells the earlier owner who has it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_zombie_owner_cannot_write_a_member_a_later_owner_has_loaded() {
+    let redis = common::services::RedisServer::start();
+    let conn = rescorer::store::connect(&redis.url(), false, Duration::from_secs(2))
+        .await
+        .unwrap();
+    let store = Store::new(conn, Keys::new("fence", 1));
+    store.load_scripts().await.unwrap();
+    let old = store.take_generation(3).await.unwrap();
+    let new = store.take_generation(3).await.unwrap();
+    assert!(new > old);
+    assert!(matches!(
+        &store.load_owned(&[("m1", old)]).await.unwrap()[0],
+        Loaded::Taken(_)
+    ));
+    let write = |g: u64, score: &str| MemberWrite {
+        member: "m1".into(),
+        generation: g,
+        ops: vec![WriteOp {
+            key: MemberKey::Top,
+            cmd: "ZADD",
+            args: vec![score.into(), "c1".into()],
+        }],
+    };
+    assert_eq!(store.write_owned(&[write(old, "1")], &[], &[]).await.unwrap(), [true]);
+    // The new owner loads the member: from now on the old one is a zombie for it.
+    assert!(matches!(
+        &store.load_owned(&[("m1", new)]).await.unwrap()[0],
+        Loaded::Taken(l) if l.top == [("c1".to_owned(), 1.0)]
+    ));
+    assert_eq!(store.write_owned(&[write(old, "9")], &[], &[]).await.unwrap(), [false]);
+    assert_eq!(store.write_owned(&[write(new, "2")], &[], &[]).await.unwrap(), [true]);
+    assert!(matches!(
+        &store.load_owned(&[("m1", old)]).await.unwrap()[0],
+        Loaded::Fenced(g) if *g == new
+    ));
+    let top: Vec<(String, f64)> = redis::cmd("ZRANGE")
+        .arg(store.keys().scores("m1"))
+        .arg(0)
+        .arg(-1)
+        .arg("WITHSCORES")
+        .query(&mut redis.client())
+        .unwrap();
+    assert_eq!(top, [("c1".to_owned(), 2.0)], "the zombie's write left no trace");
+}
