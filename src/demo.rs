@@ -153,6 +153,7 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
     ));
     let producer: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", &settings.kafka.bootstrap_servers)
+        .set("partitioner", "murmur2_random")
         .set("linger.ms", "5")
         .create()?;
 

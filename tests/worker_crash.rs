@@ -53,6 +53,7 @@ use common::harness::Harness;
 use common::process::WorkerProcess;
 use common::scenario::Scenario;
 use common::services::Engine;
+use rescorer::config::StateMode;
 
 const T0: i64 = 1_764_000_000_000;
 
@@ -220,9 +221,10 @@ impl ResumeAudit {
 
 /// Drains `EVENTS` events under `KILLS` kill -9 and restarts on the broker `engine`, then
 /// checks every stored score against the final state.
-async fn drain_under_kill_9(engine: Engine, seed: u64) {
+async fn drain_under_kill_9(engine: Engine, seed: u64, mode: StateMode) {
     let started = Instant::now();
-    let h = Harness::with_engine(engine, 2).await;
+    let mut h = Harness::with_engine(engine, 2).await;
+    h.settings.state.mode = mode;
     let scorer = common::scorer();
     let s = Scenario::generate(seed, EVENTS, 24, 30, T0);
     let logs = tempfile::tempdir().expect("temp dir");
@@ -305,7 +307,14 @@ async fn drain_under_kill_9(engine: Engine, seed: u64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_at_random_moments_during_a_drain_leaves_exactly_the_final_scores() {
-    drain_under_kill_9(Engine::Sqlite, 24).await;
+    drain_under_kill_9(Engine::Sqlite, 24, StateMode::Remote).await;
+}
+
+/// The same drill with owned state: killed with members in memory, windows half written,
+/// candidate fan-outs' requests partly produced.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_at_random_moments_leaves_exactly_the_final_scores_with_owned_state() {
+    drain_under_kill_9(Engine::Sqlite, 25, StateMode::Owned).await;
 }
 
 /// The same drill on tansu's memory engine, by hand only (`cargo test --test worker_crash --
@@ -314,5 +323,5 @@ async fn kill_9_at_random_moments_during_a_drain_leaves_exactly_the_final_scores
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "by hand: shows the memory engine's defect (expected to fail)"]
 async fn the_same_drill_on_the_memory_engine_loses_records_in_the_broker() {
-    drain_under_kill_9(Engine::Memory, 24).await;
+    drain_under_kill_9(Engine::Memory, 24, StateMode::Remote).await;
 }

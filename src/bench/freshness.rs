@@ -27,7 +27,7 @@ pub(super) async fn freshness(
     let report = loadgen(&s, &lo).await?;
     let until = Instant::now() + Duration::from_secs(60);
     let mut m = worker.scrape().await?;
-    while m.sum("rescorer_events_total") < report.sent as f64 && Instant::now() < until {
+    while m.input_events() < report.sent as f64 && Instant::now() < until {
         tokio::time::sleep(Duration::from_millis(200)).await;
         m = worker.scrape().await?;
     }

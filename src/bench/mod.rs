@@ -284,7 +284,7 @@ async fn drain(
     while started.elapsed() < limit {
         tokio::time::sleep(Duration::from_millis(100)).await;
         let m = worker.scrape().await?;
-        events = m.sum("rescorer_events_total");
+        events = m.input_events();
         pairs = m.sum("rescorer_pairs_scored_total");
         if events == 0.0 {
             last_idle = Instant::now();
@@ -383,7 +383,7 @@ pub async fn backlog_live(
                 0.99,
             ) * 1000.0,
             catchup_partitions: m.sum("rescorer_catchup_partitions"),
-            events: m.sum("rescorer_events_total"),
+            events: m.input_events(),
         };
         // Drained: the backlog consumed, no partition split, and less than a second of live
         // traffic behind (the age of the oldest unfinished message also counts fan-outs held by

@@ -40,6 +40,26 @@ impl Scrape {
             .sum()
     }
 
+    /// Sum of a family's samples whose label set satisfies `keep` (given the text between the
+    /// braces, e.g. `outcome="applied",topic="feature_updates"`).
+    pub fn sum_where(&self, name: &str, keep: impl Fn(&str) -> bool) -> f64 {
+        let prefix = format!("{name}{{");
+        self.0
+            .iter()
+            .filter_map(|(k, v)| Some((k.strip_prefix(&prefix)?, v)))
+            .filter(|(labels, _)| keep(labels))
+            .map(|(_, v)| v)
+            .sum()
+    }
+
+    /// Input events handled (applied, stale, dead-lettered): forwarded copies and rescore
+    /// requests, which owned state sends on to itself, are not counted again.
+    pub fn input_events(&self) -> f64 {
+        self.sum_where("rescorer_events_total", |l| {
+            !l.contains("outcome=\"forwarded\"") && !l.contains("topic=\"rescore_requests\"")
+        })
+    }
+
     /// Largest sample of a family (any label set), 0 when there is none.
     pub fn max(&self, name: &str) -> f64 {
         self.0
@@ -164,6 +184,10 @@ impl WorkerProcess {
                 s.topics.decay_ticks.clone(),
             ),
             ("RESCORER__TOPICS__DLQ", s.topics.dlq.clone()),
+            (
+                "RESCORER__TOPICS__RESCORE_REQUESTS",
+                s.topics.rescore_requests.clone(),
+            ),
             ("RESCORER__REDIS__URL", s.redis.url.clone()),
             ("RESCORER__OUTPUT__KEY_PREFIX", s.output.key_prefix.clone()),
             ("RESCORER__MODEL__SPEC", s.model.spec.display().to_string()),

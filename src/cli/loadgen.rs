@@ -57,7 +57,10 @@ pub async fn run(settings: &Settings, opts: &LoadgenOptions) -> anyhow::Result<L
         "give --count or --seconds (or both)"
     );
     let mut cfg = crate::consume::base_config(settings);
+    // Keyed by entity id with the Java client's partitioner (topics/README.md): member events land
+    // on their owner's partition.
     cfg.set("linger.ms", "5")
+        .set("partitioner", "murmur2_random")
         .set("queue.buffering.max.messages", "200000");
     for (k, v) in &settings.kafka.options {
         cfg.set(k, v);

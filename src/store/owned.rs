@@ -248,6 +248,31 @@ impl Store {
             .collect()
     }
 
+    /// One chunk of each candidate's reverse index from its cursor (0 starts; a returned 0 ends),
+    /// in one round trip on a single Redis.
+    pub async fn scan_reverse_many(
+        &self,
+        scans: &[(&str, u64)],
+        count: usize,
+    ) -> Result<Vec<(u64, Vec<String>)>, StoreError> {
+        let cmds = scans
+            .iter()
+            .map(|(c, cursor)| {
+                let mut cmd = redis::cmd("SSCAN");
+                cmd.arg(self.keys.reverse(c))
+                    .arg(cursor)
+                    .arg("COUNT")
+                    .arg(count);
+                cmd
+            })
+            .collect();
+        self.multi(cmds)
+            .await?
+            .iter()
+            .map(|v| Ok(<(u64, Vec<String>)>::from_redis_value(v)?))
+            .collect()
+    }
+
     /// Up to `limit` pairs of member partition `partition` due at or before `until` (ms).
     pub async fn partition_due(
         &self,

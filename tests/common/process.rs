@@ -30,6 +30,11 @@ pub fn worker_env(st: &Settings) -> Vec<(&'static str, String)> {
             st.topics.decay_ticks.clone(),
         ),
         ("RESCORER__TOPICS__DLQ", st.topics.dlq.clone()),
+        (
+            "RESCORER__TOPICS__RESCORE_REQUESTS",
+            st.topics.rescore_requests.clone(),
+        ),
+        ("RESCORER__STATE__MODE", format!("{:?}", st.state.mode).to_lowercase()),
         ("RESCORER__REDIS__URL", st.redis.url.clone()),
         ("RESCORER__OUTPUT__KEY_PREFIX", st.output.key_prefix.clone()),
         ("RESCORER__DECAY__SHARDS", st.decay.shards.to_string()),
@@ -137,6 +142,21 @@ impl WorkerProcess {
     pub async fn kill_9(mut self) {
         self.child.start_kill().expect("SIGKILL sent");
         let _ = self.child.wait().await;
+    }
+
+    /// Sends a signal by name (`STOP` pauses the process as a long pause would, `CONT` resumes it).
+    pub fn signal(&self, name: &str) {
+        let pid = self.child.id().expect("still running").to_string();
+        let sent = std::process::Command::new("kill")
+            .args([&format!("-{name}"), &pid])
+            .status()
+            .expect("kill runs");
+        assert!(sent.success(), "kill -{name} {pid}");
+    }
+
+    /// The whole log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
     /// SIGTERM, then the exit status within `within`.

@@ -30,6 +30,7 @@ impl Worker {
         }
         let window = st.window.take();
         let n = st.partitions;
+        let flush_started = Instant::now();
         let mut rows: Vec<Row> = Vec::new();
         let mut gone = std::mem::take(&mut st.unscheduled);
         for (m, work) in &window.members {
@@ -114,6 +115,7 @@ impl Worker {
             }
         }
 
+        let scored_at = flush_started.elapsed();
         let model = self.scorer.engine().spec().model_id();
         let (top_n, ttl_ms, now) = (
             self.settings.output.top_n,
@@ -167,6 +169,14 @@ impl Worker {
         self.metrics
             .redis_write_seconds
             .observe(started.elapsed().as_secs_f64());
+        tracing::debug!(
+            rows = rows.len(),
+            members = writes.len(),
+            messages = window.messages.len(),
+            score_us = scored_at.as_micros() as u64,
+            write_us = started.elapsed().as_micros() as u64,
+            "window written"
+        );
         let mut taken: HashSet<i32> = HashSet::new();
         for (w, ok) in writes.iter().zip(flags) {
             if ok {

@@ -152,17 +152,34 @@ impl Worker {
                     .cloned(),
             );
         }
+        let (n_events, n_requests, n_updates) =
+            (events.len(), requests.len(), candidate_updates.len());
+        let started = std::time::Instant::now();
         if !self.ensure_loaded(st, wanted, hard_stop).await {
             return;
         }
+        let loaded = started.elapsed();
         self.apply_owned(st, events, hard_stop).await;
         if st.fatal.is_some() {
             return;
         }
+        let applied = started.elapsed();
         self.requests_owned(st, requests, hard_stop).await;
+        let requested = started.elapsed();
         if !candidate_updates.is_empty() && st.fatal.is_none() {
             self.fan_out(st, candidate_updates, hard_stop).await;
         }
+        tracing::debug!(
+            messages = msgs.len(),
+            events = n_events,
+            requests = n_requests,
+            candidate_updates = n_updates,
+            load_us = loaded.as_micros() as u64,
+            apply_us = (applied - loaded).as_micros() as u64,
+            requests_us = (requested - applied).as_micros() as u64,
+            fan_out_us = (started.elapsed() - requested).as_micros() as u64,
+            "intake"
+        );
     }
 
     /// Loads the members not cached yet (taking this worker's generation of their partitions),
@@ -444,59 +461,65 @@ impl Worker {
         let n = st.partitions;
         let chunk = self.settings.batch.fanout_chunk;
         let topic = self.settings.topics.rescore_requests.clone();
-        for (candidate, (as_of, timestamp_ms, msgs)) in fan {
-            let mut cursor = 0;
-            loop {
-                let (next, members) = match retry(
-                    "scan reverse index",
-                    &self.metrics,
-                    &self.health,
-                    self.give_up_after(),
-                    hard_stop,
-                    || self.store.scan_reverse(&candidate, cursor, chunk),
-                )
-                .await
-                {
-                    Ok(r) => r,
-                    Err(Stop::Cancelled) => return,
-                    Err(Stop::Fatal(e)) => {
-                        st.fatal.get_or_insert(e);
-                        return;
-                    }
-                };
+        // Every candidate's scan advances together: one Redis round trip and one round of
+        // produce acknowledgements per chunk, however many candidates.
+        let mut active: Vec<(String, i64, Option<i64>, u64)> = fan
+            .iter()
+            .map(|(c, (as_of, ts, _))| (c.clone(), *as_of, *ts, 0))
+            .collect();
+        while !active.is_empty() {
+            let scans: Vec<(&str, u64)> = active.iter().map(|(c, .., k)| (c.as_str(), *k)).collect();
+            let chunks = match retry(
+                "scan reverse index",
+                &self.metrics,
+                &self.health,
+                self.give_up_after(),
+                hard_stop,
+                || self.store.scan_reverse_many(&scans, chunk),
+            )
+            .await
+            {
+                Ok(r) => r,
+                Err(Stop::Cancelled) => return,
+                Err(Stop::Fatal(e)) => {
+                    st.fatal.get_or_insert(e);
+                    return;
+                }
+            };
+            let mut records: Vec<OutRecord> = Vec::new();
+            for ((candidate, as_of, timestamp_ms, cursor), (next, members)) in
+                active.iter_mut().zip(chunks)
+            {
                 let mut by_partition: HashMap<i32, Vec<String>> = HashMap::new();
                 for m in members {
                     by_partition.entry(partition_of(&m, n)).or_default().push(m);
                 }
-                let records: Vec<OutRecord> = by_partition
-                    .into_iter()
-                    .map(|(p, members)| OutRecord {
-                        topic: topic.clone(),
-                        partition: p,
-                        key: Some(candidate.as_bytes().to_vec()),
-                        value: serde_json::to_vec(&RescoreRequest {
-                            candidate: candidate.clone(),
-                            as_of,
-                            members,
-                        })
-                        .ok(),
-                        headers: Vec::new(),
-                        timestamp_ms,
+                records.extend(by_partition.into_iter().map(|(p, members)| OutRecord {
+                    topic: topic.clone(),
+                    partition: p,
+                    key: Some(candidate.as_bytes().to_vec()),
+                    value: serde_json::to_vec(&RescoreRequest {
+                        candidate: candidate.clone(),
+                        as_of: *as_of,
+                        members,
                     })
-                    .collect();
-                match self.produce_acked(records, hard_stop).await {
-                    Ok(()) => {}
-                    Err(None) => return,
-                    Err(Some(fatal)) => {
-                        st.fatal.get_or_insert(fatal);
-                        return;
-                    }
-                }
-                cursor = next;
-                if cursor == 0 {
-                    break;
+                    .ok(),
+                    headers: Vec::new(),
+                    timestamp_ms: *timestamp_ms,
+                }));
+                *cursor = next;
+            }
+            match self.produce_acked(records, hard_stop).await {
+                Ok(()) => {}
+                Err(None) => return,
+                Err(Some(fatal)) => {
+                    st.fatal.get_or_insert(fatal);
+                    return;
                 }
             }
+            active.retain(|(.., cursor)| *cursor != 0);
+        }
+        for (_, (_, _, msgs)) in fan {
             self.complete_tracked(&mut st.tracker, &msgs, false);
         }
     }
