@@ -186,9 +186,10 @@ async fn a_zombie_owner_cannot_write_a_member_a_later_owner_has_loaded() {
 }
 
 /// A worker paused past its session timeout (as a long GC-like pause would) loses its partitions
-/// without knowing; resumed, it still holds members and fetched messages, and writes with its old
-/// generation: every write for a member the new owner has touched is refused, it drops those
-/// partitions, rejoins, and the final state is exact.
+/// without knowing; resumed, it still holds members and a window it was writing, and writes with
+/// its old generation: every write for a member the new owner has touched is refused, it drops
+/// those partitions, rejoins, and the final state is exact. To pause it with a write in flight,
+/// Redis is frozen first (its writes and loads time out and retry), then the worker.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_paused_owner_resumed_as_a_zombie_leaves_the_exact_final_state() {
     let mut h = Harness::with_engine(Engine::Sqlite, 2).await;
@@ -205,9 +206,12 @@ async fn a_paused_owner_resumed_as_a_zombie_leaves_the_exact_final_state() {
     let mut a = common::process::WorkerProcess::spawn(&h.settings, &sets, &logs.path().join("a.log"));
     s.send_batched(&h, 0..300).await;
     a.wait_consuming(Duration::from_secs(60)).await;
-    // Paused with more fetched than written: small windows make the drain take a while.
+    // Paused with more taken in than written: Redis freezes under a burst, then the worker.
     s.send_batched(&h, 300..900).await;
+    h.redis.signal("STOP");
+    tokio::time::sleep(Duration::from_millis(700)).await;
     a.signal("STOP");
+    h.redis.signal("CONT");
     let mut b = common::process::WorkerProcess::spawn(&h.settings, &sets, &logs.path().join("b.log"));
     b.wait_consuming(Duration::from_secs(60)).await;
     // The new owner has taken over and touched the members; then the zombie wakes up.

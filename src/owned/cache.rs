@@ -37,6 +37,11 @@ pub struct Member {
     dirty_features: BTreeSet<String>,
     dirty_pairs: BTreeSet<String>,
     dirty_as_of: BTreeSet<String>,
+    /// When the output's TTL was last set (ms, wall clock), as far as this owner knows.
+    ttl_set_at: Option<i64>,
+    /// Writes planned and not acknowledged yet: the member is not evicted meanwhile (a reload
+    /// would read Redis before they land).
+    pending: usize,
     bytes: usize,
     used: u64,
 }
@@ -60,6 +65,7 @@ impl Member {
             as_of: l.as_of,
             written_top: l.top.into_iter().collect(),
             written_rest: l.rest.into_iter().collect(),
+            ttl_set_at: l.ttl_set_at,
             ..Member::default()
         };
         m.scores = m
@@ -160,9 +166,11 @@ impl Member {
     }
 
     /// This member's window of writes: changed pairs, features and as_of, the ranking's diff
-    /// against what Redis holds, and meta with the output's TTL when the output changed. Empty
-    /// when nothing changed.
-    pub fn plan(&self, model: &str, top_n: usize, ttl_ms: u64, now_ms: i64) -> Vec<WriteOp> {
+    /// against what Redis holds, and meta when the output changed; the output's TTL is set again
+    /// once a 64th of it has passed (a key created by this write gets the time left). Empty when
+    /// nothing changed. The member then counts as written (the next plan diffs against this
+    /// one) and stays pending until [`Cache::acknowledged`].
+    pub fn plan(&mut self, model: &str, top_n: usize, ttl_ms: u64, now_ms: i64) -> Vec<WriteOp> {
         let mut ops = Vec::new();
         let mut hset = |key, fields: Vec<String>| {
             if !fields.is_empty() {
@@ -199,71 +207,97 @@ impl Member {
             ops.extend(WriteOp::split(MemberKey::Features, "HDEL", del, 1));
         }
 
-        let (top, rest) = self.ranking(top_n);
-        let mut output_changed = !self.dirty_as_of.is_empty();
-        for (key, want, held) in [
-            (MemberKey::Top, &top, &self.written_top),
-            (MemberKey::Rest, &rest, &self.written_rest),
-        ] {
-            let add: Vec<String> = want
-                .iter()
-                .filter(|(c, s)| held.get(*c) != Some(s))
-                .flat_map(|(c, s)| [s.to_string(), (*c).clone()])
-                .collect();
-            let wanted: HashSet<&String> = want.iter().map(|(c, _)| *c).collect();
-            let rem: Vec<String> = held
-                .keys()
-                .filter(|c| !wanted.contains(c))
-                .cloned()
-                .collect();
-            if !add.is_empty() || !rem.is_empty() {
-                output_changed |= key == MemberKey::Top;
+        let ttl = i64::try_from(ttl_ms).unwrap_or(i64::MAX);
+        let age = self.ttl_set_at.map(|t| now_ms.saturating_sub(t));
+        let output_changed = {
+            // Half the TTL without a refresh: the output may have expired in Redis (its clock is
+            // not ours), so the ranking is written whole rather than as a diff.
+            if age.is_none_or(|a| a < 0 || a >= ttl / 2) {
+                self.written_top.clear();
+                self.written_rest.clear();
             }
-            if !rem.is_empty() {
-                ops.extend(WriteOp::split(key, "ZREM", rem, 1));
+            let (top, rest) = self.ranking(top_n);
+            let mut changed = !self.dirty_as_of.is_empty();
+            let mut created = Vec::new();
+            for (key, want, held) in [
+                (MemberKey::Top, &top, &self.written_top),
+                (MemberKey::Rest, &rest, &self.written_rest),
+            ] {
+                let add: Vec<String> = want
+                    .iter()
+                    .filter(|(c, s)| held.get(*c) != Some(s))
+                    .flat_map(|(c, s)| [s.to_string(), (*c).clone()])
+                    .collect();
+                let wanted: HashSet<&String> = want.iter().map(|(c, _)| *c).collect();
+                let rem: Vec<String> = held
+                    .keys()
+                    .filter(|c| !wanted.contains(c))
+                    .cloned()
+                    .collect();
+                if key == MemberKey::Top && !(add.is_empty() && rem.is_empty()) {
+                    changed = true;
+                }
+                if !add.is_empty() && held.is_empty() {
+                    created.push(key);
+                }
+                if !rem.is_empty() {
+                    ops.extend(WriteOp::split(key, "ZREM", rem, 1));
+                }
+                if !add.is_empty() {
+                    ops.extend(WriteOp::split(key, "ZADD", add, 2));
+                }
             }
-            if !add.is_empty() {
-                ops.extend(WriteOp::split(key, "ZADD", add, 2));
-            }
-        }
-        if output_changed {
+            let top: HashMap<String, f64> = top.into_iter().map(|(c, s)| (c.clone(), s)).collect();
+            let rest: HashMap<String, f64> =
+                rest.into_iter().map(|(c, s)| (c.clone(), s)).collect();
+            self.written_top = top;
+            self.written_rest = rest;
+            changed.then_some(created)
+        };
+        if let Some(created) = output_changed {
+            let refresh = age.is_none_or(|a| a < 0 || a >= ttl / 64);
             let mut meta = vec![
                 "model".to_owned(),
                 model.to_owned(),
                 "updated_at".to_owned(),
                 now_ms.to_string(),
-                "ttl_set_at".to_owned(),
-                now_ms.to_string(),
             ];
             if let Some(max) = self.as_of.values().max() {
                 meta.extend(["as_of".to_owned(), max.to_string()]);
+            }
+            if refresh {
+                meta.extend(["ttl_set_at".to_owned(), now_ms.to_string()]);
+                self.ttl_set_at = Some(now_ms);
             }
             ops.push(WriteOp {
                 key: MemberKey::Meta,
                 cmd: "HSET",
                 args: meta,
             });
-            for key in [MemberKey::Top, MemberKey::Rest, MemberKey::Meta] {
+            let left = ttl.saturating_sub(age.unwrap_or(0)).max(1);
+            let expire: Vec<(MemberKey, i64)> = if refresh {
+                [MemberKey::Top, MemberKey::Rest, MemberKey::Meta]
+                    .into_iter()
+                    .map(|k| (k, ttl))
+                    .collect()
+            } else {
+                created.into_iter().map(|k| (k, left)).collect()
+            };
+            for (key, ms) in expire {
                 ops.push(WriteOp {
                     key,
                     cmd: "PEXPIRE",
-                    args: vec![ttl_ms.to_string()],
+                    args: vec![ms.to_string()],
                 });
             }
         }
-        ops
-    }
-
-    /// The planned writes were acknowledged: Redis now holds this state.
-    pub fn written(&mut self, top_n: usize) {
-        let (top, rest) = self.ranking(top_n);
-        let top: HashMap<String, f64> = top.into_iter().map(|(c, s)| (c.clone(), s)).collect();
-        let rest: HashMap<String, f64> = rest.into_iter().map(|(c, s)| (c.clone(), s)).collect();
-        self.written_top = top;
-        self.written_rest = rest;
         self.dirty_features.clear();
         self.dirty_pairs.clear();
         self.dirty_as_of.clear();
+        if !ops.is_empty() {
+            self.pending += 1;
+        }
+        ops
     }
 
     /// Bytes this member holds, estimated.
@@ -404,10 +438,10 @@ impl Cache {
         self.candidates.get(candidate)?.features.as_ref()
     }
 
-    /// After a member's writes were acknowledged: what Redis holds, and its size again.
-    pub fn written(&mut self, member: &str, top_n: usize) {
+    /// A member's planned writes were acknowledged: it may be evicted again; its size again.
+    pub fn acknowledged(&mut self, member: &str) {
         if let Some(m) = self.members.get_mut(member) {
-            m.written(top_n);
+            m.pending = m.pending.saturating_sub(1);
             let before = m.bytes;
             m.bytes = m.estimate();
             self.bytes = (self.bytes + m.bytes).saturating_sub(before);
@@ -433,7 +467,8 @@ impl Cache {
         self.remove(member);
     }
 
-    /// Over budget: evicts the least recently used members that have nothing unwritten, down to
+    /// Over budget: evicts the least recently used members that have nothing unwritten or
+    /// unacknowledged, down to
     /// 90% of the budget. Returns how many were evicted.
     pub fn evict(&mut self) -> usize {
         if self.bytes <= self.budget {
@@ -443,7 +478,7 @@ impl Cache {
         let mut cold: Vec<(u64, String)> = self
             .members
             .iter()
-            .filter(|(_, m)| !m.dirty())
+            .filter(|(_, m)| !m.dirty() && m.pending == 0)
             .map(|(id, m)| (m.used, id.clone()))
             .collect();
         cold.sort_unstable();
@@ -516,8 +551,9 @@ mod tests {
         assert_eq!(top[0].args, vec!["2", "c", "1", "b"]);
         let rest = zadd(MemberKey::Rest);
         assert_eq!(rest[0].args, vec!["0", "a"]);
-        m.written(2);
-        assert!(m.plan("model", 2, 1000, 8).is_empty());
+        let expire: Vec<&WriteOp> = ops.iter().filter(|o| o.cmd == "PEXPIRE").collect();
+        assert_eq!(expire.len(), 3, "a first write sets the output's TTL");
+        assert!(m.plan("model", 2, 1000, 8).is_empty(), "nothing changed since");
 
         // "a" rises into the top: it leaves the rest, "b" goes down.
         m.set_score("a", 5.0, 6);
@@ -532,6 +568,20 @@ mod tests {
         assert!(cmds.contains(&(MemberKey::Rest, "ZREM", vec!["a".into()])));
         assert!(cmds.contains(&(MemberKey::Rest, "ZADD", vec!["1".into(), "b".into()])));
         assert!(ops.iter().any(|o| o.key == MemberKey::Meta && o.cmd == "HSET"));
+        assert!(
+            !ops.iter().any(|o| o.cmd == "PEXPIRE"),
+            "the TTL is set again only once a 64th of it has passed"
+        );
+
+        // Half the TTL later the output may have expired: the whole ranking is written again.
+        m.set_score("b", 3.0, 7);
+        let ops = m.plan("model", 2, 1000, 600);
+        let top = ops
+            .iter()
+            .find(|o| o.key == MemberKey::Top && o.cmd == "ZADD")
+            .expect("the top written");
+        assert_eq!(top.args, vec!["5", "a", "3", "b"]);
+        assert_eq!(ops.iter().filter(|o| o.cmd == "PEXPIRE").count(), 3);
     }
 
     #[test]
@@ -551,8 +601,10 @@ mod tests {
         let mut cache = Cache::new(1);
         let mut a = Member::default();
         a.apply_pair("c1", pair(1, 0, false));
-        a.written(10);
+        assert!(!a.plan("m", 10, 1000, 0).is_empty());
         cache.insert("a", a);
+        assert_eq!(cache.evict(), 0, "a member with a write in flight stays");
+        cache.acknowledged("a");
         assert_eq!(cache.unknown_candidates(), vec!["c1".to_owned()]);
         cache.set_candidate("c1", FeatureMap::from([("x".into(), 1.0)]));
         assert!(cache.candidate("c1").is_some());

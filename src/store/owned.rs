@@ -26,6 +26,8 @@ pub struct OwnedLoad {
     pub versions: HashMap<String, (i64, i64)>,
     pub top: Vec<(String, f64)>,
     pub rest: Vec<(String, f64)>,
+    /// When the output's TTL was last set (meta `ttl_set_at`, ms).
+    pub ttl_set_at: Option<i64>,
 }
 
 /// The outcome of loading one member for an owner.
@@ -143,7 +145,7 @@ impl Store {
             members
                 .iter()
                 .map(|(m, g)| {
-                    let keys = &self.member_keys(m)[..7];
+                    let keys = self.member_keys(m);
                     let mut c = redis::cmd("EVALSHA");
                     c.arg(&sha).arg(keys.len()).arg(keys).arg(g);
                     c
@@ -315,7 +317,7 @@ fn parse_load(v: &Value) -> Result<Loaded, StoreError> {
             .unwrap_or(0);
         return Ok(Loaded::Fenced(newer));
     }
-    let [_, pairs, as_of, features, versions, top, rest] = &parts[..] else {
+    let [_, pairs, as_of, features, versions, top, rest, ttl_set_at] = &parts[..] else {
         return Err(protocol("owned load", "short reply"));
     };
     let mut out = OwnedLoad::default();
@@ -335,6 +337,7 @@ fn parse_load(v: &Value) -> Result<Loaded, StoreError> {
         let ver = version(&ver).ok_or_else(|| protocol("member versions", &ver))?;
         out.versions.insert(name, ver);
     }
+    out.ttl_set_at = Option::<String>::from_redis_value(ttl_set_at)?.and_then(|t| t.parse().ok());
     for (set, v) in [(&mut out.top, top), (&mut out.rest, rest)] {
         for (cand, s) in pairs_of(v, "scores")? {
             set.push((cand, s.parse().map_err(|e| protocol("score", e))?));

@@ -35,6 +35,8 @@ use crate::owned::route::{partition_of, RescoreRequest, FORWARDED_FROM};
 mod flush;
 mod intake;
 
+use flush::Writing;
+
 /// What a subscribed topic carries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Input {
@@ -50,6 +52,8 @@ struct TickJob {
     msg: MsgRef,
     /// A chunk is in the current window: the next is fetched once it is written.
     waiting: bool,
+    /// The write that holds the waiting chunk, once it started.
+    in_write: Option<u64>,
     /// The previous chunk's first entry: a chunk that starts where the last one did made no
     /// progress (its pairs could not be rescheduled), and the walk ends.
     last_first: Option<(String, String)>,
@@ -72,6 +76,8 @@ struct Owned {
     /// Partition count of every input topic.
     partitions: i32,
     kinds: HashMap<String, Input>,
+    /// Sequence number of the last write started.
+    seq: u64,
     fatal: Option<anyhow::Error>,
 }
 
@@ -190,6 +196,7 @@ impl Worker {
             ticks: VecDeque::new(),
             partitions,
             kinds,
+            seq: 0,
             fatal: None,
         };
         let hard_stop = CancellationToken::new();
@@ -206,39 +213,56 @@ impl Worker {
         let mut lag_timer = tokio::time::interval(Duration::from_secs(1));
         lag_timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         let consumer = self.consumer.clone();
+        let mut flight: Option<Writing> = None;
         while st.fatal.is_none() {
-            if st.window.size() < max_pairs && self.step_tick(&mut st, &hard_stop).await {
-                self.flush_owned(&mut st, &hard_stop).await;
+            // Decide: a tick chunk while the window has room; a write once the writer is free
+            // and the window is full (or a tick chunk waits in it).
+            let mut write_now = st.window.size() >= max_pairs;
+            if !write_now && st.window.size() < max_pairs {
+                write_now = self.step_tick(&mut st, &hard_stop).await;
+            }
+            if write_now && flight.is_none() {
+                flight = self.start_write(&mut st, &hard_stop).await;
                 continue;
             }
-            if st.window.size() >= max_pairs {
-                self.flush_owned(&mut st, &hard_stop).await;
-                continue;
-            }
+            let full = st.window.size() >= max_pairs;
             let deadline = st.window.started.map(|s| s + max_wait);
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break,
+                result = async { match flight.as_mut() {
+                    Some(w) => w.wait().await,
+                    None => std::future::pending().await,
+                } }, if flight.is_some() => {
+                    if let Some(w) = flight.take() {
+                        self.finish_write(&mut st, w, result);
+                    }
+                    // The writer is free: what arrived meanwhile goes now (a group commit).
+                    if st.fatal.is_none() {
+                        flight = self.start_write(&mut st, &hard_stop).await;
+                    }
+                }
                 ev = self.rebalances.recv() => {
                     let Some(ev) = ev else { break };
                     // The window in flight is written (with this owner's generation) first.
-                    self.flush_owned(&mut st, &hard_stop).await;
+                    self.flush_owned(&mut st, &mut flight, &hard_stop).await;
                     self.rebalanced_owned(&mut st, ev);
                 }
-                _ = sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => {
-                    self.flush_owned(&mut st, &hard_stop).await;
+                _ = sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() && flight.is_none() => {
+                    flight = self.start_write(&mut st, &hard_stop).await;
                 }
-                msg = consumer.recv() => match msg {
+                msg = consumer.recv(), if !full => match msg {
                     Ok(first) => {
                         let batch = take_fetched(&consumer, first, MAX_INTAKE);
                         let drained = batch.len() < MAX_INTAKE;
                         self.health.set_pending(true, chrono_now_ms());
                         self.intake_owned(&mut st, &batch, &hard_stop).await;
                         drop(batch);
-                        // Nothing more fetched: the window goes now (idle, an event is scored
-                        // as soon as it arrives; busy, windows grow with the write time).
-                        if drained {
-                            self.flush_owned(&mut st, &hard_stop).await;
+                        // Nothing more fetched and the writer free: the window goes now (idle,
+                        // an event is scored as soon as it arrives; busy, windows grow with the
+                        // write time).
+                        if drained && flight.is_none() && st.fatal.is_none() {
+                            flight = self.start_write(&mut st, &hard_stop).await;
                         }
                     }
                     Err(e) => {
@@ -248,20 +272,24 @@ impl Worker {
                 },
                 _ = lag_timer.tick() => {
                     let lag = self.update_lag(&st.tracker);
-                    let pending = lag > 0 || !st.window.is_empty() || !st.ticks.is_empty();
+                    let pending = lag > 0 || !st.window.is_empty() || !st.ticks.is_empty() || flight.is_some();
                     self.health.set_pending(pending, chrono_now_ms());
                     self.metrics.jobs_in_progress.with_label_values(&["live"]).set(st.ticks.len() as i64);
                 }
             }
         }
         if let Some(fatal) = st.fatal.take() {
+            // Only what Redis acknowledged was stored; a write in flight is left to finish.
+            if let Some(mut w) = flight.take() {
+                let _ = w.wait().await;
+            }
             if let Err(e) = self.consumer.commit_consumer_state(CommitMode::Sync) {
                 tracing::warn!(error = %e, "commit before the fatal exit failed");
             }
             return Err(fatal);
         }
         tracing::info!("shutting down: writing the current window, then committing");
-        self.flush_owned(&mut st, &hard_stop).await;
+        self.flush_owned(&mut st, &mut flight, &hard_stop).await;
         match self.consumer.commit_consumer_state(CommitMode::Sync) {
             Ok(()) => tracing::info!("offsets committed"),
             Err(rdkafka::error::KafkaError::ConsumerCommit(

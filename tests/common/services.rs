@@ -241,6 +241,17 @@ impl RedisServer {
     }
 
     /// Kills the server (an outage); the append-only file keeps its data for `restart`.
+    /// Sends a signal by name to the server (`STOP` freezes it: clients time out; `CONT`).
+    pub fn signal(&self, name: &str) {
+        let pid = self.child.as_ref().expect("running").id().to_string();
+        let ok = std::process::Command::new("kill")
+            .args([&format!("-{name}"), &pid])
+            .status()
+            .expect("kill runs")
+            .success();
+        assert!(ok, "kill -{name} redis-server");
+    }
+
     pub fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();

@@ -1,12 +1,15 @@
 //! Writing a window of the owned loop: rows from memory → model → one pipeline of plain writes
-//! (fenced per member) → offsets. And decay ticks, one schedule chunk per window.
+//! (fenced per member) on a task of its own while intake goes on → offsets once acknowledged. And
+//! decay ticks, one schedule chunk per written window.
 
 use std::collections::HashSet;
 use std::time::Instant;
 
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use super::Owned;
+use crate::coalesce::MsgRef;
 use crate::model::{FeatureMap, PairInput};
 use crate::owned::route::partition_of;
 use crate::store::MemberWrite;
@@ -16,17 +19,58 @@ use crate::worker::{chrono_now_ms, Worker};
 /// One pair to score: member, candidate, as_of, moment ts.
 type Row = (String, String, i64, i64);
 
+/// The window being written: one at a time, in order (a later window's plan diffs against this
+/// one's, as if it had landed; a failed write is retried until it lands or the worker exits).
+pub(in crate::worker) struct Writing {
+    seq: u64,
+    members: Vec<String>,
+    messages: Vec<MsgRef>,
+    rows: usize,
+    scored_us: u64,
+    started: Instant,
+    handle: JoinHandle<Result<Vec<bool>, Stop>>,
+}
+
+impl Writing {
+    /// The write's outcome (a panicked write task is fatal).
+    pub(in crate::worker) async fn wait(&mut self) -> Result<Vec<bool>, Stop> {
+        match (&mut self.handle).await {
+            Ok(r) => r,
+            Err(e) => Err(Stop::Fatal(anyhow::anyhow!("the write task failed: {e}"))),
+        }
+    }
+}
+
 impl Worker {
-    /// Scores the window from memory and writes every changed member; the window's messages are
-    /// done once Redis acknowledged. Returns early (nothing acknowledged) on a hard stop or a
-    /// fatal error.
+    /// Writes the window now and waits for it (and for the one in flight before it): on a
+    /// rebalance and at shutdown.
     pub(super) async fn flush_owned(
         &self,
         st: &mut Owned,
+        flight: &mut Option<Writing>,
         hard_stop: &CancellationToken,
     ) {
+        if let Some(mut w) = flight.take() {
+            let result = w.wait().await;
+            self.finish_write(st, w, result);
+        }
+        if st.fatal.is_none() {
+            if let Some(mut w) = self.start_write(st, hard_stop).await {
+                let result = w.wait().await;
+                self.finish_write(st, w, result);
+            }
+        }
+    }
+
+    /// Scores the window from memory, plans every changed member's writes and starts writing them
+    /// on a task (None: nothing to write, or a fatal error).
+    pub(super) async fn start_write(
+        &self,
+        st: &mut Owned,
+        hard_stop: &CancellationToken,
+    ) -> Option<Writing> {
         if st.window.is_empty() && st.touched.is_empty() && st.unscheduled.is_empty() {
-            return;
+            return None;
         }
         let window = st.window.take();
         let n = st.partitions;
@@ -91,7 +135,7 @@ impl Worker {
                 Err(e) => {
                     st.fatal
                         .get_or_insert(anyhow::anyhow!("the model failed to score a window: {e}"));
-                    return;
+                    return None;
                 }
             }
         }
@@ -124,7 +168,9 @@ impl Worker {
         );
         let mut writes: Vec<MemberWrite> = Vec::new();
         for m in std::mem::take(&mut st.touched) {
-            let Some(mem) = st.cache.get(&m) else { continue };
+            let Some(mem) = st.cache.get_mut(&m) else {
+                continue;
+            };
             let Some(&generation) = st.gens.get(&mem.partition) else {
                 continue;
             };
@@ -140,26 +186,50 @@ impl Worker {
         // A pair removed and added again since the last write is scheduled, not dropped: only
         // pairs not live now leave the schedule (the ZREMs run after the ZADDs).
         gone.retain(|(_, m, c)| st.cache.get(m).is_none_or(|x| x.live(c).is_none()));
-        let due_refs: Vec<(i32, &str, &str, i64)> = due
-            .iter()
-            .map(|(p, m, c, t)| (*p, m.as_str(), c.as_str(), *t))
-            .collect();
-        let gone_refs: Vec<(i32, &str, &str)> = gone
-            .iter()
-            .map(|(p, m, c)| (*p, m.as_str(), c.as_str()))
-            .collect();
-        let started = Instant::now();
-        let flags = match retry(
-            "write",
-            &self.metrics,
-            &self.health,
-            self.give_up_after(),
-            hard_stop,
-            || self.store.write_owned(&writes, &due_refs, &gone_refs),
-        )
-        .await
-        {
+        st.seq += 1;
+        for t in st.ticks.iter_mut() {
+            if t.waiting && t.in_write.is_none() {
+                t.in_write = Some(st.seq);
+            }
+        }
+        let members: Vec<String> = writes.iter().map(|w| w.member.clone()).collect();
+        let (store, metrics, health) = (
+            self.store.clone(),
+            self.metrics.clone(),
+            self.health.clone(),
+        );
+        let (give_up, hard_stop) = (self.give_up_after(), hard_stop.clone());
+        let handle = tokio::spawn(async move {
+            let due_refs: Vec<(i32, &str, &str, i64)> = due
+                .iter()
+                .map(|(p, m, c, t)| (*p, m.as_str(), c.as_str(), *t))
+                .collect();
+            let gone_refs: Vec<(i32, &str, &str)> = gone
+                .iter()
+                .map(|(p, m, c)| (*p, m.as_str(), c.as_str()))
+                .collect();
+            retry("write", &metrics, &health, give_up, &hard_stop, || {
+                store.write_owned(&writes, &due_refs, &gone_refs)
+            })
+            .await
+        });
+        Some(Writing {
+            seq: st.seq,
+            members,
+            messages: window.messages,
+            rows: rows.len(),
+            scored_us: scored_at.as_micros() as u64,
+            started: Instant::now(),
+            handle,
+        })
+    }
+
+    /// A write ended: members a later owner has taken drop their partition; the rest are
+    /// acknowledged with the window's messages; ticks whose chunk it held may step again.
+    pub(super) fn finish_write(&self, st: &mut Owned, w: Writing, result: Result<Vec<bool>, Stop>) {
+        let flags = match result {
             Ok(f) => f,
+            // Hard stop during an outage: nothing acknowledged, replayed later.
             Err(Stop::Cancelled) => return,
             Err(Stop::Fatal(e)) => {
                 st.fatal.get_or_insert(e);
@@ -168,34 +238,38 @@ impl Worker {
         };
         self.metrics
             .redis_write_seconds
-            .observe(started.elapsed().as_secs_f64());
+            .observe(w.started.elapsed().as_secs_f64());
         tracing::debug!(
-            rows = rows.len(),
-            members = writes.len(),
-            messages = window.messages.len(),
-            score_us = scored_at.as_micros() as u64,
-            write_us = started.elapsed().as_micros() as u64,
+            rows = w.rows,
+            members = w.members.len(),
+            messages = w.messages.len(),
+            score_us = w.scored_us,
+            write_us = w.started.elapsed().as_micros() as u64,
             "window written"
         );
+        let n = st.partitions;
         let mut taken: HashSet<i32> = HashSet::new();
-        for (w, ok) in writes.iter().zip(flags) {
+        for (m, ok) in w.members.iter().zip(flags) {
             if ok {
-                st.cache.written(&w.member, top_n);
+                st.cache.acknowledged(m);
             } else {
-                taken.insert(partition_of(&w.member, n));
+                taken.insert(partition_of(m, n));
             }
         }
         for p in taken {
             st.fence(p, None);
         }
-        let done: Vec<_> = window
+        let done: Vec<_> = w
             .messages
             .into_iter()
             .filter(|m| !st.fenced.contains(&m.tp.1))
             .collect();
         self.complete_tracked(&mut st.tracker, &done, true);
         for t in st.ticks.iter_mut() {
-            t.waiting = false;
+            if t.in_write.is_some_and(|s| s <= w.seq) {
+                t.waiting = false;
+                t.in_write = None;
+            }
         }
         let evicted = st.cache.evict();
         if evicted > 0 {

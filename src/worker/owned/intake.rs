@@ -74,6 +74,7 @@ impl Worker {
                         as_of: t.ts,
                         msg: mref,
                         waiting: false,
+                        in_write: None,
                         last_first: None,
                     });
                     continue;
