@@ -101,7 +101,20 @@ fn version(s: &str) -> Option<(i64, i64)> {
     Some((t.parse().ok()?, o.parse().ok()?))
 }
 
+/// Members (or reverse-index changes) in one script call on a single Redis: the scripts' fixed
+/// cost (about 10 µs a call, measured) is shared by them. On a cluster a call covers one, since
+/// it must stay in one slot.
+const PER_CALL: usize = 64;
+
 impl Store {
+    /// Items one script call may cover.
+    fn per_call(&self) -> usize {
+        match self.conn() {
+            super::Conn::Single(_) => PER_CALL,
+            super::Conn::Cluster(_) => 1,
+        }
+    }
+
     fn member_keys(&self, member: &str) -> Vec<String> {
         let k = &self.keys;
         vec![
@@ -137,23 +150,38 @@ impl Store {
         self.checked(r).await
     }
 
-    /// Loads each member for an owner of generation `g` (one script call each, one round trip on
-    /// a single Redis).
+    /// Loads each member for an owner of generation `g` (script calls of up to [`PER_CALL`]
+    /// members, one round trip on a single Redis).
     pub async fn load_owned(&self, members: &[(&str, u64)]) -> Result<Vec<Loaded>, StoreError> {
         let sha = self.scripts.owned_load.get_hash().to_owned();
+        let per = self.per_call();
         let build = || {
             members
-                .iter()
-                .map(|(m, g)| {
-                    let keys = self.member_keys(m);
+                .chunks(per)
+                .map(|chunk| {
                     let mut c = redis::cmd("EVALSHA");
-                    c.arg(&sha).arg(keys.len()).arg(keys).arg(g);
+                    c.arg(&sha).arg(chunk.len() * 8);
+                    for (m, _) in chunk {
+                        c.arg(self.member_keys(m));
+                    }
+                    for (_, g) in chunk {
+                        c.arg(g);
+                    }
                     c
                 })
                 .collect()
         };
-        let replies = self.multi_scripts(build).await?;
-        replies.iter().map(parse_load).collect()
+        let mut out = Vec::with_capacity(members.len());
+        for reply in self.multi_scripts(build).await? {
+            let per_member: Vec<Value> = FromRedisValue::from_redis_value(&reply)?;
+            for v in &per_member {
+                out.push(parse_load(v)?);
+            }
+        }
+        if out.len() != members.len() {
+            return Err(protocol("owned load", "reply count"));
+        }
+        Ok(out)
     }
 
     /// Applies reverse-index changes `(candidate, member, ts, offset, add)` and returns each
@@ -163,28 +191,38 @@ impl Store {
         ops: &[(&str, &str, i64, i64, bool)],
     ) -> Result<Vec<FeatureMap>, StoreError> {
         let sha = self.scripts.owned_rev.get_hash().to_owned();
+        let per = self.per_call();
         let build = || {
-            ops.iter()
-                .map(|(cand, member, ts, offset, add)| {
+            ops.chunks(per)
+                .map(|chunk| {
                     let mut c = redis::cmd("EVALSHA");
-                    c.arg(&sha)
-                        .arg(3)
-                        .arg(self.keys.reverse(cand))
-                        .arg(self.keys.reverse_versions(cand))
-                        .arg(self.keys.candidate_features(cand))
-                        .arg(member)
-                        .arg(ts)
-                        .arg(offset)
-                        .arg(if *add { "add" } else { "rem" });
+                    c.arg(&sha).arg(chunk.len() * 3);
+                    for (cand, ..) in chunk {
+                        c.arg(self.keys.reverse(cand))
+                            .arg(self.keys.reverse_versions(cand))
+                            .arg(self.keys.candidate_features(cand));
+                    }
+                    for (_, member, ts, offset, add) in chunk {
+                        c.arg(member)
+                            .arg(ts)
+                            .arg(offset)
+                            .arg(if *add { "add" } else { "rem" });
+                    }
                     c
                 })
                 .collect()
         };
-        let replies = self.multi_scripts(build).await?;
-        replies
-            .into_iter()
-            .map(|v| parse_map(v, "candidate features"))
-            .collect()
+        let mut out = Vec::with_capacity(ops.len());
+        for reply in self.multi_scripts(build).await? {
+            let per_op: Vec<Value> = FromRedisValue::from_redis_value(&reply)?;
+            for v in per_op {
+                out.push(parse_map(v, "candidate features")?);
+            }
+        }
+        if out.len() != ops.len() {
+            return Err(protocol("reverse index", "reply count"));
+        }
+        Ok(out)
     }
 
     /// Writes each member's window (fenced) and the decay schedule changes
@@ -223,31 +261,49 @@ impl Store {
                 schedule.push(z);
             }
         }
+        let per = self.per_call();
         let build = || {
             let mut cmds: Vec<Cmd> = members
-                .iter()
-                .map(|w| {
-                    let keys = self.member_keys(&w.member);
+                .chunks(per)
+                .map(|chunk| {
                     let mut c = redis::cmd("EVALSHA");
-                    c.arg(&sha).arg(keys.len()).arg(keys).arg(w.generation);
-                    for op in &w.ops {
-                        c.arg(op.key as usize)
-                            .arg(op.cmd)
-                            .arg(op.args.len())
-                            .arg(&op.args);
+                    c.arg(&sha).arg(chunk.len() * 8);
+                    for w in chunk {
+                        c.arg(self.member_keys(&w.member));
+                    }
+                    for w in chunk {
+                        c.arg(w.generation).arg(w.ops.len());
+                        for op in &w.ops {
+                            c.arg(op.key as usize)
+                                .arg(op.cmd)
+                                .arg(op.args.len())
+                                .arg(&op.args);
+                        }
                     }
                     c
                 })
                 .collect();
+            let calls = cmds.len();
             cmds.extend(schedule.iter().cloned());
-            cmds
+            (cmds, calls)
         };
-        let replies = self.multi_scripts(build).await?;
-        replies
-            .iter()
-            .take(members.len())
-            .map(|v| Ok(i64::from_redis_value(v)? == 1))
-            .collect()
+        let (cmds, calls) = build();
+        let replies = match self.multi(cmds).await {
+            Err(StoreError::Redis(e)) if e.kind() == redis::ErrorKind::NoScriptError => {
+                self.load_scripts().await?;
+                self.multi(build().0).await?
+            }
+            other => other?,
+        };
+        let mut out = Vec::with_capacity(members.len());
+        for v in replies.iter().take(calls) {
+            let flags: Vec<i64> = FromRedisValue::from_redis_value(v)?;
+            out.extend(flags.into_iter().map(|f| f == 1));
+        }
+        if out.len() != members.len() {
+            return Err(protocol("owned write", "reply count"));
+        }
+        Ok(out)
     }
 
     /// One chunk of each candidate's reverse index from its cursor (0 starts; a returned 0 ends),

@@ -23,7 +23,7 @@ use tokio::time::{sleep, sleep_until, Instant};
 use tokio_util::sync::CancellationToken;
 
 use super::retry::{retry, Stop};
-use super::{chrono_now_ms, take_fetched, Worker, MAX_INTAKE};
+use super::{chrono_now_ms, take_fetched, Worker, LIVE_GROWTH};
 use crate::coalesce::{MsgRef, Window};
 use crate::consume::RebalanceEvent;
 use crate::decode::{decode, Entity, Event, FeatureUpdate, TopicKind};
@@ -34,6 +34,10 @@ use crate::owned::route::{partition_of, RescoreRequest, FORWARDED_FROM};
 
 mod flush;
 mod intake;
+
+/// Most messages taken from the consumer in one go: each intake costs a few Redis round trips
+/// (loads, the reverse index, fan-out scans) whatever its size.
+const MAX_INTAKE: usize = 2048;
 
 use flush::Writing;
 
@@ -225,7 +229,10 @@ impl Worker {
                 flight = self.start_write(&mut st, &hard_stop).await;
                 continue;
             }
-            let full = st.window.size() >= max_pairs;
+            // While a window is written the next one may grow to LIVE_GROWTH × max_pairs (a group
+            // commit: under load, fewer and larger writes).
+            let cap = if flight.is_some() { max_pairs * LIVE_GROWTH } else { max_pairs };
+            let full = st.window.size() >= cap;
             let deadline = st.window.started.map(|s| s + max_wait);
             tokio::select! {
                 biased;
