@@ -137,16 +137,43 @@ async fn two_owned_workers_split_the_partitions_and_the_survivor_finishes() {
     b.stop().await.unwrap();
 }
 
-/// The fence on real Redis: once a later owner has loaded a member, an earlier owner's write is
-/// refused whole, and loading it again tells the earlier owner who has it.
+fn member_write(generation: u64, score: &str) -> MemberWrite {
+    MemberWrite {
+        member: "m1".into(),
+        partition: 3,
+        generation,
+        ops: vec![WriteOp {
+            key: MemberKey::Top,
+            cmd: "ZADD",
+            args: vec![score.into(), "c1".into()],
+        }],
+    }
+}
+
+fn top_of(redis: &common::services::RedisServer, store: &Store) -> Vec<(String, f64)> {
+    redis::cmd("ZRANGE")
+        .arg(store.keys().scores("m1"))
+        .arg(0)
+        .arg(-1)
+        .arg("WITHSCORES")
+        .query(&mut redis.client())
+        .unwrap()
+}
+
+/// The cluster's fence, on real Redis (per-member fenced script calls, as on a cluster, where a
+/// write must stay in one slot): once a later owner has loaded a member, an earlier owner's write
+/// is refused whole, and loading it again tells the earlier owner who has it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_zombie_owner_cannot_write_a_member_a_later_owner_has_loaded() {
     let redis = common::services::RedisServer::start();
     let conn = rescorer::store::connect(&redis.url(), false, Duration::from_secs(2))
         .await
         .unwrap();
+    // Not connected by URL: the per-member scripts, as a cluster uses them.
     let store = Store::new(conn, Keys::new("fence", 1));
+    assert!(!store.transactional());
     store.load_scripts().await.unwrap();
+    let tx = store.tx_conn();
     let old = store.take_generation(3).await.unwrap();
     let new = store.take_generation(3).await.unwrap();
     assert!(new > old);
@@ -154,35 +181,73 @@ async fn a_zombie_owner_cannot_write_a_member_a_later_owner_has_loaded() {
         &store.load_owned(&[("m1", old)]).await.unwrap()[0],
         Loaded::Taken(_)
     ));
-    let write = |g: u64, score: &str| MemberWrite {
-        member: "m1".into(),
-        generation: g,
-        ops: vec![WriteOp {
-            key: MemberKey::Top,
-            cmd: "ZADD",
-            args: vec![score.into(), "c1".into()],
-        }],
+    let write = |g: u64, s: &'static str| {
+        let (store, tx) = (store.clone(), tx.clone());
+        async move {
+            store
+                .write_owned(&tx, &[(3, g)], &[member_write(g, s)], &[], &[])
+                .await
+        }
     };
-    assert_eq!(store.write_owned(&[write(old, "1")], &[], &[]).await.unwrap(), [true]);
+    assert_eq!(write(old, "1").await.unwrap(), [true]);
     // The new owner loads the member: from now on the old one is a zombie for it.
     assert!(matches!(
         &store.load_owned(&[("m1", new)]).await.unwrap()[0],
         Loaded::Taken(l) if l.top == [("c1".to_owned(), 1.0)]
     ));
-    assert_eq!(store.write_owned(&[write(old, "9")], &[], &[]).await.unwrap(), [false]);
-    assert_eq!(store.write_owned(&[write(new, "2")], &[], &[]).await.unwrap(), [true]);
+    assert_eq!(write(old, "9").await.unwrap(), [false]);
+    assert_eq!(write(new, "2").await.unwrap(), [true]);
     assert!(matches!(
         &store.load_owned(&[("m1", old)]).await.unwrap()[0],
         Loaded::Fenced(g) if *g == new
     ));
-    let top: Vec<(String, f64)> = redis::cmd("ZRANGE")
-        .arg(store.keys().scores("m1"))
-        .arg(0)
-        .arg(-1)
-        .arg("WITHSCORES")
+    assert_eq!(top_of(&redis, &store), [("c1".to_owned(), 2.0)], "the zombie's write left no trace");
+}
+
+/// A single Redis's fence, on real Redis: a window is one transaction watched on the partition's
+/// generation; once a later owner has taken the generation, an earlier owner's window is refused
+/// whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_zombie_owners_transaction_is_refused_once_a_later_owner_took_the_partition() {
+    let redis = common::services::RedisServer::start();
+    let store = Store::connect(&redis.url(), false, Duration::from_secs(2), None, Keys::new("fence", 1))
+        .await
+        .unwrap();
+    assert!(store.transactional());
+    let (tx, other) = (store.tx_conn(), store.tx_conn());
+    let old = store.take_generation(3).await.unwrap();
+    let write = |tx: &rescorer::store::TxConn, g, s| {
+        let (store, tx) = (store.clone(), tx.clone());
+        async move {
+            store
+                .write_owned(&tx, &[(3, g)], &[member_write(g, s)], &[(3, "m1", "c1", 100)], &[])
+                .await
+                .unwrap()
+        }
+    };
+    assert_eq!(write(&tx, old, "1").await, [true]);
+    let new = store.take_generation(3).await.unwrap();
+    assert_eq!(write(&tx, old, "9").await, [false], "the old generation is refused");
+    assert_eq!(write(&other, new, "2").await, [true]);
+    assert_eq!(top_of(&redis, &store), [("c1".to_owned(), 2.0)], "the zombie's write left no trace");
+    // The reverse index's transactions are fenced the same way: after another owner's INCR,
+    // nothing of the earlier generation's change is applied.
+    let r = store
+        .rev_and_features(&tx, &[(3, new)], &[("c1", "m1", 1, 1, true)])
+        .await
+        .unwrap();
+    assert!(r.is_ok(), "the current owner's change applies");
+    store.take_generation(3).await.unwrap();
+    let r = store
+        .rev_and_features(&tx, &[(3, new)], &[("c2", "m1", 1, 1, true)])
+        .await
+        .unwrap();
+    assert_eq!(r, Err(vec![3]));
+    let members: Vec<String> = redis::cmd("SMEMBERS")
+        .arg(store.keys().reverse("c2"))
         .query(&mut redis.client())
         .unwrap();
-    assert_eq!(top, [("c1".to_owned(), 2.0)], "the zombie's write left no trace");
+    assert!(members.is_empty(), "nothing of a refused transaction is applied");
 }
 
 /// A worker paused past its session timeout (as a long GC-like pause would) loses its partitions

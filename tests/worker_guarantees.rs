@@ -157,11 +157,16 @@ async fn two_workers_split_the_partitions_and_one_finishes_after_the_other_stops
             .and_then(|v| v.parse::<i64>().ok())
             .unwrap_or(0)
     };
-    // The group settles with both members holding part of the 3 topics × 4 partitions.
+    // The group settles with both members holding part of the 3 topics × 4 partitions (and the
+    // rescore requests' 4 with owned state).
+    let topics = match h.settings.state.mode {
+        rescorer::config::StateMode::Remote => 3,
+        rescorer::config::StateMode::Owned => 4,
+    };
     let until = std::time::Instant::now() + Duration::from_secs(60);
     loop {
         let (pa, pb) = (assigned(&a), assigned(&b));
-        if pa > 0 && pb > 0 && pa + pb == 12 {
+        if pa > 0 && pb > 0 && pa + pb == 4 * topics {
             break;
         }
         assert!(

@@ -10,6 +10,7 @@
 //! score, so a crash between the two is repaired by the replay that the uncommitted offset causes.
 
 mod apply;
+mod fenced;
 mod keys;
 mod owned;
 mod state;
@@ -23,6 +24,7 @@ use redis::cluster_async::ClusterConnection;
 use redis::{Cmd, Pipeline, RedisFuture, Value};
 
 pub use apply::Applied;
+pub use fenced::{Fenced, TxConn};
 pub use keys::Keys;
 pub use owned::{Loaded, MemberKey, MemberWrite, OwnedLoad, WriteOp};
 pub use state::{FeatureOutcome, LoadedMember, PairState, ScoreWrite, WriteFlag};

@@ -11,6 +11,7 @@ use std::collections::HashMap;
 
 use redis::{Cmd, FromRedisValue, Value};
 
+use super::fenced::{Fenced, TxConn};
 use super::state::{due_member, parse_map, protocol, PairState};
 use super::{Store, StoreError};
 use crate::model::FeatureMap;
@@ -62,6 +63,7 @@ pub struct WriteOp {
 #[derive(Debug, Clone)]
 pub struct MemberWrite {
     pub member: String,
+    pub partition: i32,
     pub generation: u64,
     pub ops: Vec<WriteOp>,
 }
@@ -152,7 +154,7 @@ impl Store {
 
     /// Loads each member for an owner of generation `g` (script calls of up to [`PER_CALL`]
     /// members, one round trip on a single Redis).
-    pub async fn load_owned(&self, members: &[(&str, u64)]) -> Result<Vec<Loaded>, StoreError> {
+    async fn load_scripted(&self, members: &[(&str, u64)]) -> Result<Vec<Loaded>, StoreError> {
         let sha = self.scripts.owned_load.get_hash().to_owned();
         let per = self.per_call();
         let build = || {
@@ -186,7 +188,7 @@ impl Store {
 
     /// Applies reverse-index changes `(candidate, member, ts, offset, add)` and returns each
     /// candidate's features as read in the same call.
-    pub async fn rev_and_features(
+    async fn rev_scripted(
         &self,
         ops: &[(&str, &str, i64, i64, bool)],
     ) -> Result<Vec<FeatureMap>, StoreError> {
@@ -228,39 +230,14 @@ impl Store {
     /// Writes each member's window (fenced) and the decay schedule changes
     /// `(partition, member, candidate, due)` and `(partition, member, candidate)`. Returns, per
     /// member, whether it was written (false: a later owner has taken it).
-    pub async fn write_owned(
+    async fn write_scripted(
         &self,
         members: &[MemberWrite],
         due: &[(i32, &str, &str, i64)],
         unscheduled: &[(i32, &str, &str)],
     ) -> Result<Vec<bool>, StoreError> {
         let sha = self.scripts.owned_write.get_hash().to_owned();
-        let mut schedule: Vec<Cmd> = Vec::new();
-        let mut adds: HashMap<i32, Vec<(i64, String)>> = HashMap::new();
-        for (p, m, c, at) in due {
-            adds.entry(*p).or_default().push((*at, due_member(m, c)));
-        }
-        let mut rems: HashMap<i32, Vec<String>> = HashMap::new();
-        for (p, m, c) in unscheduled {
-            rems.entry(*p).or_default().push(due_member(m, c));
-        }
-        for (p, entries) in adds {
-            for chunk in entries.chunks(512) {
-                let mut z = redis::cmd("ZADD");
-                z.arg(self.keys.partition_due(p));
-                for (at, e) in chunk {
-                    z.arg(at).arg(e);
-                }
-                schedule.push(z);
-            }
-        }
-        for (p, entries) in rems {
-            for chunk in entries.chunks(512) {
-                let mut z = redis::cmd("ZREM");
-                z.arg(self.keys.partition_due(p)).arg(chunk);
-                schedule.push(z);
-            }
-        }
+        let schedule = self.schedule_cmds(due, unscheduled);
         let per = self.per_call();
         let build = || {
             let mut cmds: Vec<Cmd> = members
@@ -304,6 +281,167 @@ impl Store {
             return Err(protocol("owned write", "reply count"));
         }
         Ok(out)
+    }
+
+    /// The schedule's changes as `ZADD`s and `ZREM`s per partition.
+    fn schedule_cmds(
+        &self,
+        due: &[(i32, &str, &str, i64)],
+        unscheduled: &[(i32, &str, &str)],
+    ) -> Vec<Cmd> {
+        let mut schedule: Vec<Cmd> = Vec::new();
+        let mut adds: HashMap<i32, Vec<(i64, String)>> = HashMap::new();
+        for (p, m, c, at) in due {
+            adds.entry(*p).or_default().push((*at, due_member(m, c)));
+        }
+        let mut rems: HashMap<i32, Vec<String>> = HashMap::new();
+        for (p, m, c) in unscheduled {
+            rems.entry(*p).or_default().push(due_member(m, c));
+        }
+        for (p, entries) in adds {
+            for chunk in entries.chunks(512) {
+                let mut z = redis::cmd("ZADD");
+                z.arg(self.keys.partition_due(p));
+                for (at, e) in chunk {
+                    z.arg(at).arg(e);
+                }
+                schedule.push(z);
+            }
+        }
+        for (p, entries) in rems {
+            for chunk in entries.chunks(512) {
+                let mut z = redis::cmd("ZREM");
+                z.arg(self.keys.partition_due(p)).arg(chunk);
+                schedule.push(z);
+            }
+        }
+        schedule
+    }
+
+    /// A member's write as plain commands.
+    fn plain_cmds(&self, w: &MemberWrite, out: &mut Vec<Cmd>) {
+        let keys = self.member_keys(&w.member);
+        for op in &w.ops {
+            let mut c = redis::cmd(op.cmd);
+            c.arg(&keys[op.key as usize - 1]).arg(&op.args);
+            out.push(c);
+        }
+    }
+
+    /// Loads each member for an owner of generation `g`: plain reads on a single Redis (the
+    /// partition's generation fences writes there), fenced script calls on a cluster.
+    pub async fn load_owned(&self, members: &[(&str, u64)]) -> Result<Vec<Loaded>, StoreError> {
+        if !self.transactional() {
+            return self.load_scripted(members).await;
+        }
+        let mut cmds = Vec::with_capacity(members.len() * 7);
+        for (m, _) in members {
+            let k = self.member_keys(m);
+            for key in &k[1..5] {
+                let mut c = redis::cmd("HGETALL");
+                c.arg(key);
+                cmds.push(c);
+            }
+            for key in &k[5..7] {
+                let mut c = redis::cmd("ZRANGE");
+                c.arg(key).arg(0).arg(-1).arg("WITHSCORES");
+                cmds.push(c);
+            }
+            let mut c = redis::cmd("HGET");
+            c.arg(&k[7]).arg("ttl_set_at");
+            cmds.push(c);
+        }
+        let replies = self.multi(cmds).await?;
+        if replies.len() != members.len() * 7 {
+            return Err(protocol("owned load", "reply count"));
+        }
+        replies
+            .chunks(7)
+            .map(|r| {
+                let mut parts = vec![Value::Int(1)];
+                parts.extend(r.iter().cloned());
+                parse_load(&Value::Array(parts))
+            })
+            .collect()
+    }
+
+    /// Applies reverse-index changes `(candidate, member, ts, offset, add)` and returns each
+    /// candidate's features as read together with its change: one fenced transaction on a single
+    /// Redis (`gens`: the members' partitions), guarded script calls on a cluster.
+    pub async fn rev_and_features(
+        &self,
+        tx: &TxConn,
+        gens: &[(i32, u64)],
+        ops: &[(&str, &str, i64, i64, bool)],
+    ) -> Result<Result<Vec<FeatureMap>, Vec<i32>>, StoreError> {
+        if !self.transactional() {
+            return self.rev_scripted(ops).await.map(Ok);
+        }
+        let mut cmds = Vec::with_capacity(ops.len() * 2);
+        for (cand, member, _, _, add) in ops {
+            let mut c = redis::cmd(if *add { "SADD" } else { "SREM" });
+            c.arg(self.keys.reverse(cand)).arg(member);
+            cmds.push(c);
+            let mut c = redis::cmd("HGETALL");
+            c.arg(self.keys.candidate_features(cand));
+            cmds.push(c);
+        }
+        match tx.fenced(gens, &cmds).await? {
+            Fenced::Taken(moved) => Ok(Err(moved)),
+            Fenced::Applied(replies) => replies
+                .into_iter()
+                .skip(1)
+                .step_by(2)
+                .map(|v| parse_map(v, "candidate features"))
+                .collect::<Result<Vec<_>, _>>()
+                .map(Ok),
+        }
+    }
+
+    /// Writes each member's window and the decay schedule changes `(partition, member,
+    /// candidate, due)` and `(partition, member, candidate)`: one fenced transaction on a single
+    /// Redis (retried without the partitions another owner has taken), fenced script calls per
+    /// member on a cluster. Returns, per member, whether it was written (false: a later owner
+    /// has taken it).
+    pub async fn write_owned(
+        &self,
+        tx: &TxConn,
+        gens: &[(i32, u64)],
+        members: &[MemberWrite],
+        due: &[(i32, &str, &str, i64)],
+        unscheduled: &[(i32, &str, &str)],
+    ) -> Result<Vec<bool>, StoreError> {
+        if !self.transactional() {
+            return self.write_scripted(members, due, unscheduled).await;
+        }
+        let mut taken: Vec<i32> = Vec::new();
+        loop {
+            let mut cmds = Vec::new();
+            for w in members.iter().filter(|w| !taken.contains(&w.partition)) {
+                self.plain_cmds(w, &mut cmds);
+            }
+            let due: Vec<_> = due.iter().filter(|d| !taken.contains(&d.0)).copied().collect();
+            let gone: Vec<_> = unscheduled
+                .iter()
+                .filter(|d| !taken.contains(&d.0))
+                .copied()
+                .collect();
+            cmds.extend(self.schedule_cmds(&due, &gone));
+            let gens: Vec<(i32, u64)> = gens
+                .iter()
+                .filter(|(p, _)| !taken.contains(p))
+                .copied()
+                .collect();
+            match tx.fenced(&gens, &cmds).await? {
+                Fenced::Applied(_) => {
+                    return Ok(members
+                        .iter()
+                        .map(|w| !taken.contains(&w.partition))
+                        .collect())
+                }
+                Fenced::Taken(moved) => taken.extend(moved),
+            }
+        }
     }
 
     /// One chunk of each candidate's reverse index from its cursor (0 starts; a returned 0 ends),

@@ -31,9 +31,15 @@ use crate::internal_events::EventHandled;
 use crate::offsets::{OffsetTracker, Received};
 use crate::owned::cache::Cache;
 use crate::owned::route::{partition_of, RescoreRequest, FORWARDED_FROM};
+use crate::store::TxConn;
 
 mod flush;
 mod intake;
+
+/// A partition a later owner has taken that is still assigned here this long after: the group
+/// did not tell this worker (or Redis lost the generation counter); the worker exits so that it
+/// rejoins afresh, rather than hold the partition's messages unacknowledged for ever.
+const FENCED_FOR: Duration = Duration::from_secs(60);
 
 /// Most messages taken from the consumer in one go: each intake costs a few Redis round trips
 /// (loads, the reverse index, fan-out scans) whatever its size.
@@ -74,8 +80,13 @@ struct Owned {
     unscheduled: Vec<(i32, String, String)>,
     /// This worker's generation of each member partition it owns (taken on first use).
     gens: HashMap<i32, u64>,
-    /// Partitions a later owner took (a refused write or load): skipped until assigned again.
-    fenced: HashSet<i32>,
+    /// Partitions a later owner took (a refused write or load), and since when: skipped until
+    /// assigned again (if one stays assigned here, the worker exits: see `FENCED_FOR`).
+    fenced: HashMap<i32, std::time::Instant>,
+    /// Fenced transactions of intake (reverse index) and of the writer, each on a connection of
+    /// its own (single Redis).
+    tx: TxConn,
+    writer_tx: TxConn,
     ticks: VecDeque<TickJob>,
     /// Partition count of every input topic.
     partitions: i32,
@@ -98,7 +109,7 @@ impl Owned {
             "a later owner has taken this partition: dropped it until it is assigned again"
         );
         self.gens.remove(&partition);
-        self.fenced.insert(partition);
+        self.fenced.entry(partition).or_insert_with(std::time::Instant::now);
         let n = self.partitions;
         self.window
             .members
@@ -196,7 +207,9 @@ impl Worker {
             touched: HashSet::new(),
             unscheduled: Vec::new(),
             gens: HashMap::new(),
-            fenced: HashSet::new(),
+            fenced: HashMap::new(),
+            tx: self.store.tx_conn(),
+            writer_tx: self.store.tx_conn(),
             ticks: VecDeque::new(),
             partitions,
             kinds,
@@ -282,6 +295,16 @@ impl Worker {
                     let pending = lag > 0 || !st.window.is_empty() || !st.ticks.is_empty() || flight.is_some();
                     self.health.set_pending(pending, chrono_now_ms());
                     self.metrics.jobs_in_progress.with_label_values(&["live"]).set(st.ticks.len() as i64);
+                    let (assigned, _) = self.shared.snapshot();
+                    let stuck = st.fenced.iter().find(|(p, since)| {
+                        since.elapsed() > FENCED_FOR && assigned.iter().any(|tp| tp.1 == **p)
+                    });
+                    if let Some((p, _)) = stuck {
+                        st.fatal.get_or_insert(anyhow::anyhow!(
+                            "partition {p} was taken by a later owner {} s ago but is still assigned to this worker: exiting to rejoin the group",
+                            FENCED_FOR.as_secs()
+                        ));
+                    }
                 }
             }
         }

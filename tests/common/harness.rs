@@ -107,6 +107,14 @@ impl Harness {
         settings.model.spec = super::model_spec();
         settings.batch.max_wait_ms = 10;
         settings.decay.shards = 4;
+        // RESCORER_TEST_STATE_MODE=owned|remote runs the suite on that state mode.
+        if let Ok(mode) = std::env::var("RESCORER_TEST_STATE_MODE") {
+            settings.state.mode = match mode.as_str() {
+                "owned" => rescorer::config::StateMode::Owned,
+                "remote" => rescorer::config::StateMode::Remote,
+                other => panic!("RESCORER_TEST_STATE_MODE={other}: owned or remote"),
+            };
+        }
         rescorer::bench::create_topics(&settings, partitions)
             .await
             .expect("topics created");

@@ -174,10 +174,12 @@ impl Worker {
             let Some(&generation) = st.gens.get(&mem.partition) else {
                 continue;
             };
+            let partition = mem.partition;
             let ops = mem.plan(&model, top_n, ttl_ms, now);
             if !ops.is_empty() {
                 writes.push(MemberWrite {
                     member: m,
+                    partition,
                     generation,
                     ops,
                 });
@@ -193,6 +195,19 @@ impl Worker {
             }
         }
         let members: Vec<String> = writes.iter().map(|w| w.member.clone()).collect();
+        let mut gens: Vec<(i32, u64)> = writes
+            .iter()
+            .map(|w| w.partition)
+            .chain(due.iter().map(|d| d.0))
+            .chain(gone.iter().map(|d| d.0))
+            .filter_map(|p| Some((p, *st.gens.get(&p)?)))
+            .collect();
+        gens.sort_unstable();
+        gens.dedup();
+        // Schedule changes of a partition this worker no longer owns are not written.
+        due.retain(|d| st.gens.contains_key(&d.0));
+        gone.retain(|d| st.gens.contains_key(&d.0));
+        let tx = st.writer_tx.clone();
         let (store, metrics, health) = (
             self.store.clone(),
             self.metrics.clone(),
@@ -209,7 +224,7 @@ impl Worker {
                 .map(|(p, m, c)| (*p, m.as_str(), c.as_str()))
                 .collect();
             retry("write", &metrics, &health, give_up, &hard_stop, || {
-                store.write_owned(&writes, &due_refs, &gone_refs)
+                store.write_owned(&tx, &gens, &writes, &due_refs, &gone_refs)
             })
             .await
         });
@@ -262,7 +277,7 @@ impl Worker {
         let done: Vec<_> = w
             .messages
             .into_iter()
-            .filter(|m| !st.fenced.contains(&m.tp.1))
+            .filter(|m| !st.fenced.contains_key(&m.tp.1))
             .collect();
         self.complete_tracked(&mut st.tracker, &done, true);
         for t in st.ticks.iter_mut() {

@@ -41,7 +41,7 @@ impl Worker {
                 continue;
             };
             // A partition a later owner took: left to it.
-            if st.fenced.contains(&msg.partition()) {
+            if st.fenced.contains_key(&msg.partition()) {
                 continue;
             }
             let tp = (msg.topic().to_owned(), msg.partition());
@@ -194,12 +194,12 @@ impl Worker {
         let n = st.partitions;
         members.sort_unstable();
         members.dedup();
-        members.retain(|m| !st.cache.contains(m) && !st.fenced.contains(&partition_of(m, n)));
+        members.retain(|m| !st.cache.contains(m) && !st.fenced.contains_key(&partition_of(m, n)));
         for chunk in members.chunks(LOAD_CHUNK) {
             let mut with_gen: Vec<(&str, u64, i32)> = Vec::with_capacity(chunk.len());
             for m in chunk {
                 let p = partition_of(m, n);
-                if st.fenced.contains(&p) {
+                if st.fenced.contains_key(&p) {
                     continue;
                 }
                 match self.generation(st, p, hard_stop).await {
@@ -226,7 +226,7 @@ impl Worker {
                 }
             };
             for ((m, _, p), l) in with_gen.iter().zip(loaded) {
-                if st.fenced.contains(p) {
+                if st.fenced.contains_key(p) {
                     continue;
                 }
                 match l {
@@ -287,7 +287,7 @@ impl Worker {
         for (ev, mref) in events {
             let p = mref.tp.1;
             let member = member_of(&ev).unwrap_or_default().to_owned();
-            if st.fenced.contains(&p) || !st.cache.contains(&member) {
+            if st.fenced.contains_key(&p) || !st.cache.contains(&member) {
                 continue;
             }
             let topic = mref.topic_label;
@@ -349,28 +349,52 @@ impl Worker {
         if rev.is_empty() {
             return;
         }
-        let ops: Vec<(&str, &str, i64, i64, bool)> = rev
-            .iter()
-            .map(|(c, m, t, o, a)| (c.as_str(), m.as_str(), *t, *o, *a))
-            .collect();
-        match retry(
-            "reverse index",
-            &self.metrics,
-            &self.health,
-            self.give_up_after(),
-            hard_stop,
-            || self.store.rev_and_features(&ops),
-        )
-        .await
-        {
-            Ok(features) => {
-                for ((c, ..), f) in rev.iter().zip(features) {
-                    st.cache.set_candidate(c, f);
-                }
+        let n = st.partitions;
+        loop {
+            rev.retain(|(_, m, ..)| !st.fenced.contains_key(&partition_of(m, n)));
+            if rev.is_empty() {
+                return;
             }
-            Err(Stop::Cancelled) => {}
-            Err(Stop::Fatal(e)) => {
-                st.fatal.get_or_insert(e);
+            let ops: Vec<(&str, &str, i64, i64, bool)> = rev
+                .iter()
+                .map(|(c, m, t, o, a)| (c.as_str(), m.as_str(), *t, *o, *a))
+                .collect();
+            let mut gens: Vec<(i32, u64)> = rev
+                .iter()
+                .filter_map(|(_, m, ..)| {
+                    let p = partition_of(m, n);
+                    Some((p, *st.gens.get(&p)?))
+                })
+                .collect();
+            gens.sort_unstable();
+            gens.dedup();
+            let tx = st.tx.clone();
+            match retry(
+                "reverse index",
+                &self.metrics,
+                &self.health,
+                self.give_up_after(),
+                hard_stop,
+                || self.store.rev_and_features(&tx, &gens, &ops),
+            )
+            .await
+            {
+                Ok(Ok(features)) => {
+                    for ((c, ..), f) in rev.iter().zip(features) {
+                        st.cache.set_candidate(c, f);
+                    }
+                    return;
+                }
+                Ok(Err(taken)) => {
+                    for p in taken {
+                        st.fence(p, None);
+                    }
+                }
+                Err(Stop::Cancelled) => return,
+                Err(Stop::Fatal(e)) => {
+                    st.fatal.get_or_insert(e);
+                    return;
+                }
             }
         }
     }
@@ -395,7 +419,7 @@ impl Worker {
             return;
         }
         for (r, mref) in requests {
-            if st.fenced.contains(&mref.tp.1) {
+            if st.fenced.contains_key(&mref.tp.1) {
                 continue;
             }
             for m in &r.members {
