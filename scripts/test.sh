@@ -52,3 +52,10 @@ else
 fi
 echo "==> cargo test"
 cargo test --locked "$@"
+# The central guarantee's tests again with owned state (state.mode = "owned"), but for the two on
+# the backlog catch-up lane, which only the remote-state loop has (see docs/state.md).
+if [ $# -eq 0 ]; then
+  echo "==> cargo test --test worker_guarantees, owned state"
+  RESCORER_TEST_STATE_MODE=owned cargo test --locked --test worker_guarantees -- \
+    --skip a_backlog_drains_behind_live_events --skip messages_read_already_behind
+fi

@@ -1,4 +1,5 @@
 use std::io::{BufReader, IsTerminal};
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -7,6 +8,9 @@ use clap::{Args, Parser, Subcommand};
 use rescorer::config::{Device, ModelSettings, Settings};
 use rescorer::metrics::Metrics;
 use rescorer::score::Scorer;
+
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// Nearline rescoring worker: Kafka events in, fresh top-K Catch Up scores in Redis.
 #[derive(Parser)]

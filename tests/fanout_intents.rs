@@ -1,6 +1,7 @@
 //! A waiting candidate fan-out no longer holds its messages' offsets: its intent is recorded in
 //! Redis, the message is committed, and whoever owns the partition next (after a stop, a crash or
-//! a rebalance) resumes the fan-out from the intent.
+//! a rebalance) resumes the fan-out from the intent. Remote state only: with owned state a
+//! candidate update's fan-out is its rescore requests in Kafka (`tests/owned_state.rs`).
 
 mod common;
 
@@ -17,6 +18,7 @@ async fn a_queued_fanout_commits_its_message_and_the_next_owner_resumes_it() {
     let scorer = common::scorer();
     let members: Vec<String> = (0..40).map(|i| format!("m{i}")).collect();
     let mut settings = h.settings.clone();
+    settings.state.mode = rescorer::config::StateMode::Remote;
     // A candidate fans out at most once a minute: its second update waits in the queue.
     settings.batch.fanout_min_interval_ms = 60_000;
     let w = h.start_worker_with(settings).await;

@@ -209,6 +209,9 @@ fn certificate_rejected(e: &redis::RedisError) -> bool {
 /// Most commands in one pipeline round trip.
 const PIPELINE_CHUNK: usize = 256;
 
+/// Most read commands in one pipeline of [`Store::read_many`] (its pipelines go out together).
+const READ_CHUNK: usize = 1024;
+
 /// Where the store connects again after a READONLY reply.
 #[derive(Debug, Clone)]
 struct Target {
@@ -315,6 +318,24 @@ impl Store {
         let mut c = self.conn();
         let r = redis::cmd("PING").query_async::<String>(&mut c).await;
         self.checked(r).await.map(|_| ())
+    }
+
+    /// Runs read-only commands: on a single Redis in pipelines of [`READ_CHUNK`] commands, all in
+    /// flight at once (replies in order); on a cluster, as [`Self::multi`].
+    async fn read_many(&self, cmds: Vec<Cmd>) -> Result<Vec<Value>, StoreError> {
+        let Conn::Single(_) = self.conn() else {
+            return self.multi(cmds).await;
+        };
+        let pipes = cmds.chunks(READ_CHUNK).map(|chunk| {
+            let mut p = redis::pipe();
+            for c in chunk {
+                p.add_command(c.clone());
+            }
+            let mut c = self.conn();
+            async move { p.query_async::<Vec<Value>>(&mut c).await }
+        });
+        let r = futures::future::try_join_all(pipes).await;
+        Ok(self.checked(r).await?.into_iter().flatten().collect())
     }
 
     /// Runs commands that may touch different slots: pipelined in order on a single Redis, concurrent

@@ -334,8 +334,26 @@ impl Store {
         if !self.transactional() {
             return self.load_scripted(members).await;
         }
-        let mut cmds = Vec::with_capacity(members.len() * 7);
-        for (m, _) in members {
+        // A member never stored (most of a cold start) costs one EXISTS over its seven keys, not
+        // seven reads.
+        let exists: Vec<Cmd> = members
+            .iter()
+            .map(|(m, _)| {
+                let mut c = redis::cmd("EXISTS");
+                c.arg(&self.member_keys(m)[1..]);
+                c
+            })
+            .collect();
+        let stored: Vec<&(&str, u64)> = self
+            .read_many(exists)
+            .await?
+            .iter()
+            .zip(members)
+            .filter(|(v, _)| !matches!(v, Value::Int(0)))
+            .map(|(_, m)| m)
+            .collect();
+        let mut cmds = Vec::with_capacity(stored.len() * 7);
+        for (m, _) in &stored {
             let k = self.member_keys(m);
             for key in &k[1..5] {
                 let mut c = redis::cmd("HGETALL");
@@ -351,18 +369,24 @@ impl Store {
             c.arg(&k[7]).arg("ttl_set_at");
             cmds.push(c);
         }
-        let replies = self.multi(cmds).await?;
-        if replies.len() != members.len() * 7 {
+        let replies = self.read_many(cmds).await?;
+        if replies.len() != stored.len() * 7 {
             return Err(protocol("owned load", "reply count"));
         }
-        replies
-            .chunks(7)
-            .map(|r| {
-                let mut parts = vec![Value::Int(1)];
-                parts.extend(r.iter().cloned());
-                parse_load(&Value::Array(parts))
+        let mut loaded: HashMap<&str, Loaded> = HashMap::with_capacity(stored.len());
+        for ((m, _), r) in stored.iter().zip(replies.chunks(7)) {
+            let mut parts = vec![Value::Int(1)];
+            parts.extend(r.iter().cloned());
+            loaded.insert(m, parse_load(&Value::Array(parts))?);
+        }
+        Ok(members
+            .iter()
+            .map(|(m, _)| {
+                loaded
+                    .remove(m)
+                    .unwrap_or_else(|| Loaded::Taken(Box::default()))
             })
-            .collect()
+            .collect())
     }
 
     /// Applies reverse-index changes `(candidate, member, ts, offset, add)` and returns each
