@@ -147,9 +147,14 @@ enum BenchCommand {
         /// Longest a backlog phase may run, seconds.
         #[arg(long, default_value_t = 300)]
         phase_limit: u64,
-        /// Only the ceilings and the default drain (e.g. peak RSS with a large stored state).
+        /// Only the ceilings and the default drain (e.g. peak RSS with a large stored state), then
+        /// the full rescoring after a tick.
         #[arg(long)]
         drain_only: bool,
+        /// Members in the tick phase (50 pairs each): their pairs are stored through the worker,
+        /// then one tick makes every pair due and the phase times the full rescoring. 0 skips it.
+        #[arg(long, default_value_t = 4000)]
+        tick_members: usize,
         /// Only the backlog + live phase, with live traffic at this many events/s (no ceilings
         /// or other phases; for studying catch-up).
         #[arg(long, conflicts_with = "drain_only")]
@@ -449,6 +454,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             backlog_minutes,
             phase_limit,
             drain_only,
+            tick_members,
             backlog_live_rate,
             freshness_rates,
             traffic:
@@ -475,6 +481,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 backlog_minutes,
                 phase_limit_secs: phase_limit,
                 drain_only,
+                tick_members,
                 members,
                 candidates,
                 zipf,

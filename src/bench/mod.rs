@@ -10,6 +10,7 @@ mod probe;
 mod report;
 pub use report::freshness_table;
 mod state;
+mod tick;
 mod watch;
 
 use std::time::{Duration, Instant};
@@ -45,8 +46,11 @@ pub struct BenchOptions {
     pub backlog_minutes: f64,
     /// Longest a backlog phase may run.
     pub phase_limit_secs: u64,
-    /// Only the ceilings and the default drain (e.g. peak RSS with a large stored state).
+    /// Only the ceilings and the default drain (e.g. peak RSS with a large stored state), and the
+    /// tick phase.
     pub drain_only: bool,
+    /// Members of the tick phase (see [`tick::TickRun`]); 0 skips it.
+    pub tick_members: usize,
     pub members: usize,
     pub candidates: usize,
     pub zipf: f64,
@@ -172,6 +176,9 @@ pub struct Report {
     pub batch_sizes: Vec<(usize, Drain)>,
     pub freshness: Vec<Freshness>,
     pub backlog_live: Option<BacklogLive>,
+    /// The full rescoring after a tick (absent in older reports).
+    #[serde(default)]
+    pub tick: Option<tick::TickRun>,
 }
 
 /// Quantiles without observations are NaN, which JSON writes as null: read null back as NaN.
@@ -525,7 +532,12 @@ pub async fn run(base: &Settings, opts: &BenchOptions) -> anyhow::Result<Report>
         batch_sizes: Vec::new(),
         freshness: Vec::new(),
         backlog_live: None,
+        tick: None,
     };
+    if opts.tick_members > 0 {
+        eprintln!("a full rescoring after a tick");
+        report.tick = Some(tick::tick_rescore(base, opts).await?);
+    }
     if opts.drain_only {
         return Ok(report);
     }

@@ -89,6 +89,23 @@ impl Report {
             }
         }
         s += "\n\n";
+        if let Some(t) = &self.tick {
+            s += &format!(
+                "## A full rescoring after a tick\n\n{} members × 50 pairs stored through the worker, \
+                 then one tick per partition with every pair due: {} pairs rescored in {:.2} s, \
+                 **{:.0} pairs/s** ({} of the model's ceiling at batch 1024), peak RSS {:.0} MiB{}.\n\n",
+                t.members,
+                t.pairs,
+                t.seconds,
+                t.pairs_per_s,
+                format_args!(
+                    "{:.1}%",
+                    100.0 * t.pairs_per_s / self.ceilings.model_rows_per_s.max(1.0)
+                ),
+                t.peak_rss_mib,
+                if t.complete { "" } else { " (the phase limit ran out first)" }
+            );
+        }
         if self.freshness.is_empty() {
             return s;
         }

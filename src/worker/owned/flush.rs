@@ -351,14 +351,37 @@ impl Worker {
         if !self.ensure_loaded(st, members, hard_stop).await {
             return false;
         }
+        let decay = &self.settings.decay;
+        let mut whole: HashSet<String> = HashSet::new();
         for (m, c) in due {
             let live = st.cache.get(&m).map(|x| x.live(&c).is_some());
+            if live.is_some() {
+                whole.insert(m.clone());
+            }
             match live {
                 Some(true) => st.window.pair(&m, &c, as_of),
                 // A pair that is gone, or an entry that is not this partition's.
                 Some(false) => st.unscheduled.push((p, m, c)),
                 None if partition_of(&m, n) != p => st.unscheduled.push((p, m, c)),
                 None => {}
+            }
+        }
+        // The schedule is in due order, so one chunk holds a pair or two of many members: each
+        // member it touches has every pair due by the tick rescored now (the owner knows when
+        // each is due), so a member is written once per tick, not once per pair.
+        for m in &whole {
+            let Some(mem) = st.cache.get(m) else { continue };
+            let due_now: Vec<String> = mem
+                .live_pairs()
+                .filter(|(c, pair)| {
+                    mem.as_of
+                        .get(*c)
+                        .is_none_or(|a| decay.next_due(*a, pair.ts) <= as_of)
+                })
+                .map(|(c, _)| c.clone())
+                .collect();
+            for c in due_now {
+                st.window.pair(m, &c, as_of);
             }
         }
         st.window.touch_deadline();
