@@ -55,6 +55,6 @@ out="${RESCORER_BENCH_OUT:-perf/e2e.json}"
 extra=()
 if [ -n "${RESCORER_BENCH_SMOKE:-}" ]; then
   out="$work/smoke.json"
-  extra=(--backlog 2000 --seconds 2 --members 1000 --candidates 1000 --batch-sizes 16 --backlog-minutes 0.1 --phase-limit 60)
+  extra=(--backlog 2000 --seconds 2 --members 1000 --candidates 1000 --batch-sizes 16 --backlog-minutes 0.1 --phase-limit 60 --tick-members 20)
 fi
 target/release/rescorer bench e2e --config "$work/bench.toml" --out "$out" "${extra[@]}" "$@"

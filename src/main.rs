@@ -388,12 +388,19 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }) => {
             let settings = config.load()?;
             let file = rescorer::cli::topics::TopicsFile::load(&topics)?;
-            let results = runtime()?.block_on(rescorer::cli::topics::apply(
+            let rt = runtime()?;
+            let results = rt.block_on(rescorer::cli::topics::apply(
                 &settings,
                 &file,
                 replication_factor,
             ))?;
+            let counts = rt.block_on(rescorer::cli::topics::partition_counts(&settings))?;
+            let mismatch = rescorer::cli::topics::count_mismatch(&counts);
             let mut drifted = false;
+            if let Some(why) = &mismatch {
+                drifted = settings.state.mode == rescorer::config::StateMode::Owned;
+                println!("{}: {why}", if drifted { "DRIFT" } else { "note" });
+            }
             for (name, status) in results {
                 match status {
                     rescorer::cli::topics::TopicStatus::Created => println!("{name}: created"),

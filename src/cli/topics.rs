@@ -150,3 +150,59 @@ pub async fn apply(
     }
     Ok(out)
 }
+
+/// The partition count of each topic that owned state needs co-partitioned (the three input
+/// topics and the rescore requests), as the broker has them (0: missing).
+pub async fn partition_counts(settings: &Settings) -> anyhow::Result<Vec<(String, i32)>> {
+    let admin: AdminClient<DefaultClientContext> = crate::consume::base_config(settings)
+        .create()
+        .context("creating the Kafka admin client")?;
+    let t = &settings.topics;
+    let mut out = Vec::new();
+    for name in [
+        &t.feature_updates,
+        &t.new_candidates,
+        &t.decay_ticks,
+        &t.rescore_requests,
+    ] {
+        let md = admin
+            .inner()
+            .fetch_metadata(Some(name), Duration::from_secs(10))
+            .with_context(|| format!("reading metadata of {name}"))?;
+        let n = md
+            .topics()
+            .first()
+            .filter(|t| t.error().is_none())
+            .map_or(0, |t| t.partitions().len() as i32);
+        out.push((name.clone(), n));
+    }
+    Ok(out)
+}
+
+/// Why `counts` do not suit owned state (a member's partition must be the same on every topic),
+/// or None when they do.
+pub fn count_mismatch(counts: &[(String, i32)]) -> Option<String> {
+    let first = counts.first()?.1;
+    counts.iter().any(|(_, n)| *n != first).then(|| {
+        let list: Vec<String> = counts.iter().map(|(t, n)| format!("{t}={n}")).collect();
+        format!(
+            "partition counts differ ({}): owned state (state.mode = \"owned\") needs one count",
+            list.join(", ")
+        )
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_must_agree_for_owned_state() {
+        let c = |v: &[i32]| -> Vec<(String, i32)> {
+            v.iter().enumerate().map(|(i, n)| (format!("t{i}"), *n)).collect()
+        };
+        assert_eq!(count_mismatch(&c(&[12, 12, 12, 12])), None);
+        let why = count_mismatch(&c(&[12, 12, 6, 12])).expect("a mismatch");
+        assert!(why.contains("t2=6"), "{why}");
+    }
+}
