@@ -40,6 +40,11 @@ pub struct Ceilings {
     pub broker_p50_ms: f64,
     #[serde(default)]
     pub broker_p99_ms: f64,
+    /// Raw Redis: plain `ZADD`s of one pair each to members' top-N sets (the output's key
+    /// shape), pipelined 1,024 at a time through the worker's client: what Redis and the client
+    /// take with no script and no state. 0 in reports taken before it was measured.
+    #[serde(default)]
+    pub redis_plain_writes_per_s: f64,
 }
 
 /// Produce → consume latency through the broker with the worker's fetch settings, at 200/s for
@@ -150,6 +155,35 @@ pub async fn consume(settings: &Settings, topic: &str, n: u64) -> anyhow::Result
 pub fn model(scorer: &Scorer, batch: usize, seconds: f64) -> anyhow::Result<f64> {
     let r = crate::cli::bench_model::run(scorer, &[batch], seconds, 1)?;
     Ok(r.results[0].rows_per_s)
+}
+
+/// Plain `ZADD`s/s to 1,024 members' top-N sets, one pair each, scores changing every round,
+/// pipelined 1,024 at a time (see [`Ceilings::redis_plain_writes_per_s`]).
+pub async fn plain_writes(store: &Store, seconds: f64) -> anyhow::Result<f64> {
+    const MEMBERS: usize = 1024;
+    let keys: Vec<String> = (0..MEMBERS)
+        .map(|m| store.keys().scores(&format!("pm{m}")))
+        .collect();
+    let mut conn = store.conn();
+    let started = Instant::now();
+    let (mut round, mut written) = (0u64, 0usize);
+    while started.elapsed().as_secs_f64() < seconds {
+        round += 1;
+        let mut p = redis::pipe();
+        for (i, k) in keys.iter().enumerate() {
+            let score = ((round as usize * 31 + i) % 1000) as f64 / 1000.0;
+            p.cmd("ZADD")
+                .arg(k)
+                .arg(score)
+                .arg(format!("c{}", i % 100))
+                .ignore();
+        }
+        p.query_async::<()>(&mut conn)
+            .await
+            .context("plain ZADD pipeline")?;
+        written += MEMBERS;
+    }
+    Ok(written as f64 / started.elapsed().as_secs_f64())
 }
 
 /// Pairs rescored per score-script call in the Redis ceiling.

@@ -488,6 +488,7 @@ pub async fn run(base: &Settings, opts: &BenchOptions) -> anyhow::Result<Report>
     let apply_store = ceilings::scratch_store(base, &format!("benchapply{}", suffix())).await?;
     let apply =
         ceilings::apply(&apply_store, opts.members, opts.candidates, opts.zipf, 3.0).await?;
+    let plain = ceilings::plain_writes(&store, 3.0).await?;
     let cs = phase_settings(base, opts.partitions).await?;
     let consume =
         ceilings::consume(&cs, &cs.topics.feature_updates, opts.backlog.max(50_000)).await?;
@@ -501,8 +502,9 @@ pub async fn run(base: &Settings, opts: &BenchOptions) -> anyhow::Result<Report>
         redis_apply_events_per_s: apply,
         broker_p50_ms: broker_p50,
         broker_p99_ms: broker_p99,
+        redis_plain_writes_per_s: plain,
     };
-    eprintln!("  consume {consume:.0} msgs/s, model {model:.0} rows/s, redis {redis:.0} pairs/s, state writes {apply:.0} events/s; broker produce→consume p50 {broker_p50:.0} ms, p99 {broker_p99:.0} ms");
+    eprintln!("  consume {consume:.0} msgs/s, model {model:.0} rows/s, redis {redis:.0} pairs/s, state writes {apply:.0} events/s, plain ZADD {plain:.0}/s; broker produce→consume p50 {broker_p50:.0} ms, p99 {broker_p99:.0} ms");
 
     eprintln!("backlog drains ({} events)", opts.backlog);
     let sustained = drain(base, opts, "default", &[]).await?;

@@ -36,9 +36,10 @@ impl Report {
              ## Ceilings (same run)\n\n| ceiling | rate |\n|---|---:|\n\
              | consume (plain consumer) | {:.0} msgs/s |\n| model, batch {} | {:.0} rows/s |\n| Redis score writes, worker's script (8 pairs a call, members of the stored size; mean of {}) | {:.0} pairs/s |\n\
              | Redis state writes, worker's scripts (the apply stage: the drain's event mix, 512 a pipeline) | {:.0} events/s |\n\
+             | Redis plain writes: `ZADD` of one pair to a member's top-N set, 1,024 a pipeline, the worker's client (raw) | {:.0} writes/s |\n\
              | broker produce → consume at 200/s, worker's fetch settings (a freshness floor) | p50 {:.0} ms, p99 {:.0} ms |\n\n",
             self.machine, self.preloaded_pairs, self.backlog_events, self.partitions, c.consume_msgs_per_s, self.batch_default, c.model_rows_per_s, samples, c.redis_pairs_per_s,
-            c.redis_apply_events_per_s, c.broker_p50_ms, c.broker_p99_ms
+            c.redis_apply_events_per_s, c.redis_plain_writes_per_s, c.broker_p50_ms, c.broker_p99_ms
         );
         s += "## Backlog drains\n\n| run | events/s | pairs/s | model rows / event | peak RSS MiB | complete |\n|---|---:|---:|---:|---:|---|\n";
         let drains = std::iter::once(&self.sustained)
