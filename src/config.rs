@@ -47,6 +47,10 @@ pub struct StateSettings {
     /// members whose writes are acknowledged are evicted past it and read again on their next
     /// event. 256 MiB holds about a million pairs.
     pub cache_bytes: u64,
+    /// Owned state: a removal tombstone is dropped once the member has an event this much newer
+    /// (in event time), so removed pairs stop costing memory; a replay of events older than that
+    /// may bring a removed pair back (out of contract). 30 days; 0 keeps tombstones for ever.
+    pub tombstone_horizon_secs: u64,
 }
 
 impl Default for StateSettings {
@@ -54,6 +58,7 @@ impl Default for StateSettings {
         Self {
             mode: StateMode::Remote,
             cache_bytes: 256 * 1024 * 1024,
+            tombstone_horizon_secs: 30 * 86_400,
         }
     }
 }
@@ -320,6 +325,11 @@ pub struct DecaySettings {
     /// Publish a tick to every partition of the ticks topic this often. Off (0) by default so a
     /// replay stays deterministic; `rescorer tick` from a scheduler is the usual source.
     pub ticker_interval_secs: u64,
+    /// Owned state: a member with no event for this long (in event time, against the tick's)
+    /// is no longer decayed: a tick drops its pairs from the schedule instead of rescoring
+    /// them, so its output's TTL can fire, and its next event rescores all its pairs again
+    /// (30 days; 0: decay every member for ever).
+    pub active_horizon_secs: u64,
 }
 
 impl Default for DecaySettings {
@@ -331,11 +341,21 @@ impl Default for DecaySettings {
             shards: 16,
             chunk: 1000,
             ticker_interval_secs: 0,
+            active_horizon_secs: 30 * 86_400,
         }
     }
 }
 
 impl DecaySettings {
+    /// Whether a member whose last event was at `last_event_ms` is dormant as of `at_ms` (see
+    /// `active_horizon_secs`; a member with no event yet is not).
+    pub fn dormant(&self, last_event_ms: Option<i64>, at_ms: i64) -> bool {
+        let horizon =
+            i64::try_from(self.active_horizon_secs.saturating_mul(1000)).unwrap_or(i64::MAX);
+        self.active_horizon_secs > 0
+            && last_event_ms.is_some_and(|t| t < at_ms.saturating_sub(horizon))
+    }
+
     /// When a pair scored as of `as_of_ms` whose moment was at `moment_ts_ms` is due again.
     pub fn next_due(&self, as_of_ms: i64, moment_ts_ms: i64) -> i64 {
         // Saturating throughout: event times are bounded at decode, intervals by nothing but u64.

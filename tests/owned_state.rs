@@ -299,3 +299,59 @@ async fn a_paused_owner_resumed_as_a_zombie_leaves_the_exact_final_state() {
         a.log_tail()
     );
 }
+
+/// A member with no event for `decay.active_horizon_secs` is no longer decayed: a tick takes its
+/// pairs off the schedule without rescoring them (so its output's TTL can run out), and its next
+/// event rescores every pair and schedules them again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dormant_member_leaves_the_schedule_and_its_next_event_rescores_it_whole() {
+    let h = Harness::new(2).await;
+    let mut settings = owned(&h);
+    settings.decay.active_horizon_secs = 2 * 86_400;
+    let w = h.start_worker_with(settings).await;
+    let hour = 3_600_000;
+    for c in ["c1", "c2"] {
+        h.upsert("m1", c, "job_change", serde_json::json!({}), T0).await;
+    }
+    h.upsert("m2", "c1", "job_change", serde_json::json!({}), T0 + 70 * hour)
+        .await;
+    h.wait_consumed().await;
+    let k = h.keys();
+    let p = partition_of("m1", h.partitions);
+    let scheduled = |m: &str| -> usize {
+        let due: Vec<String> = redis::cmd("ZRANGE")
+            .arg(k.partition_due(partition_of(m, h.partitions)))
+            .arg(0)
+            .arg(-1)
+            .query(&mut h.redis.client())
+            .unwrap();
+        due.iter().filter(|e| e.contains(&format!("\"{m}\""))).count()
+    };
+    let as_of = |m: &str| h.meta(m).get("as_of").cloned().unwrap_or_default();
+    assert_eq!(scheduled("m1"), 2);
+    // Within the horizon (2 days after its last event): decayed as usual.
+    h.tick(T0 + 25 * hour).await;
+    h.wait_consumed().await;
+    assert_eq!(as_of("m1"), (T0 + 25 * hour).to_string());
+    // Three days after: dormant, not rescored, off the schedule; m2 is active and decayed.
+    h.tick(T0 + 72 * hour).await;
+    h.wait_consumed().await;
+    assert_eq!(as_of("m1"), (T0 + 25 * hour).to_string(), "not rescored");
+    assert_eq!(scheduled("m1"), 0, "off the schedule (partition {p})");
+    assert_eq!(as_of("m2"), (T0 + 72 * hour).to_string());
+    assert_eq!(scheduled("m2"), 1);
+    // Its next event rescores all of its pairs and schedules them again.
+    h.upsert("m1", "c3", "job_change", serde_json::json!({}), T0 + 73 * hour)
+        .await;
+    h.wait_consumed().await;
+    assert_eq!(as_of("m1"), (T0 + 73 * hour).to_string());
+    let asof: std::collections::HashMap<String, String> = redis::cmd("HGETALL")
+        .arg(k.scored_as_of("m1"))
+        .query(&mut h.redis.client())
+        .unwrap();
+    for c in ["c1", "c2", "c3"] {
+        assert_eq!(asof[c], (T0 + 73 * hour).to_string(), "{c}");
+    }
+    assert_eq!(scheduled("m1"), 3);
+    w.stop().await.unwrap();
+}

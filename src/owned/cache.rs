@@ -39,6 +39,9 @@ pub struct Member {
     dirty_as_of: BTreeSet<String>,
     /// When the output's TTL was last set (ms, wall clock), as far as this owner knows.
     ttl_set_at: Option<i64>,
+    /// Event time of the newest event applied to the member (None: none yet).
+    pub last_event: Option<i64>,
+    tombstone_horizon_ms: Option<i64>,
     /// Writes planned and not acknowledged yet: the member is not evicted meanwhile (a reload
     /// would read Redis before they land).
     pending: usize,
@@ -68,6 +71,12 @@ impl Member {
             ttl_set_at: l.ttl_set_at,
             ..Member::default()
         };
+        m.last_event = m
+            .pairs
+            .values()
+            .map(|p| p.ts)
+            .chain(m.versions.values().map(|v| v.0))
+            .max();
         m.scores = m
             .written_top
             .iter()
@@ -97,6 +106,7 @@ impl Member {
                 continue;
             }
             self.versions.insert(name.clone(), (u.ts, offset));
+            self.last_event = self.last_event.max(Some(u.ts));
             match value {
                 Some(x) => self.features.insert(name.clone(), *x),
                 None => self.features.remove(name),
@@ -125,6 +135,7 @@ impl Member {
         if !is_live {
             self.scores.remove(candidate);
         }
+        self.last_event = self.last_event.max(Some(st.ts));
         self.pairs.insert(candidate.to_owned(), st);
         self.dirty_pairs.insert(candidate.to_owned());
         PairApplied {
@@ -171,7 +182,7 @@ impl Member {
     /// nothing changed. The member then counts as written (the next plan diffs against this
     /// one) and stays pending until [`Cache::acknowledged`].
     pub fn plan(&mut self, model: &str, top_n: usize, ttl_ms: u64, now_ms: i64) -> Vec<WriteOp> {
-        let mut ops = Vec::new();
+        let mut ops = self.expire_tombstones();
         let mut hset = |key, fields: Vec<String>| {
             if !fields.is_empty() {
                 ops.extend(WriteOp::split(key, "HSET", fields, 2));
@@ -298,6 +309,40 @@ impl Member {
             self.pending += 1;
         }
         ops
+    }
+
+    /// Drops removal tombstones older than the member's newest event by more than the horizon
+    /// (`state.tombstone_horizon_secs`, set with [`Member::set_tombstone_horizon`]), in memory
+    /// and in Redis (the returned commands).
+    fn expire_tombstones(&mut self) -> Vec<WriteOp> {
+        let (Some(last), Some(h)) = (self.last_event, self.tombstone_horizon_ms) else {
+            return Vec::new();
+        };
+        let before = last.saturating_sub(h);
+        let expired: Vec<String> = self
+            .pairs
+            .iter()
+            .filter(|(_, p)| p.rm && p.ts < before)
+            .map(|(c, _)| c.clone())
+            .collect();
+        if expired.is_empty() {
+            return Vec::new();
+        }
+        for c in &expired {
+            self.pairs.remove(c);
+            self.as_of.remove(c);
+            self.dirty_pairs.remove(c);
+            self.dirty_as_of.remove(c);
+        }
+        let mut ops = WriteOp::split(MemberKey::Pairs, "HDEL", expired.clone(), 1);
+        ops.extend(WriteOp::split(MemberKey::AsOf, "HDEL", expired, 1));
+        ops
+    }
+
+    /// Tombstones older than the member's newest event by more than `ms` are dropped by the next
+    /// plan (None: kept for ever).
+    pub fn set_tombstone_horizon(&mut self, ms: Option<i64>) {
+        self.tombstone_horizon_ms = ms;
     }
 
     /// Bytes this member holds, estimated.
@@ -582,6 +627,36 @@ mod tests {
             .expect("the top written");
         assert_eq!(top.args, vec!["5", "a", "3", "b"]);
         assert_eq!(ops.iter().filter(|o| o.cmd == "PEXPIRE").count(), 3);
+    }
+
+    #[test]
+    fn tombstones_go_once_the_member_has_an_event_past_the_horizon() {
+        let mut m = Member::default();
+        m.set_tombstone_horizon(Some(100));
+        m.apply_pair("gone", pair(10, 0, false));
+        m.set_score("gone", 1.0, 10);
+        m.apply_pair("gone", pair(20, 1, true));
+        m.apply_pair("kept", pair(50, 2, false));
+        let ops = m.plan("model", 10, 1000, 0);
+        assert!(!ops.iter().any(|o| o.cmd == "HDEL"), "within the horizon");
+        assert!(m.pairs.contains_key("gone"));
+        m.apply_pair("new", pair(121, 3, false));
+        let ops = m.plan("model", 10, 1000, 0);
+        let hdel: Vec<(MemberKey, Vec<String>)> = ops
+            .iter()
+            .filter(|o| o.cmd == "HDEL")
+            .map(|o| (o.key, o.args.clone()))
+            .collect();
+        assert_eq!(
+            hdel,
+            [
+                (MemberKey::Pairs, vec!["gone".to_owned()]),
+                (MemberKey::AsOf, vec!["gone".to_owned()])
+            ]
+        );
+        assert!(!m.pairs.contains_key("gone") && !m.as_of.contains_key("gone"));
+        // Out of contract from now on: an upsert older than the tombstone brings the pair back.
+        assert!(m.apply_pair("gone", pair(15, 0, false)).applied);
     }
 
     #[test]

@@ -78,6 +78,9 @@ struct Owned {
     touched: HashSet<String>,
     /// Schedule entries to drop with the next write: (partition, member, candidate).
     unscheduled: Vec<(i32, String, String)>,
+    /// Schedule entries of dormant members' live pairs, dropped with the next write unless the
+    /// same write schedules them again.
+    retired: Vec<(i32, String, String)>,
     /// This worker's generation of each member partition it owns (taken on first use).
     gens: HashMap<i32, u64>,
     /// Partitions a later owner took (a refused write or load), and since when: skipped until
@@ -117,6 +120,7 @@ impl Owned {
         self.window.messages.retain(|m| m.tp.1 != partition);
         self.touched.retain(|m| partition_of(m, n) != partition);
         self.unscheduled.retain(|(p, _, _)| *p != partition);
+        self.retired.retain(|(p, _, _)| *p != partition);
         self.ticks.retain(|t| t.partition != partition);
     }
 }
@@ -206,6 +210,7 @@ impl Worker {
             window: Window::new(true),
             touched: HashSet::new(),
             unscheduled: Vec::new(),
+            retired: Vec::new(),
             gens: HashMap::new(),
             fenced: HashMap::new(),
             tx: self.store.tx_conn(),

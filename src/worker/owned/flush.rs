@@ -69,7 +69,11 @@ impl Worker {
         st: &mut Owned,
         hard_stop: &CancellationToken,
     ) -> Option<Writing> {
-        if st.window.is_empty() && st.touched.is_empty() && st.unscheduled.is_empty() {
+        if st.window.is_empty()
+            && st.touched.is_empty()
+            && st.unscheduled.is_empty()
+            && st.retired.is_empty()
+        {
             return None;
         }
         let window = st.window.take();
@@ -166,6 +170,9 @@ impl Worker {
             self.settings.output.ttl_secs.saturating_mul(1000),
             chrono_now_ms(),
         );
+        let horizon = self.settings.state.tombstone_horizon_secs;
+        let tombstones = (horizon > 0)
+            .then(|| i64::try_from(horizon.saturating_mul(1000)).unwrap_or(i64::MAX));
         let mut writes: Vec<MemberWrite> = Vec::new();
         for m in std::mem::take(&mut st.touched) {
             let Some(mem) = st.cache.get_mut(&m) else {
@@ -175,6 +182,7 @@ impl Worker {
                 continue;
             };
             let partition = mem.partition;
+            mem.set_tombstone_horizon(tombstones);
             let ops = mem.plan(&model, top_n, ttl_ms, now);
             if !ops.is_empty() {
                 writes.push(MemberWrite {
@@ -188,6 +196,15 @@ impl Worker {
         // A pair removed and added again since the last write is scheduled, not dropped: only
         // pairs not live now leave the schedule (the ZREMs run after the ZADDs).
         gone.retain(|(_, m, c)| st.cache.get(m).is_none_or(|x| x.live(c).is_none()));
+        // Dormant members' pairs leave the schedule, unless this write schedules them again (an
+        // event woke the member).
+        let again: HashSet<(&str, &str)> =
+            due.iter().map(|(_, m, c, _)| (m.as_str(), c.as_str())).collect();
+        let retired: Vec<(i32, String, String)> = std::mem::take(&mut st.retired)
+            .into_iter()
+            .filter(|(_, m, c)| !again.contains(&(m.as_str(), c.as_str())))
+            .collect();
+        gone.extend(retired);
         st.seq += 1;
         for t in st.ticks.iter_mut() {
             if t.waiting && t.in_write.is_none() {
@@ -358,7 +375,12 @@ impl Worker {
             if live.is_some() {
                 whole.insert(m.clone());
             }
+            let dormant = st
+                .cache
+                .get(&m)
+                .is_some_and(|x| decay.dormant(x.last_event, as_of));
             match live {
+                Some(true) if dormant => st.retired.push((p, m, c)),
                 Some(true) => st.window.pair(&m, &c, as_of),
                 // A pair that is gone, or an entry that is not this partition's.
                 Some(false) => st.unscheduled.push((p, m, c)),
@@ -371,6 +393,14 @@ impl Worker {
         // each is due), so a member is written once per tick, not once per pair.
         for m in &whole {
             let Some(mem) = st.cache.get(m) else { continue };
+            if decay.dormant(mem.last_event, as_of) {
+                // No decay for a dormant member: its pairs leave the schedule, its output's TTL
+                // runs out, its next event rescores it whole.
+                let pairs: Vec<String> = mem.live_pairs().map(|(c, _)| c.clone()).collect();
+                st.retired
+                    .extend(pairs.into_iter().map(|c| (p, m.clone(), c)));
+                continue;
+            }
             let due_now: Vec<String> = mem
                 .live_pairs()
                 .filter(|(c, pair)| {

@@ -292,6 +292,18 @@ impl Worker {
             }
             let topic = mref.topic_label;
             let offset = mref.offset;
+            let ts = match &ev {
+                Event::Features(u) => u.ts,
+                Event::Upsert(u) => u.ts,
+                Event::Remove(r) => r.ts,
+                Event::Tick(t) => t.ts,
+            };
+            // A member dormant until this event (no decay for `decay.active_horizon_secs`) has
+            // all its pairs rescored and scheduled again.
+            let woke = st
+                .cache
+                .get(&member)
+                .is_some_and(|m| self.settings.decay.dormant(m.last_event, ts));
             let applied = match &ev {
                 Event::Features(u) => {
                     let Some(m) = st.cache.get_mut(&member) else {
@@ -338,6 +350,9 @@ impl Worker {
                 Event::Tick(_) => false,
             };
             if applied {
+                if woke {
+                    st.window.member(&member, ts);
+                }
                 handled(topic, "applied", &mref).emit(&self.metrics);
                 st.touched.insert(member);
                 st.window.message(mref);
