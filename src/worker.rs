@@ -245,15 +245,7 @@ impl Worker {
         run.backlog.set_member_weight(initial);
         // Redis retries stop at `hard_stop`: 10 s after shutdown, so a drain during an outage
         // ends (leaving its messages uncommitted, to be replayed) instead of hanging.
-        let hard_stop = CancellationToken::new();
-        {
-            let (shutdown, hard_stop) = (shutdown.clone(), hard_stop.clone());
-            tokio::spawn(async move {
-                shutdown.cancelled().await;
-                sleep(Duration::from_secs(10)).await;
-                hard_stop.cancel();
-            });
-        }
+        let hard_stop = hard_stop_after(&shutdown);
         let max_wait = Duration::from_millis(self.settings.batch.max_wait_ms);
         let backlog_wait = Duration::from_millis(self.settings.catchup.max_wait_ms);
         let max_pairs = self.settings.batch.max_pairs;
@@ -489,6 +481,12 @@ impl Worker {
                 "unfinished fan-outs/ticks left for replay"
             );
         }
+        self.commit_and_leave();
+        Ok(())
+    }
+
+    /// Commits what was stored and leaves the group (a graceful stop).
+    fn commit_and_leave(&self) {
         match self.consumer.commit_consumer_state(CommitMode::Sync) {
             Ok(()) => tracing::info!("offsets committed"),
             // Nothing stored since the last auto-commit: nothing to do.
@@ -500,7 +498,6 @@ impl Worker {
             }
         }
         self.consumer.unsubscribe();
-        Ok(())
     }
 
     /// Resumes the recorded fan-outs of every partition of the feature-updates topic assigned
@@ -592,6 +589,19 @@ impl Worker {
             }
         }
     }
+}
+
+/// A token cancelled 10 s after `shutdown`: where Redis retries stop, so a drain during an
+/// outage ends (its messages left uncommitted, to be replayed) instead of hanging.
+fn hard_stop_after(shutdown: &CancellationToken) -> CancellationToken {
+    let hard_stop = CancellationToken::new();
+    let (shutdown, stop) = (shutdown.clone(), hard_stop.clone());
+    tokio::spawn(async move {
+        shutdown.cancelled().await;
+        sleep(Duration::from_secs(10)).await;
+        stop.cancel();
+    });
+    hard_stop
 }
 
 /// Wall clock in ms (only for `updated_at`, `ttl_set_at`, freshness and lag; never for scoring).

@@ -500,23 +500,8 @@ impl Store {
         until: i64,
         limit: usize,
     ) -> Result<Vec<(String, String)>, StoreError> {
-        let mut c = self.conn();
-        let r = redis::cmd("ZRANGE")
-            .arg(self.keys.partition_due(partition))
-            .arg("-inf")
-            .arg(until)
-            .arg("BYSCORE")
-            .arg("LIMIT")
-            .arg(0)
-            .arg(limit)
-            .query_async::<Vec<String>>(&mut c)
-            .await;
-        let raw = self.checked(r).await?;
-        raw.iter()
-            .map(|s| {
-                serde_json::from_str::<(String, String)>(s).map_err(|e| protocol("due entry", e))
-            })
-            .collect()
+        self.due_in(&self.keys.partition_due(partition), until, limit)
+            .await
     }
 }
 

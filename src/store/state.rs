@@ -281,9 +281,19 @@ impl Store {
         until: i64,
         limit: usize,
     ) -> Result<Vec<(String, String)>, StoreError> {
+        self.due_in(&self.keys.due(shard), until, limit).await
+    }
+
+    /// Up to `limit` pairs of the schedule `key` due at or before `until` (ms), earliest first.
+    pub(super) async fn due_in(
+        &self,
+        key: &str,
+        until: i64,
+        limit: usize,
+    ) -> Result<Vec<(String, String)>, StoreError> {
         let mut c = self.conn();
         let r = redis::cmd("ZRANGE")
-            .arg(self.keys.due(shard))
+            .arg(key)
             .arg("-inf")
             .arg(until)
             .arg("BYSCORE")

@@ -221,15 +221,7 @@ impl Worker {
             seq: 0,
             fatal: None,
         };
-        let hard_stop = CancellationToken::new();
-        {
-            let (shutdown, hard_stop) = (shutdown.clone(), hard_stop.clone());
-            tokio::spawn(async move {
-                shutdown.cancelled().await;
-                sleep(Duration::from_secs(10)).await;
-                hard_stop.cancel();
-            });
-        }
+        let hard_stop = super::hard_stop_after(&shutdown);
         let max_wait = Duration::from_millis(self.settings.batch.max_wait_ms);
         let max_pairs = self.settings.batch.max_pairs;
         let mut lag_timer = tokio::time::interval(Duration::from_secs(1));
@@ -325,16 +317,7 @@ impl Worker {
         }
         tracing::info!("shutting down: writing the current window, then committing");
         self.flush_owned(&mut st, &mut flight, &hard_stop).await;
-        match self.consumer.commit_consumer_state(CommitMode::Sync) {
-            Ok(()) => tracing::info!("offsets committed"),
-            Err(rdkafka::error::KafkaError::ConsumerCommit(
-                rdkafka::types::RDKafkaErrorCode::NoOffset,
-            )) => {}
-            Err(e) => {
-                tracing::warn!(error = %e, "final commit failed; the next owner replays from the last commit")
-            }
-        }
-        self.consumer.unsubscribe();
+        self.commit_and_leave();
         Ok(())
     }
 
