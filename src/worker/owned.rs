@@ -33,7 +33,6 @@ use crate::owned::cache::Cache;
 use crate::owned::route::{partition_of, RescoreRequest, FORWARDED_FROM};
 use crate::store::TxConn;
 
-mod fanout;
 mod flush;
 mod intake;
 
@@ -92,8 +91,6 @@ struct Owned {
     tx: TxConn,
     writer_tx: TxConn,
     ticks: VecDeque<TickJob>,
-    /// Candidate fan-outs waiting for their interval.
-    fanouts: fanout::Fanouts,
     /// Partition count of every input topic.
     partitions: i32,
     kinds: HashMap<String, Input>,
@@ -125,7 +122,6 @@ impl Owned {
         self.unscheduled.retain(|(p, _, _)| *p != partition);
         self.retired.retain(|(p, _, _)| *p != partition);
         self.ticks.retain(|t| t.partition != partition);
-        self.fanouts.drop_partitions(&HashSet::from([partition]));
     }
 }
 
@@ -220,10 +216,6 @@ impl Worker {
             tx: self.store.tx_conn(),
             writer_tx: self.store.tx_conn(),
             ticks: VecDeque::new(),
-            fanouts: fanout::Fanouts::new(
-                Duration::from_millis(self.settings.batch.fanout_min_interval_ms),
-                self.settings.batch.fanout_interval_members,
-            ),
             partitions,
             kinds,
             seq: 0,
@@ -272,9 +264,6 @@ impl Worker {
                     // The window in flight is written (with this owner's generation) first.
                     self.flush_owned(&mut st, &mut flight, &hard_stop).await;
                     self.rebalanced_owned(&mut st, ev);
-                }
-                _ = sleep_until(st.fanouts.next_wake().unwrap_or_else(Instant::now)), if !st.fanouts.is_empty() => {
-                    self.run_fanouts(&mut st, &hard_stop).await;
                 }
                 _ = sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() && flight.is_none() => {
                     flight = self.start_write(&mut st, &hard_stop).await;
@@ -346,7 +335,6 @@ impl Worker {
                         .consumer_lag_seconds
                         .remove_label_values(&[&tp.0, &p]);
                 }
-                st.fanouts.drop_partitions(&parts);
                 for p in parts {
                     let members = st.cache.drop_partition(p);
                     st.gens.remove(&p);
