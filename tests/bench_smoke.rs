@@ -66,7 +66,11 @@ async fn the_benchmark_runs_every_phase_end_to_end() {
         );
     }
     let tick = &report["tick"];
-    assert_eq!(tick["pairs"].as_u64(), Some(20 * 50), "the tick rescored every pair: {report}");
+    assert_eq!(
+        tick["pairs"].as_u64(),
+        Some(20 * 50),
+        "the tick rescored every pair: {report}"
+    );
     assert!(tick["pairs_per_s"].as_f64().unwrap() > 0.0 && tick["complete"] == true);
     let batch = &report["batch_sizes"][0];
     assert_eq!(batch[0].as_u64(), Some(16), "{report}");

@@ -59,9 +59,14 @@ async fn topics_apply_creates_what_is_missing_and_reports_drift_without_changing
         .unwrap();
     assert_eq!(md.topics()[0].partitions().len(), 12);
     // The new ticks topic has 12 partitions, the others 2: owned state could not use them.
-    let counts = rescorer::cli::topics::partition_counts(&settings).await.unwrap();
+    let counts = rescorer::cli::topics::partition_counts(&settings)
+        .await
+        .unwrap();
     let why = rescorer::cli::topics::count_mismatch(&counts).expect("counts differ");
-    assert!(why.contains(&format!("{}=12", settings.topics.decay_ticks)), "{why}");
+    assert!(
+        why.contains(&format!("{}=12", settings.topics.decay_ticks)),
+        "{why}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -113,9 +113,7 @@ async fn two_owned_workers_split_the_partitions_and_the_survivor_finishes() {
     let s = Scenario::generate(23, 300, 12, 10, T0);
     let a = h.start_worker_with(owned(&h)).await;
     let b = h.start_worker_with(owned(&h)).await;
-    let assigned = |w: &common::harness::WorkerHandle| {
-        w.metrics.assigned_partitions.get()
-    };
+    let assigned = |w: &common::harness::WorkerHandle| w.metrics.assigned_partitions.get();
     let until = std::time::Instant::now() + Duration::from_secs(60);
     // 4 topics (three inputs and the requests) × 4 partitions.
     while !(assigned(&a) > 0 && assigned(&b) > 0 && assigned(&a) + assigned(&b) == 16) {
@@ -201,7 +199,11 @@ async fn a_zombie_owner_cannot_write_a_member_a_later_owner_has_loaded() {
         &store.load_owned(&[("m1", old)]).await.unwrap()[0],
         Loaded::Fenced(g) if *g == new
     ));
-    assert_eq!(top_of(&redis, &store), [("c1".to_owned(), 2.0)], "the zombie's write left no trace");
+    assert_eq!(
+        top_of(&redis, &store),
+        [("c1".to_owned(), 2.0)],
+        "the zombie's write left no trace"
+    );
 }
 
 /// A single Redis's fence, on real Redis: a window is one transaction watched on the partition's
@@ -210,9 +212,15 @@ async fn a_zombie_owner_cannot_write_a_member_a_later_owner_has_loaded() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_zombie_owners_transaction_is_refused_once_a_later_owner_took_the_partition() {
     let redis = common::services::RedisServer::start();
-    let store = Store::connect(&redis.url(), false, Duration::from_secs(2), None, Keys::new("fence", 1))
-        .await
-        .unwrap();
+    let store = Store::connect(
+        &redis.url(),
+        false,
+        Duration::from_secs(2),
+        None,
+        Keys::new("fence", 1),
+    )
+    .await
+    .unwrap();
     assert!(store.transactional());
     let (tx, other) = (store.tx_conn(), store.tx_conn());
     let old = store.take_generation(3).await.unwrap();
@@ -220,16 +228,30 @@ async fn a_zombie_owners_transaction_is_refused_once_a_later_owner_took_the_part
         let (store, tx) = (store.clone(), tx.clone());
         async move {
             store
-                .write_owned(&tx, &[(3, g)], &[member_write(g, s)], &[(3, "m1", "c1", 100)], &[])
+                .write_owned(
+                    &tx,
+                    &[(3, g)],
+                    &[member_write(g, s)],
+                    &[(3, "m1", "c1", 100)],
+                    &[],
+                )
                 .await
                 .unwrap()
         }
     };
     assert_eq!(write(&tx, old, "1").await, [true]);
     let new = store.take_generation(3).await.unwrap();
-    assert_eq!(write(&tx, old, "9").await, [false], "the old generation is refused");
+    assert_eq!(
+        write(&tx, old, "9").await,
+        [false],
+        "the old generation is refused"
+    );
     assert_eq!(write(&other, new, "2").await, [true]);
-    assert_eq!(top_of(&redis, &store), [("c1".to_owned(), 2.0)], "the zombie's write left no trace");
+    assert_eq!(
+        top_of(&redis, &store),
+        [("c1".to_owned(), 2.0)],
+        "the zombie's write left no trace"
+    );
     // The reverse index's transactions are fenced the same way: after another owner's INCR,
     // nothing of the earlier generation's change is applied.
     let r = store
@@ -247,7 +269,10 @@ async fn a_zombie_owners_transaction_is_refused_once_a_later_owner_took_the_part
         .arg(store.keys().reverse("c2"))
         .query(&mut redis.client())
         .unwrap();
-    assert!(members.is_empty(), "nothing of a refused transaction is applied");
+    assert!(
+        members.is_empty(),
+        "nothing of a refused transaction is applied"
+    );
 }
 
 /// A worker paused past its session timeout (as a long GC-like pause would) loses its partitions
@@ -268,7 +293,8 @@ async fn a_paused_owner_resumed_as_a_zombie_leaves_the_exact_final_state() {
         "kafka.options.auto.commit.interval.ms=\"100\"".into(),
         "batch.max_pairs=8".into(),
     ];
-    let mut a = common::process::WorkerProcess::spawn(&h.settings, &sets, &logs.path().join("a.log"));
+    let mut a =
+        common::process::WorkerProcess::spawn(&h.settings, &sets, &logs.path().join("a.log"));
     s.send_batched(&h, 0..300).await;
     a.wait_consuming(Duration::from_secs(60)).await;
     // Paused with more taken in than written: Redis freezes under a burst, then the worker.
@@ -277,7 +303,8 @@ async fn a_paused_owner_resumed_as_a_zombie_leaves_the_exact_final_state() {
     tokio::time::sleep(Duration::from_millis(700)).await;
     a.signal("STOP");
     h.redis.signal("CONT");
-    let mut b = common::process::WorkerProcess::spawn(&h.settings, &sets, &logs.path().join("b.log"));
+    let mut b =
+        common::process::WorkerProcess::spawn(&h.settings, &sets, &logs.path().join("b.log"));
     b.wait_consuming(Duration::from_secs(60)).await;
     // The new owner has taken over and touched the members; then the zombie wakes up.
     h.wait_consumed().await;
@@ -311,10 +338,17 @@ async fn a_dormant_member_leaves_the_schedule_and_its_next_event_rescores_it_who
     let w = h.start_worker_with(settings).await;
     let hour = 3_600_000;
     for c in ["c1", "c2"] {
-        h.upsert("m1", c, "job_change", serde_json::json!({}), T0).await;
+        h.upsert("m1", c, "job_change", serde_json::json!({}), T0)
+            .await;
     }
-    h.upsert("m2", "c1", "job_change", serde_json::json!({}), T0 + 70 * hour)
-        .await;
+    h.upsert(
+        "m2",
+        "c1",
+        "job_change",
+        serde_json::json!({}),
+        T0 + 70 * hour,
+    )
+    .await;
     h.wait_consumed().await;
     let k = h.keys();
     let p = partition_of("m1", h.partitions);
@@ -325,7 +359,9 @@ async fn a_dormant_member_leaves_the_schedule_and_its_next_event_rescores_it_who
             .arg(-1)
             .query(&mut h.redis.client())
             .unwrap();
-        due.iter().filter(|e| e.contains(&format!("\"{m}\""))).count()
+        due.iter()
+            .filter(|e| e.contains(&format!("\"{m}\"")))
+            .count()
     };
     let as_of = |m: &str| h.meta(m).get("as_of").cloned().unwrap_or_default();
     assert_eq!(scheduled("m1"), 2);
@@ -341,8 +377,14 @@ async fn a_dormant_member_leaves_the_schedule_and_its_next_event_rescores_it_who
     assert_eq!(as_of("m2"), (T0 + 72 * hour).to_string());
     assert_eq!(scheduled("m2"), 1);
     // Its next event rescores all of its pairs and schedules them again.
-    h.upsert("m1", "c3", "job_change", serde_json::json!({}), T0 + 73 * hour)
-        .await;
+    h.upsert(
+        "m1",
+        "c3",
+        "job_change",
+        serde_json::json!({}),
+        T0 + 73 * hour,
+    )
+    .await;
     h.wait_consumed().await;
     assert_eq!(as_of("m1"), (T0 + 73 * hour).to_string());
     let asof: std::collections::HashMap<String, String> = redis::cmd("HGETALL")

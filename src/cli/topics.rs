@@ -199,7 +199,10 @@ mod tests {
     #[test]
     fn counts_must_agree_for_owned_state() {
         let c = |v: &[i32]| -> Vec<(String, i32)> {
-            v.iter().enumerate().map(|(i, n)| (format!("t{i}"), *n)).collect()
+            v.iter()
+                .enumerate()
+                .map(|(i, n)| (format!("t{i}"), *n))
+                .collect()
         };
         assert_eq!(count_mismatch(&c(&[12, 12, 12, 12])), None);
         let why = count_mismatch(&c(&[12, 12, 6, 12])).expect("a mismatch");

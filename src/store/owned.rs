@@ -444,7 +444,11 @@ impl Store {
             for w in members.iter().filter(|w| !taken.contains(&w.partition)) {
                 self.plain_cmds(w, &mut cmds);
             }
-            let due: Vec<_> = due.iter().filter(|d| !taken.contains(&d.0)).copied().collect();
+            let due: Vec<_> = due
+                .iter()
+                .filter(|d| !taken.contains(&d.0))
+                .copied()
+                .collect();
             let gone: Vec<_> = unscheduled
                 .iter()
                 .filter(|d| !taken.contains(&d.0))

@@ -112,7 +112,9 @@ impl Owned {
             "a later owner has taken this partition: dropped it until it is assigned again"
         );
         self.gens.remove(&partition);
-        self.fenced.entry(partition).or_insert_with(std::time::Instant::now);
+        self.fenced
+            .entry(partition)
+            .or_insert_with(std::time::Instant::now);
         let n = self.partitions;
         self.window
             .members
@@ -206,7 +208,9 @@ impl Worker {
         tracing::info!(topics = ?topics, partitions, group = %self.settings.kafka.group_id, "subscribed (owned state)");
         let mut st = Owned {
             tracker: OffsetTracker::new(),
-            cache: Cache::new(usize::try_from(self.settings.state.cache_bytes).unwrap_or(usize::MAX)),
+            cache: Cache::new(
+                usize::try_from(self.settings.state.cache_bytes).unwrap_or(usize::MAX),
+            ),
             window: Window::new(true),
             touched: HashSet::new(),
             unscheduled: Vec::new(),
@@ -241,7 +245,11 @@ impl Worker {
             }
             // While a window is written the next one may grow to LIVE_GROWTH × max_pairs (a group
             // commit: under load, fewer and larger writes).
-            let cap = if flight.is_some() { max_pairs * LIVE_GROWTH } else { max_pairs };
+            let cap = if flight.is_some() {
+                max_pairs * LIVE_GROWTH
+            } else {
+                max_pairs
+            };
             let full = st.window.size() >= cap;
             let deadline = st.window.started.map(|s| s + max_wait);
             tokio::select! {
@@ -340,7 +348,11 @@ impl Worker {
                     st.gens.remove(&p);
                     st.fenced.remove(&p);
                     st.ticks.retain(|t| t.partition != p);
-                    tracing::info!(partition = p, members, "partition revoked: its members dropped");
+                    tracing::info!(
+                        partition = p,
+                        members,
+                        "partition revoked: its members dropped"
+                    );
                 }
             }
             RebalanceEvent::Assigned(tps) => {

@@ -34,7 +34,10 @@ pub fn worker_env(st: &Settings) -> Vec<(&'static str, String)> {
             "RESCORER__TOPICS__RESCORE_REQUESTS",
             st.topics.rescore_requests.clone(),
         ),
-        ("RESCORER__STATE__MODE", format!("{:?}", st.state.mode).to_lowercase()),
+        (
+            "RESCORER__STATE__MODE",
+            format!("{:?}", st.state.mode).to_lowercase(),
+        ),
         ("RESCORER__REDIS__URL", st.redis.url.clone()),
         ("RESCORER__OUTPUT__KEY_PREFIX", st.output.key_prefix.clone()),
         ("RESCORER__DECAY__SHARDS", st.decay.shards.to_string()),

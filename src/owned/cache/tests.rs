@@ -24,16 +24,30 @@ fn features_and_pairs_are_last_writer_wins_by_time_then_offset() {
     };
     assert_eq!(m.apply_features(&upd(10, Some(1.0)), 5), 1);
     assert_eq!(m.apply_features(&upd(9, Some(2.0)), 9), 0, "older");
-    assert_eq!(m.apply_features(&upd(10, Some(3.0)), 4), 0, "same time, lower offset");
-    assert_eq!(m.apply_features(&upd(10, Some(1.0)), 5), 1, "a replay applies again");
+    assert_eq!(
+        m.apply_features(&upd(10, Some(3.0)), 4),
+        0,
+        "same time, lower offset"
+    );
+    assert_eq!(
+        m.apply_features(&upd(10, Some(1.0)), 5),
+        1,
+        "a replay applies again"
+    );
     assert_eq!(m.apply_features(&upd(11, None), 0), 1);
     assert!(!m.features.contains_key("f"));
 
     assert!(m.apply_pair("c", pair(10, 1, false)).applied);
-    assert!(!m.apply_pair("c", pair(9, 7, true)).applied, "an older removal");
+    assert!(
+        !m.apply_pair("c", pair(9, 7, true)).applied,
+        "an older removal"
+    );
     let r = m.apply_pair("c", pair(12, 0, true));
     assert!(r.applied && r.was_live && !r.is_live);
-    assert!(!m.apply_pair("c", pair(11, 3, false)).applied, "the tombstone holds");
+    assert!(
+        !m.apply_pair("c", pair(11, 3, false)).applied,
+        "the tombstone holds"
+    );
     assert!(!m.set_score("c", 1.0, 20), "a removed pair is not scored");
 }
 
@@ -57,7 +71,10 @@ fn the_plan_writes_the_ranking_diff_and_nothing_when_nothing_changed() {
     assert_eq!(rest[0].args, vec!["0", "a"]);
     let expire: Vec<&WriteOp> = ops.iter().filter(|o| o.cmd == "PEXPIRE").collect();
     assert_eq!(expire.len(), 3, "a first write sets the output's TTL");
-    assert!(m.plan("model", 2, 1000, 8).is_empty(), "nothing changed since");
+    assert!(
+        m.plan("model", 2, 1000, 8).is_empty(),
+        "nothing changed since"
+    );
 
     // "a" rises into the top: it leaves the rest, "b" goes down.
     m.set_score("a", 5.0, 6);
@@ -71,7 +88,9 @@ fn the_plan_writes_the_ranking_diff_and_nothing_when_nothing_changed() {
     assert!(cmds.contains(&(MemberKey::Top, "ZADD", vec!["5".into(), "a".into()])));
     assert!(cmds.contains(&(MemberKey::Rest, "ZREM", vec!["a".into()])));
     assert!(cmds.contains(&(MemberKey::Rest, "ZADD", vec!["1".into(), "b".into()])));
-    assert!(ops.iter().any(|o| o.key == MemberKey::Meta && o.cmd == "HSET"));
+    assert!(ops
+        .iter()
+        .any(|o| o.key == MemberKey::Meta && o.cmd == "HSET"));
     assert!(
         !ops.iter().any(|o| o.cmd == "PEXPIRE"),
         "the TTL is set again only once a 64th of it has passed"
@@ -126,7 +145,10 @@ fn equal_scores_rank_by_candidate_bytes_like_zrevrange() {
         m.set_score(c, 1.0, 5);
     }
     let (top, rest) = m.ranking(2);
-    assert_eq!(top.iter().map(|(c, _)| c.as_str()).collect::<Vec<_>>(), ["z", "y"]);
+    assert_eq!(
+        top.iter().map(|(c, _)| c.as_str()).collect::<Vec<_>>(),
+        ["z", "y"]
+    );
     assert_eq!(rest[0].0, "x");
 }
 
@@ -147,7 +169,10 @@ fn eviction_keeps_dirty_members_and_candidate_features_follow_their_members() {
     cache.insert("b", b);
     assert_eq!(cache.evict(), 1, "only the clean member goes");
     assert!(!cache.contains("a") && cache.contains("b"));
-    assert!(!cache.has_candidate("c1"), "no cached member has c1 any more");
+    assert!(
+        !cache.has_candidate("c1"),
+        "no cached member has c1 any more"
+    );
     let r = cache.apply_pair("b", "c2", pair(2, 0, true));
     assert!(r.applied && !cache.has_candidate("c2"));
 }

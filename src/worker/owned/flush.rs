@@ -158,7 +158,12 @@ impl Worker {
                 continue;
             };
             if mem.set_score(c, f64::from(*s), *as_of) {
-                due.push((p, m.clone(), c.clone(), self.settings.decay.next_due(*as_of, *moment)));
+                due.push((
+                    p,
+                    m.clone(),
+                    c.clone(),
+                    self.settings.decay.next_due(*as_of, *moment),
+                ));
                 st.touched.insert(m.clone());
             }
         }
@@ -171,8 +176,8 @@ impl Worker {
             chrono_now_ms(),
         );
         let horizon = self.settings.state.tombstone_horizon_secs;
-        let tombstones = (horizon > 0)
-            .then(|| i64::try_from(horizon.saturating_mul(1000)).unwrap_or(i64::MAX));
+        let tombstones =
+            (horizon > 0).then(|| i64::try_from(horizon.saturating_mul(1000)).unwrap_or(i64::MAX));
         let mut writes: Vec<MemberWrite> = Vec::new();
         for m in std::mem::take(&mut st.touched) {
             let Some(mem) = st.cache.get_mut(&m) else {
@@ -198,8 +203,10 @@ impl Worker {
         gone.retain(|(_, m, c)| st.cache.get(m).is_none_or(|x| x.live(c).is_none()));
         // Dormant members' pairs leave the schedule, unless this write schedules them again (an
         // event woke the member).
-        let again: HashSet<(&str, &str)> =
-            due.iter().map(|(_, m, c, _)| (m.as_str(), c.as_str())).collect();
+        let again: HashSet<(&str, &str)> = due
+            .iter()
+            .map(|(_, m, c, _)| (m.as_str(), c.as_str()))
+            .collect();
         let retired: Vec<(i32, String, String)> = std::mem::take(&mut st.retired)
             .into_iter()
             .filter(|(_, m, c)| !again.contains(&(m.as_str(), c.as_str())))
@@ -317,11 +324,7 @@ impl Worker {
     /// Takes the next chunk of the first decay tick into the window: true when one was added
     /// (the caller writes it before the next is fetched). A tick whose schedule has nothing left
     /// due is done.
-    pub(super) async fn step_tick(
-        &self,
-        st: &mut Owned,
-        hard_stop: &CancellationToken,
-    ) -> bool {
+    pub(super) async fn step_tick(&self, st: &mut Owned, hard_stop: &CancellationToken) -> bool {
         let Some(job) = st.ticks.front() else {
             return false;
         };

@@ -9,8 +9,8 @@ use rdkafka::Message;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    decode_input, fresh, handled, is_forwarded, label, member_of, Decoded, Input, OutRecord,
-    Owned, TickJob,
+    decode_input, fresh, handled, is_forwarded, label, member_of, Decoded, Input, OutRecord, Owned,
+    TickJob,
 };
 use crate::coalesce::MsgRef;
 use crate::decode::{Entity, Event, FeatureUpdate};
@@ -426,7 +426,8 @@ impl Worker {
             return;
         }
         let n = st.partitions;
-        let candidates: HashSet<String> = requests.iter().map(|(r, _)| r.candidate.clone()).collect();
+        let candidates: HashSet<String> =
+            requests.iter().map(|(r, _)| r.candidate.clone()).collect();
         if !self
             .refresh_candidates(st, candidates.into_iter().collect(), hard_stop)
             .await
@@ -439,7 +440,12 @@ impl Worker {
             }
             for m in &r.members {
                 let owned = partition_of(m, n) == mref.tp.1;
-                if owned && st.cache.get(m).is_some_and(|x| x.live(&r.candidate).is_some()) {
+                if owned
+                    && st
+                        .cache
+                        .get(m)
+                        .is_some_and(|x| x.live(&r.candidate).is_some())
+                {
                     st.window.pair(m, &r.candidate, r.as_of);
                 }
             }
@@ -508,7 +514,8 @@ impl Worker {
             .map(|(c, (as_of, ts, _))| (c.clone(), *as_of, *ts, 0))
             .collect();
         while !active.is_empty() {
-            let scans: Vec<(&str, u64)> = active.iter().map(|(c, .., k)| (c.as_str(), *k)).collect();
+            let scans: Vec<(&str, u64)> =
+                active.iter().map(|(c, .., k)| (c.as_str(), *k)).collect();
             let chunks = match retry(
                 "scan reverse index",
                 &self.metrics,
@@ -534,18 +541,20 @@ impl Worker {
                 for m in members {
                     by_partition.entry(partition_of(&m, n)).or_default().push(m);
                 }
-                records.extend(by_partition.into_iter().map(|(p, members)| OutRecord {
-                    topic: topic.clone(),
-                    partition: p,
-                    key: Some(candidate.as_bytes().to_vec()),
-                    value: serde_json::to_vec(&RescoreRequest {
-                        candidate: candidate.clone(),
-                        as_of: *as_of,
-                        members,
-                    })
-                    .ok(),
-                    headers: Vec::new(),
-                    timestamp_ms: *timestamp_ms,
+                records.extend(by_partition.into_iter().map(|(p, members)| {
+                    OutRecord {
+                        topic: topic.clone(),
+                        partition: p,
+                        key: Some(candidate.as_bytes().to_vec()),
+                        value: serde_json::to_vec(&RescoreRequest {
+                            candidate: candidate.clone(),
+                            as_of: *as_of,
+                            members,
+                        })
+                        .ok(),
+                        headers: Vec::new(),
+                        timestamp_ms: *timestamp_ms,
+                    }
                 }));
                 *cursor = next;
             }
