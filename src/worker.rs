@@ -245,7 +245,7 @@ impl Worker {
         run.backlog.set_member_weight(initial);
         // Redis retries stop at `hard_stop`: 10 s after shutdown, so a drain during an outage
         // ends (leaving its messages uncommitted, to be replayed) instead of hanging.
-        let hard_stop = hard_stop_after(&shutdown);
+        let hard_stop = retry::hard_stop_after(&shutdown);
         let max_wait = Duration::from_millis(self.settings.batch.max_wait_ms);
         let backlog_wait = Duration::from_millis(self.settings.catchup.max_wait_ms);
         let max_pairs = self.settings.batch.max_pairs;
@@ -532,19 +532,10 @@ impl Worker {
                 if let Some(given) = run.catching_up.remove(tp) {
                     Self::release_catchup(run, tp, given);
                 }
-                run.tracker.revoke(tp);
-                let p = tp.1.to_string();
-                let _ = self.metrics.consumer_lag.remove_label_values(&[&tp.0, &p]);
-                let _ = self
-                    .metrics
-                    .consumer_lag_seconds
-                    .remove_label_values(&[&tp.0, &p]);
+                self.forget_partition(&mut run.tracker, tp);
             }
         }
-        let n = self.shared.assigned.lock().map(|a| a.len()).unwrap_or(0);
-        self.metrics.assigned_partitions.set(n as i64);
-        self.health.assigned.store(n > 0, Ordering::Relaxed);
-        self.metrics.ready.set(i64::from(self.health.ready()));
+        self.note_assignment();
     }
 
     /// How long an error that is not an outage is retried (`redis.give_up_after_secs`).
@@ -589,19 +580,6 @@ impl Worker {
             }
         }
     }
-}
-
-/// A token cancelled 10 s after `shutdown`: where Redis retries stop, so a drain during an
-/// outage ends (its messages left uncommitted, to be replayed) instead of hanging.
-fn hard_stop_after(shutdown: &CancellationToken) -> CancellationToken {
-    let hard_stop = CancellationToken::new();
-    let (shutdown, stop) = (shutdown.clone(), hard_stop.clone());
-    tokio::spawn(async move {
-        shutdown.cancelled().await;
-        sleep(Duration::from_secs(10)).await;
-        stop.cancel();
-    });
-    hard_stop
 }
 
 /// Wall clock in ms (only for `updated_at`, `ttl_set_at`, freshness and lag; never for scoring).

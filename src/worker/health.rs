@@ -69,6 +69,26 @@ impl Worker {
         self.health.set_pending(pending, chrono_now_ms());
     }
 
+    /// A partition is no longer this worker's: its unfinished messages are forgotten (replayed
+    /// by the next owner) and its lag series removed.
+    pub(super) fn forget_partition(&self, tracker: &mut OffsetTracker, tp: &crate::offsets::Tp) {
+        tracker.revoke(tp);
+        let p = tp.1.to_string();
+        let _ = self.metrics.consumer_lag.remove_label_values(&[&tp.0, &p]);
+        let _ = self
+            .metrics
+            .consumer_lag_seconds
+            .remove_label_values(&[&tp.0, &p]);
+    }
+
+    /// After a rebalance: the assigned-partitions gauge and readiness.
+    pub(super) fn note_assignment(&self) {
+        let n = self.shared.assigned.lock().map(|a| a.len()).unwrap_or(0);
+        self.metrics.assigned_partitions.set(n as i64);
+        self.health.assigned.store(n > 0, Ordering::Relaxed);
+        self.metrics.ready.set(i64::from(self.health.ready()));
+    }
+
     /// Lag per assigned partition: high watermark (from fetch statistics) minus position, and the
     /// age of the oldest unfinished message when behind. Returns the total lag in messages.
     pub(super) fn update_lag(&self, tracker: &OffsetTracker) -> i64 {

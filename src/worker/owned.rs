@@ -12,7 +12,6 @@
 //! `[catchup]` splitting does not apply.
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use rdkafka::consumer::{CommitMode, Consumer};
@@ -22,7 +21,6 @@ use rdkafka::Message;
 use tokio::time::{sleep, sleep_until, Instant};
 use tokio_util::sync::CancellationToken;
 
-use super::retry::{retry, Stop};
 use super::{chrono_now_ms, take_fetched, Worker, LIVE_GROWTH};
 use crate::coalesce::{MsgRef, Window};
 use crate::consume::RebalanceEvent;
@@ -225,7 +223,7 @@ impl Worker {
             seq: 0,
             fatal: None,
         };
-        let hard_stop = super::hard_stop_after(&shutdown);
+        let hard_stop = super::retry::hard_stop_after(&shutdown);
         let max_wait = Duration::from_millis(self.settings.batch.max_wait_ms);
         let max_pairs = self.settings.batch.max_pairs;
         let mut lag_timer = tokio::time::interval(Duration::from_secs(1));
@@ -335,13 +333,7 @@ impl Worker {
                 let mut parts: HashSet<i32> = HashSet::new();
                 for tp in tps {
                     parts.insert(tp.1);
-                    st.tracker.revoke(tp);
-                    let p = tp.1.to_string();
-                    let _ = self.metrics.consumer_lag.remove_label_values(&[&tp.0, &p]);
-                    let _ = self
-                        .metrics
-                        .consumer_lag_seconds
-                        .remove_label_values(&[&tp.0, &p]);
+                    self.forget_partition(&mut st.tracker, tp);
                 }
                 for p in parts {
                     let members = st.cache.drop_partition(p);
@@ -361,10 +353,7 @@ impl Worker {
                 }
             }
         }
-        let n = self.shared.assigned.lock().map(|a| a.len()).unwrap_or(0);
-        self.metrics.assigned_partitions.set(n as i64);
-        self.health.assigned.store(n > 0, Ordering::Relaxed);
-        self.metrics.ready.set(i64::from(self.health.ready()));
+        self.note_assignment();
     }
 
     /// This worker's generation of `partition`, taken from Redis on first use after assignment.
@@ -377,27 +366,14 @@ impl Worker {
         if let Some(g) = st.gens.get(&partition) {
             return Some(*g);
         }
-        let r = retry(
-            "take generation",
-            &self.metrics,
-            &self.health,
-            self.give_up_after(),
-            hard_stop,
-            || self.store.take_generation(partition),
-        )
-        .await;
-        match r {
-            Ok(g) => {
-                tracing::info!(partition, generation = g, "owning partition");
-                st.gens.insert(partition, g);
-                Some(g)
-            }
-            Err(Stop::Cancelled) => None,
-            Err(Stop::Fatal(e)) => {
-                st.fatal.get_or_insert(e);
-                None
-            }
-        }
+        let g = self
+            .attempt(&mut st.fatal, "take generation", hard_stop, || {
+                self.store.take_generation(partition)
+            })
+            .await?;
+        tracing::info!(partition, generation = g, "owning partition");
+        st.gens.insert(partition, g);
+        Some(g)
     }
 
     /// Produces records until the broker acknowledges each: Err(None) when the hard stop fires

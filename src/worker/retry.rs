@@ -121,3 +121,51 @@ where
         }
     }
 }
+
+/// A token cancelled 10 s after `shutdown`: where Redis retries stop, so a drain during an
+/// outage ends (its messages left uncommitted, to be replayed) instead of hanging.
+pub(super) fn hard_stop_after(shutdown: &CancellationToken) -> CancellationToken {
+    let hard_stop = CancellationToken::new();
+    let (shutdown, stop) = (shutdown.clone(), hard_stop.clone());
+    tokio::spawn(async move {
+        shutdown.cancelled().await;
+        sleep(Duration::from_secs(10)).await;
+        stop.cancel();
+    });
+    hard_stop
+}
+
+impl super::Worker {
+    /// [`retry`] with this worker's metrics, health and give-up time; a stop is noted in `fatal`
+    /// (a permanent error) or not (the hard stop), and either way gives None: the caller returns
+    /// without acknowledging anything.
+    pub(super) async fn attempt<T, F, Fut>(
+        &self,
+        fatal: &mut Option<anyhow::Error>,
+        what: &str,
+        hard_stop: &CancellationToken,
+        op: F,
+    ) -> Option<T>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, StoreError>>,
+    {
+        match retry(
+            what,
+            &self.metrics,
+            &self.health,
+            self.give_up_after(),
+            hard_stop,
+            op,
+        )
+        .await
+        {
+            Ok(v) => Some(v),
+            Err(Stop::Cancelled) => None,
+            Err(Stop::Fatal(e)) => {
+                fatal.get_or_insert(e);
+                None
+            }
+        }
+    }
+}

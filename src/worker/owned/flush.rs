@@ -333,22 +333,13 @@ impl Worker {
         }
         let (p, as_of) = (job.partition, job.as_of);
         let chunk = self.settings.decay.chunk;
-        let due = match retry(
-            "read schedule",
-            &self.metrics,
-            &self.health,
-            self.give_up_after(),
-            hard_stop,
-            || self.store.partition_due(p, as_of, chunk),
-        )
-        .await
-        {
-            Ok(d) => d,
-            Err(Stop::Cancelled) => return false,
-            Err(Stop::Fatal(e)) => {
-                st.fatal.get_or_insert(e);
-                return false;
-            }
+        let Some(due) = self
+            .attempt(&mut st.fatal, "read schedule", hard_stop, || {
+                self.store.partition_due(p, as_of, chunk)
+            })
+            .await
+        else {
+            return false;
         };
         let first = due.first().cloned();
         let Some(job) = st.ticks.front_mut() else {

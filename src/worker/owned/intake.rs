@@ -18,7 +18,6 @@ use crate::internal_events::EventHandled;
 use crate::owned::cache::Member;
 use crate::owned::route::{partition_of, RescoreRequest};
 use crate::store::{Applied, Loaded, PairState};
-use crate::worker::retry::{retry, Stop};
 use crate::worker::Worker;
 
 /// Most members loaded in one round trip.
@@ -208,22 +207,13 @@ impl Worker {
                 }
             }
             let args: Vec<(&str, u64)> = with_gen.iter().map(|(m, g, _)| (*m, *g)).collect();
-            let loaded = match retry(
-                "load members",
-                &self.metrics,
-                &self.health,
-                self.give_up_after(),
-                hard_stop,
-                || self.store.load_owned(&args),
-            )
-            .await
-            {
-                Ok(l) => l,
-                Err(Stop::Cancelled) => return false,
-                Err(Stop::Fatal(e)) => {
-                    st.fatal.get_or_insert(e);
-                    return false;
-                }
+            let Some(loaded) = self
+                .attempt(&mut st.fatal, "load members", hard_stop, || {
+                    self.store.load_owned(&args)
+                })
+                .await
+            else {
+                return false;
             };
             for ((m, _, p), l) in with_gen.iter().zip(loaded) {
                 if st.fenced.contains_key(p) {
@@ -251,28 +241,18 @@ impl Worker {
             return true;
         }
         let refs: Vec<&str> = candidates.iter().map(String::as_str).collect();
-        match retry(
-            "load candidates",
-            &self.metrics,
-            &self.health,
-            self.give_up_after(),
-            hard_stop,
-            || self.store.load_candidates(&refs),
-        )
-        .await
-        {
-            Ok(features) => {
-                for (c, f) in candidates.iter().zip(features) {
-                    st.cache.set_candidate(c, f);
-                }
-                true
-            }
-            Err(Stop::Cancelled) => false,
-            Err(Stop::Fatal(e)) => {
-                st.fatal.get_or_insert(e);
-                false
-            }
+        let Some(features) = self
+            .attempt(&mut st.fatal, "load candidates", hard_stop, || {
+                self.store.load_candidates(&refs)
+            })
+            .await
+        else {
+            return false;
+        };
+        for (c, f) in candidates.iter().zip(features) {
+            st.cache.set_candidate(c, f);
         }
+        true
     }
 
     /// Applies member events in order to their cached members; pair changes update the reverse
@@ -384,31 +364,23 @@ impl Worker {
             gens.sort_unstable();
             gens.dedup();
             let tx = st.tx.clone();
-            match retry(
-                "reverse index",
-                &self.metrics,
-                &self.health,
-                self.give_up_after(),
-                hard_stop,
-                || self.store.rev_and_features(&tx, &gens, &ops),
-            )
-            .await
-            {
-                Ok(Ok(features)) => {
+            let applied = self
+                .attempt(&mut st.fatal, "reverse index", hard_stop, || {
+                    self.store.rev_and_features(&tx, &gens, &ops)
+                })
+                .await;
+            match applied {
+                None => return,
+                Some(Ok(features)) => {
                     for ((c, ..), f) in rev.iter().zip(features) {
                         st.cache.set_candidate(c, f);
                     }
                     return;
                 }
-                Ok(Err(taken)) => {
+                Some(Err(taken)) => {
                     for p in taken {
                         st.fence(p, None);
                     }
-                }
-                Err(Stop::Cancelled) => return,
-                Err(Stop::Fatal(e)) => {
-                    st.fatal.get_or_insert(e);
-                    return;
                 }
             }
         }
@@ -473,22 +445,13 @@ impl Worker {
             .map(|(e, (_, m))| (e, m.offset))
             .collect();
         let top_n = self.settings.output.top_n;
-        let applied = match retry(
-            "apply candidate features",
-            &self.metrics,
-            &self.health,
-            self.give_up_after(),
-            hard_stop,
-            || self.store.apply(&refs, top_n),
-        )
-        .await
-        {
-            Ok(a) => a,
-            Err(Stop::Cancelled) => return,
-            Err(Stop::Fatal(e)) => {
-                st.fatal.get_or_insert(e);
-                return;
-            }
+        let Some(applied) = self
+            .attempt(&mut st.fatal, "apply candidate features", hard_stop, || {
+                self.store.apply(&refs, top_n)
+            })
+            .await
+        else {
+            return;
         };
         // One fan-out per candidate, as of its latest update in this run.
         let mut fan: BTreeMap<String, (i64, Option<i64>, Vec<MsgRef>)> = BTreeMap::new();
@@ -516,22 +479,13 @@ impl Worker {
         while !active.is_empty() {
             let scans: Vec<(&str, u64)> =
                 active.iter().map(|(c, .., k)| (c.as_str(), *k)).collect();
-            let chunks = match retry(
-                "scan reverse index",
-                &self.metrics,
-                &self.health,
-                self.give_up_after(),
-                hard_stop,
-                || self.store.scan_reverse_many(&scans, chunk),
-            )
-            .await
-            {
-                Ok(r) => r,
-                Err(Stop::Cancelled) => return,
-                Err(Stop::Fatal(e)) => {
-                    st.fatal.get_or_insert(e);
-                    return;
-                }
+            let Some(chunks) = self
+                .attempt(&mut st.fatal, "scan reverse index", hard_stop, || {
+                    self.store.scan_reverse_many(&scans, chunk)
+                })
+                .await
+            else {
+                return;
             };
             let mut records: Vec<OutRecord> = Vec::new();
             for ((candidate, as_of, timestamp_ms, cursor), (next, members)) in
