@@ -15,8 +15,42 @@ use crate::decode::FeatureUpdate;
 use crate::model::FeatureMap;
 use crate::store::{MemberKey, OwnedLoad, PairState, WriteOp};
 
+/// Maps keyed by member or candidate id (foldhash: fast, seeded per process).
+type Map<K, V> = foldhash::HashMap<K, V>;
+
 /// Candidates with their scores, best first.
 pub type Ranked<'a> = Vec<(&'a String, f64)>;
+
+/// What a member holds of one candidate: one entry per candidate, so a pair costs one key and one
+/// lookup however many of these it has.
+#[derive(Debug, Clone, Default)]
+struct Slot {
+    /// The pair, a removal tombstone included (None: only an as_of or a written score is left).
+    pair: Option<PairState>,
+    /// As of when the pair's score was computed (kept after a removal, so a pair added again
+    /// never scores as of an earlier time).
+    as_of: Option<i64>,
+    /// The current score (live scored pairs only).
+    score: Option<f64>,
+    /// What Redis holds: the score in the top N, and in the rest.
+    in_top: Option<f64>,
+    in_rest: Option<f64>,
+    dirty_pair: bool,
+    dirty_as_of: bool,
+}
+
+impl Slot {
+    fn live(&self) -> Option<&PairState> {
+        self.pair.as_ref().filter(|p| !p.rm)
+    }
+
+    fn is_empty(&self) -> bool {
+        self.pair.is_none()
+            && self.as_of.is_none()
+            && self.in_top.is_none()
+            && self.in_rest.is_none()
+    }
+}
 
 /// One owned member.
 #[derive(Debug, Clone, Default)]
@@ -24,19 +58,11 @@ pub struct Member {
     pub partition: i32,
     pub features: FeatureMap,
     versions: HashMap<String, (i64, i64)>,
-    /// Every pair, removal tombstones included.
-    pub pairs: HashMap<String, PairState>,
-    /// As of when each pair's score was computed (kept after a removal, so a pair added again
-    /// never scores as of an earlier time).
-    pub as_of: HashMap<String, i64>,
-    /// The current score of each live scored pair.
-    scores: HashMap<String, f64>,
-    /// What Redis holds: the top N and the rest.
-    written_top: HashMap<String, f64>,
-    written_rest: HashMap<String, f64>,
+    /// Per candidate: the pair (tombstones included), its as_of and score, what Redis holds.
+    slots: Map<String, Slot>,
     dirty_features: BTreeSet<String>,
-    dirty_pairs: BTreeSet<String>,
-    dirty_as_of: BTreeSet<String>,
+    /// A pair or an as_of changed since the last plan.
+    dirty_slots: bool,
     /// When the output's TTL was last set (ms, wall clock), as far as this owner knows.
     ttl_set_at: Option<i64>,
     /// Event time of the newest event applied to the member (None: none yet).
@@ -60,41 +86,60 @@ pub struct PairApplied {
 
 impl Member {
     pub fn from_load(partition: i32, l: OwnedLoad) -> Self {
+        let mut slots: Map<String, Slot> = Map::default();
+        slots.reserve(l.pairs.len());
+        for (c, p) in l.pairs {
+            slots.entry(c).or_default().pair = Some(p);
+        }
+        for (c, a) in l.as_of {
+            slots.entry(c).or_default().as_of = Some(a);
+        }
+        for (c, s) in l.top {
+            slots.entry(c).or_default().in_top = Some(s);
+        }
+        for (c, s) in l.rest {
+            slots.entry(c).or_default().in_rest = Some(s);
+        }
+        for slot in slots.values_mut() {
+            if slot.live().is_some() {
+                slot.score = slot.in_rest.or(slot.in_top);
+            }
+        }
         let mut m = Member {
             partition,
             features: l.features,
             versions: l.versions,
-            pairs: l.pairs,
-            as_of: l.as_of,
-            written_top: l.top.into_iter().collect(),
-            written_rest: l.rest.into_iter().collect(),
+            slots,
             ttl_set_at: l.ttl_set_at,
             ..Member::default()
         };
         m.last_event = m
-            .pairs
+            .slots
             .values()
-            .map(|p| p.ts)
+            .filter_map(|s| Some(s.pair.as_ref()?.ts))
             .chain(m.versions.values().map(|v| v.0))
             .max();
-        m.scores = m
-            .written_top
-            .iter()
-            .chain(&m.written_rest)
-            .filter(|(c, _)| m.pairs.get(*c).is_some_and(|p| !p.rm))
-            .map(|(c, s)| (c.clone(), *s))
-            .collect();
         m.bytes = m.estimate();
         m
     }
 
     /// The live pair with candidate `c`.
     pub fn live(&self, c: &str) -> Option<&PairState> {
-        self.pairs.get(c).filter(|p| !p.rm)
+        self.slots.get(c)?.live()
     }
 
     pub fn live_pairs(&self) -> impl Iterator<Item = (&String, &PairState)> {
-        self.pairs.iter().filter(|(_, p)| !p.rm)
+        self.slots.iter().filter_map(|(c, s)| Some((c, s.live()?)))
+    }
+
+    /// As of when the pair with candidate `c` was last scored.
+    pub fn as_of(&self, c: &str) -> Option<i64> {
+        self.slots.get(c)?.as_of
+    }
+
+    /// Whether the member holds a pair (or its tombstone) with candidate `c`.
+    pub fn has_pair(&self, c: &str) -> bool {
+        self.slots.get(c).is_some_and(|s| s.pair.is_some())
     }
 
     /// Per-feature last-writer-wins by `(ts, offset)` (an equal version applies again, so a
@@ -120,11 +165,12 @@ impl Member {
     /// An upsert or a removal tombstone, last-writer-wins by `(ts, offset)`.
     pub fn apply_pair(&mut self, candidate: &str, st: PairState) -> PairApplied {
         let was_live = self.live(candidate).is_some();
-        if self
-            .pairs
+        let newer = self
+            .slots
             .get(candidate)
-            .is_some_and(|cur| (cur.ts, cur.o) > (st.ts, st.o))
-        {
+            .and_then(|s| s.pair.as_ref())
+            .is_some_and(|cur| (cur.ts, cur.o) > (st.ts, st.o));
+        if newer {
             return PairApplied {
                 applied: false,
                 was_live,
@@ -132,12 +178,17 @@ impl Member {
             };
         }
         let is_live = !st.rm;
-        if !is_live {
-            self.scores.remove(candidate);
-        }
         self.last_event = self.last_event.max(Some(st.ts));
-        self.pairs.insert(candidate.to_owned(), st);
-        self.dirty_pairs.insert(candidate.to_owned());
+        let slot = match self.slots.get_mut(candidate) {
+            Some(s) => s,
+            None => self.slots.entry(candidate.to_owned()).or_default(),
+        };
+        if !is_live {
+            slot.score = None;
+        }
+        slot.pair = Some(st);
+        slot.dirty_pair = true;
+        self.dirty_slots = true;
         PairApplied {
             applied: true,
             was_live,
@@ -147,27 +198,33 @@ impl Member {
 
     /// Records a new score of a live pair (false: the pair is gone).
     pub fn set_score(&mut self, candidate: &str, score: f64, as_of: i64) -> bool {
-        if self.live(candidate).is_none() {
+        let Some(slot) = self.slots.get_mut(candidate) else {
+            return false;
+        };
+        if slot.live().is_none() {
             return false;
         }
-        self.scores.insert(candidate.to_owned(), score);
-        self.as_of.insert(candidate.to_owned(), as_of);
-        self.dirty_as_of.insert(candidate.to_owned());
+        slot.score = Some(score);
+        slot.as_of = Some(as_of);
+        slot.dirty_as_of = true;
+        self.dirty_slots = true;
         true
     }
 
     /// Whether this member has changes not written yet (scores change only with a pair or an
     /// as_of, so the ranking cannot differ from what was written without one of these).
     pub fn dirty(&self) -> bool {
-        !(self.dirty_features.is_empty()
-            && self.dirty_pairs.is_empty()
-            && self.dirty_as_of.is_empty())
+        self.dirty_slots || !self.dirty_features.is_empty()
     }
 
     /// The top N and the rest of the current scores, in ZREVRANGE order (higher score first,
     /// then the greater candidate by bytes).
     pub fn ranking(&self, top_n: usize) -> (Ranked<'_>, Ranked<'_>) {
-        let mut all: Vec<(&String, f64)> = self.scores.iter().map(|(c, s)| (c, *s)).collect();
+        let mut all: Vec<(&String, f64)> = self
+            .slots
+            .iter()
+            .filter_map(|(c, s)| Some((c, s.score?)))
+            .collect();
         all.sort_unstable_by(|a, b| {
             b.1.total_cmp(&a.1)
                 .then_with(|| b.0.as_bytes().cmp(a.0.as_bytes()))
@@ -188,19 +245,27 @@ impl Member {
                 ops.extend(WriteOp::split(key, "HSET", fields, 2));
             }
         };
-        let pairs: Vec<String> = self
-            .dirty_pairs
-            .iter()
-            .filter_map(|c| Some((c, serde_json::to_string(self.pairs.get(c)?).ok()?)))
-            .flat_map(|(c, j)| [c.clone(), j])
-            .collect();
+        let (mut pairs, mut as_of) = (Vec::new(), Vec::new());
+        if self.dirty_slots {
+            for (c, slot) in self.slots.iter_mut() {
+                if std::mem::take(&mut slot.dirty_pair) {
+                    if let Some(j) = slot
+                        .pair
+                        .as_ref()
+                        .and_then(|p| serde_json::to_string(p).ok())
+                    {
+                        pairs.extend([c.clone(), j]);
+                    }
+                }
+                if std::mem::take(&mut slot.dirty_as_of) {
+                    if let Some(a) = slot.as_of {
+                        as_of.extend([c.clone(), a.to_string()]);
+                    }
+                }
+            }
+        }
+        let as_of_changed = !as_of.is_empty();
         hset(MemberKey::Pairs, pairs);
-        let as_of: Vec<String> = self
-            .dirty_as_of
-            .iter()
-            .filter_map(|c| Some([c.clone(), self.as_of.get(c)?.to_string()]))
-            .flatten()
-            .collect();
         hset(MemberKey::AsOf, as_of);
         let (mut set, mut del, mut vers) = (Vec::new(), Vec::new(), Vec::new());
         for name in &self.dirty_features {
@@ -224,31 +289,40 @@ impl Member {
             // Half the TTL without a refresh: the output may have expired in Redis (its clock is
             // not ours), so the ranking is written whole rather than as a diff.
             if age.is_none_or(|a| a < 0 || a >= ttl / 2) {
-                self.written_top.clear();
-                self.written_rest.clear();
-            }
-            let (top, rest) = self.ranking(top_n);
-            let mut changed = !self.dirty_as_of.is_empty();
-            let mut created = Vec::new();
-            for (key, want, held) in [
-                (MemberKey::Top, &top, &self.written_top),
-                (MemberKey::Rest, &rest, &self.written_rest),
-            ] {
-                let add: Vec<String> = want
-                    .iter()
-                    .filter(|(c, s)| held.get(*c) != Some(s))
-                    .flat_map(|(c, s)| [s.to_string(), (*c).clone()])
-                    .collect();
-                let wanted: HashSet<&String> = want.iter().map(|(c, _)| *c).collect();
-                let rem: Vec<String> = held
-                    .keys()
-                    .filter(|c| !wanted.contains(c))
-                    .cloned()
-                    .collect();
-                if key == MemberKey::Top && !(add.is_empty() && rem.is_empty()) {
-                    changed = true;
+                for slot in self.slots.values_mut() {
+                    slot.in_top = None;
+                    slot.in_rest = None;
                 }
-                if !add.is_empty() && held.is_empty() {
+            }
+            let held_top = self.slots.values().any(|s| s.in_top.is_some());
+            let held_rest = self.slots.values().any(|s| s.in_rest.is_some());
+            let (top, rest) = self.ranking(top_n);
+            let top_ids: HashSet<String> = top.iter().map(|(c, _)| (*c).clone()).collect();
+            let adds = |want: &Ranked<'_>, held: fn(&Slot) -> Option<f64>| -> Vec<String> {
+                want.iter()
+                    .filter(|(c, s)| self.slots.get(*c).and_then(held) != Some(*s))
+                    .flat_map(|(c, s)| [s.to_string(), (*c).clone()])
+                    .collect()
+            };
+            let add_top = adds(&top, |s| s.in_top);
+            let add_rest = adds(&rest, |s| s.in_rest);
+            let (mut rem_top, mut rem_rest) = (Vec::new(), Vec::new());
+            for (c, slot) in &self.slots {
+                let in_top = top_ids.contains(c);
+                if slot.in_top.is_some() && !in_top {
+                    rem_top.push(c.clone());
+                }
+                if slot.in_rest.is_some() && (in_top || slot.score.is_none()) {
+                    rem_rest.push(c.clone());
+                }
+            }
+            let changed = as_of_changed || !(add_top.is_empty() && rem_top.is_empty());
+            let mut created = Vec::new();
+            for (key, add, rem, held) in [
+                (MemberKey::Top, add_top, rem_top, held_top),
+                (MemberKey::Rest, add_rest, rem_rest, held_rest),
+            ] {
+                if !add.is_empty() && !held {
                     created.push(key);
                 }
                 if !rem.is_empty() {
@@ -258,11 +332,12 @@ impl Member {
                     ops.extend(WriteOp::split(key, "ZADD", add, 2));
                 }
             }
-            let top: HashMap<String, f64> = top.into_iter().map(|(c, s)| (c.clone(), s)).collect();
-            let rest: HashMap<String, f64> =
-                rest.into_iter().map(|(c, s)| (c.clone(), s)).collect();
-            self.written_top = top;
-            self.written_rest = rest;
+            // What Redis holds from now on, as if this write had landed.
+            for (c, slot) in self.slots.iter_mut() {
+                let top = top_ids.contains(c);
+                slot.in_top = slot.score.filter(|_| top);
+                slot.in_rest = slot.score.filter(|_| !top);
+            }
             changed.then_some(created)
         };
         if let Some(created) = output_changed {
@@ -273,7 +348,7 @@ impl Member {
                 "updated_at".to_owned(),
                 now_ms.to_string(),
             ];
-            if let Some(max) = self.as_of.values().max() {
+            if let Some(max) = self.slots.values().filter_map(|s| s.as_of).max() {
                 meta.extend(["as_of".to_owned(), max.to_string()]);
             }
             if refresh {
@@ -303,8 +378,9 @@ impl Member {
             }
         }
         self.dirty_features.clear();
-        self.dirty_pairs.clear();
-        self.dirty_as_of.clear();
+        self.dirty_slots = false;
+        // Expired tombstones whose ranking entries were removed above are gone altogether.
+        self.slots.retain(|_, s| !s.is_empty());
         if !ops.is_empty() {
             self.pending += 1;
         }
@@ -320,19 +396,21 @@ impl Member {
         };
         let before = last.saturating_sub(h);
         let expired: Vec<String> = self
-            .pairs
+            .slots
             .iter()
-            .filter(|(_, p)| p.rm && p.ts < before)
+            .filter(|(_, s)| s.pair.as_ref().is_some_and(|p| p.rm && p.ts < before))
             .map(|(c, _)| c.clone())
             .collect();
         if expired.is_empty() {
             return Vec::new();
         }
         for c in &expired {
-            self.pairs.remove(c);
-            self.as_of.remove(c);
-            self.dirty_pairs.remove(c);
-            self.dirty_as_of.remove(c);
+            if let Some(slot) = self.slots.get_mut(c) {
+                slot.pair = None;
+                slot.as_of = None;
+                slot.dirty_pair = false;
+                slot.dirty_as_of = false;
+            }
         }
         let mut ops = WriteOp::split(MemberKey::Pairs, "HDEL", expired.clone(), 1);
         ops.extend(WriteOp::split(MemberKey::AsOf, "HDEL", expired, 1));
@@ -349,9 +427,15 @@ impl Member {
     fn estimate(&self) -> usize {
         let feats = |f: &FeatureMap| f.keys().map(|k| k.len() + 48).sum::<usize>();
         let pairs: usize = self
-            .pairs
+            .slots
             .iter()
-            .map(|(c, p)| 3 * c.len() + p.reason.len() + feats(&p.pair_features) + 240)
+            .map(|(c, s)| {
+                c.len()
+                    + 160
+                    + s.pair
+                        .as_ref()
+                        .map_or(0, |p| p.reason.len() + feats(&p.pair_features))
+            })
             .sum();
         256 + feats(&self.features) * 2 + pairs
     }
@@ -367,8 +451,8 @@ struct Candidate {
 /// Owned members and their candidates' features, bounded by `budget` bytes.
 #[derive(Debug, Default)]
 pub struct Cache {
-    members: HashMap<String, Member>,
-    candidates: HashMap<String, Candidate>,
+    members: Map<String, Member>,
+    candidates: Map<String, Candidate>,
     budget: usize,
     bytes: usize,
     clock: u64,

@@ -507,6 +507,42 @@ impl Store {
         self.due_in(&self.keys.partition_due(partition), until, limit)
             .await
     }
+
+    /// Up to `limit` entries of `partition`'s schedule due after `after` (exclusive) and by
+    /// `until`, in due order, with their due times: a walk that goes on while the writes of its
+    /// earlier chunks are in flight.
+    pub async fn partition_due_after(
+        &self,
+        partition: i32,
+        after: i64,
+        until: i64,
+        limit: usize,
+    ) -> Result<Vec<(String, String, i64)>, StoreError> {
+        let mut c = self.conn();
+        let r = redis::cmd("ZRANGE")
+            .arg(self.keys.partition_due(partition))
+            .arg(format!("({after}"))
+            .arg(until)
+            .arg("BYSCORE")
+            .arg("LIMIT")
+            .arg(0)
+            .arg(limit)
+            .arg("WITHSCORES")
+            .query_async::<Vec<String>>(&mut c)
+            .await;
+        let raw = self.checked(r).await?;
+        raw.chunks(2)
+            .map(|e| {
+                let [entry, at] = e else {
+                    return Err(protocol("due entry", "odd reply"));
+                };
+                let (m, c) = serde_json::from_str::<(String, String)>(entry)
+                    .map_err(|e| protocol("due entry", e))?;
+                let at = at.parse::<f64>().map_err(|e| protocol("due time", e))?;
+                Ok((m, c, at as i64))
+            })
+            .collect()
+    }
 }
 
 fn parse_load(v: &Value) -> Result<Loaded, StoreError> {

@@ -52,19 +52,43 @@ enum Input {
     Requests,
 }
 
-/// A decay tick walking its partition's schedule, one chunk per window.
+/// A decay tick walking its partition's schedule in two passes. The walk reads chunk after chunk
+/// in due order (each from the last due time read) while the writes of the earlier ones are in
+/// flight, skipping pairs this tick already rescored. The sweep, once the walk's writes have
+/// landed, reads from the start again, each chunk written before the next is read: it picks up
+/// whatever the walk passed over (entries sharing the due time a chunk ended on), and usually
+/// finds nothing.
 #[derive(Debug)]
 struct TickJob {
     partition: i32,
     as_of: i64,
     msg: MsgRef,
-    /// A chunk is in the current window: the next is fetched once it is written.
-    waiting: bool,
-    /// The write that holds the waiting chunk, once it started.
+    /// The walk's position: the due time of the last entry read (None: from the start).
+    after: Option<i64>,
+    /// The walk has ended; the sweep runs.
+    sweep: bool,
+    /// A chunk is in the current window and not yet in a write.
+    queued: bool,
+    /// The latest write holding one of this tick's chunks, until it lands.
     in_write: Option<u64>,
-    /// The previous chunk's first entry: a chunk that starts where the last one did made no
-    /// progress (its pairs could not be rescheduled), and the walk ends.
+    /// The sweep's previous chunk's first entry: a chunk that starts where the last one did made
+    /// no progress (its pairs could not be rescheduled), and the tick ends.
     last_first: Option<(String, String)>,
+}
+
+impl TickJob {
+    fn new(partition: i32, as_of: i64, msg: MsgRef) -> Self {
+        Self {
+            partition,
+            as_of,
+            msg,
+            after: None,
+            sweep: false,
+            queued: false,
+            in_write: None,
+            last_first: None,
+        }
+    }
 }
 
 /// Loop state of the owned worker.

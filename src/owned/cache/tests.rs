@@ -117,7 +117,7 @@ fn tombstones_go_once_the_member_has_an_event_past_the_horizon() {
     m.apply_pair("kept", pair(50, 2, false));
     let ops = m.plan("model", 10, 1000, 0);
     assert!(!ops.iter().any(|o| o.cmd == "HDEL"), "within the horizon");
-    assert!(m.pairs.contains_key("gone"));
+    assert!(m.has_pair("gone"));
     m.apply_pair("new", pair(121, 3, false));
     let ops = m.plan("model", 10, 1000, 0);
     let hdel: Vec<(MemberKey, Vec<String>)> = ops
@@ -132,7 +132,7 @@ fn tombstones_go_once_the_member_has_an_event_past_the_horizon() {
             (MemberKey::AsOf, vec!["gone".to_owned()])
         ]
     );
-    assert!(!m.pairs.contains_key("gone") && !m.as_of.contains_key("gone"));
+    assert!(!m.has_pair("gone") && m.as_of("gone").is_none());
     // Out of contract from now on: an upsert older than the tombstone brings the pair back.
     assert!(m.apply_pair("gone", pair(15, 0, false)).applied);
 }
@@ -175,4 +175,32 @@ fn eviction_keeps_dirty_members_and_candidate_features_follow_their_members() {
     );
     let r = cache.apply_pair("b", "c2", pair(2, 0, true));
     assert!(r.applied && !cache.has_candidate("c2"));
+}
+
+#[test]
+fn a_tombstone_expired_in_the_plan_that_removes_it_still_leaves_the_ranking() {
+    let mut m = Member::default();
+    m.set_tombstone_horizon(Some(100));
+    m.apply_pair("a", pair(10, 0, false));
+    m.apply_pair("b", pair(10, 1, false));
+    m.set_score("a", 2.0, 10);
+    m.set_score("b", 1.0, 10);
+    m.plan("model", 1, 1000, 0);
+    // Removed, and in the same window an event far past the horizon: the plan both drops the
+    // tombstone and takes the pair out of the ranking Redis holds.
+    m.apply_pair("a", pair(20, 2, true));
+    m.apply_pair("c", pair(500, 3, false));
+    let ops = m.plan("model", 1, 1000, 0);
+    let of = |cmd: &str, key: MemberKey| -> Vec<String> {
+        ops.iter()
+            .filter(|o| o.cmd == cmd && o.key == key)
+            .flat_map(|o| o.args.clone())
+            .collect()
+    };
+    assert_eq!(of("ZREM", MemberKey::Top), vec!["a".to_owned()]);
+    assert_eq!(of("HDEL", MemberKey::Pairs), vec!["a".to_owned()]);
+    assert_eq!(of("ZADD", MemberKey::Top), vec!["1", "b"]);
+    assert!(!m.has_pair("a"));
+    // Nothing left to write: the slot is gone altogether.
+    assert!(m.plan("model", 1, 1000, 0).is_empty());
 }

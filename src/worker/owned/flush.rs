@@ -85,7 +85,7 @@ impl Worker {
             let Some(mem) = st.cache.get(m) else {
                 continue;
             };
-            let prev = |c: &str| mem.as_of.get(c).copied().unwrap_or(i64::MIN);
+            let prev = |c: &str| mem.as_of(c).unwrap_or(i64::MIN);
             if let Some(all) = work.all {
                 for (c, p) in mem.live_pairs() {
                     let t = work.pairs.get(c).copied().unwrap_or(all).max(all);
@@ -214,7 +214,8 @@ impl Worker {
         gone.extend(retired);
         st.seq += 1;
         for t in st.ticks.iter_mut() {
-            if t.waiting && t.in_write.is_none() {
+            if t.queued {
+                t.queued = false;
                 t.in_write = Some(st.seq);
             }
         }
@@ -306,7 +307,6 @@ impl Worker {
         self.complete_tracked(&mut st.tracker, &done, true);
         for t in st.ticks.iter_mut() {
             if t.in_write.is_some_and(|s| s <= w.seq) {
-                t.waiting = false;
                 t.in_write = None;
             }
         }
@@ -322,57 +322,122 @@ impl Worker {
     }
 
     /// Takes the next chunk of the first decay tick into the window: true when one was added
-    /// (the caller writes it before the next is fetched). A tick whose schedule has nothing left
-    /// due is done.
+    /// (the caller writes it). A tick whose sweep finds nothing left due is done (see
+    /// [`super::TickJob`] for the walk and the sweep).
     pub(super) async fn step_tick(&self, st: &mut Owned, hard_stop: &CancellationToken) -> bool {
-        let Some(job) = st.ticks.front() else {
-            return false;
-        };
-        if job.waiting {
-            return false;
-        }
-        let (p, as_of) = (job.partition, job.as_of);
-        let chunk = self.settings.decay.chunk;
-        let Some(due) = self
-            .attempt(&mut st.fatal, "read schedule", hard_stop, || {
-                self.store.partition_due(p, as_of, chunk)
-            })
-            .await
-        else {
-            return false;
-        };
-        let first = due.first().cloned();
-        let Some(job) = st.ticks.front_mut() else {
-            return false;
-        };
-        if due.is_empty() || first == job.last_first {
-            if !due.is_empty() {
-                tracing::error!(partition = p, "a decay tick made no progress; it ends here");
+        loop {
+            // Ticks of different partitions overlap: one is read and scored while another's
+            // chunk is written.
+            let Some(i) = st
+                .ticks
+                .iter()
+                .position(|j| !j.queued && !(j.sweep && j.in_write.is_some()))
+            else {
+                return false;
+            };
+            let job = &st.ticks[i];
+            let (p, as_of, sweep, after) = (job.partition, job.as_of, job.sweep, job.after);
+            let id = (job.msg.tp.clone(), job.msg.offset);
+            let chunk = self.settings.decay.chunk;
+            let due: Vec<(String, String)> = if sweep {
+                let Some(due) = self
+                    .attempt(&mut st.fatal, "read schedule", hard_stop, || {
+                        self.store.partition_due(p, as_of, chunk)
+                    })
+                    .await
+                else {
+                    return false;
+                };
+                let first = due.first().cloned();
+                let Some(job) = st.ticks.get_mut(i) else {
+                    return false;
+                };
+                if due.is_empty() || first == job.last_first {
+                    if !due.is_empty() {
+                        tracing::error!(
+                            partition = p,
+                            "a decay tick made no progress; it ends here"
+                        );
+                    }
+                    if let Some(job) = st.ticks.remove(i) {
+                        tracing::debug!(partition = p, as_of, "decay tick done");
+                        self.complete_tracked(&mut st.tracker, &[job.msg], true);
+                    }
+                    return false;
+                }
+                job.last_first = first;
+                due
+            } else {
+                let Some(due) = self
+                    .attempt(&mut st.fatal, "read schedule", hard_stop, || {
+                        self.store
+                            .partition_due_after(p, after.unwrap_or(i64::MIN), as_of, chunk)
+                    })
+                    .await
+                else {
+                    return false;
+                };
+                let Some(job) = st.ticks.get_mut(i) else {
+                    return false;
+                };
+                let Some(last) = due.last() else {
+                    job.sweep = true;
+                    continue;
+                };
+                job.after = Some(last.2);
+                due.into_iter().map(|(m, c, _)| (m, c)).collect()
+            };
+            match self.take_due(st, p, as_of, sweep, due, hard_stop).await {
+                None => return false,
+                // Nothing to write (all rescored already, or not this worker's): read on.
+                Some(false) => {}
+                Some(true) => {
+                    // Loading may have fenced a partition and dropped its ticks: found by id.
+                    let job = st
+                        .ticks
+                        .iter_mut()
+                        .find(|j| (&j.msg.tp, j.msg.offset) == (&id.0, id.1));
+                    if let Some(job) = job {
+                        job.queued = true;
+                    }
+                    st.window.touch_deadline();
+                    return true;
+                }
             }
-            if let Some(job) = st.ticks.pop_front() {
-                tracing::debug!(partition = p, as_of, "decay tick done");
-                self.complete_tracked(&mut st.tracker, &[job.msg], true);
-            }
-            return false;
         }
-        job.last_first = first;
-        job.waiting = true;
+    }
+
+    /// Puts a chunk of `p`'s schedule due by `as_of` into the window: Some(true) when it added
+    /// work to write, None when the members could not be loaded. Outside the sweep, pairs this
+    /// tick already rescored (an earlier chunk's write may still be in flight) are passed over.
+    async fn take_due(
+        &self,
+        st: &mut Owned,
+        p: i32,
+        as_of: i64,
+        sweep: bool,
+        due: Vec<(String, String)>,
+        hard_stop: &CancellationToken,
+    ) -> Option<bool> {
         let n = st.partitions;
         let members: Vec<String> = due.iter().map(|(m, _)| m.clone()).collect();
         if !self.ensure_loaded(st, members, hard_stop).await {
-            return false;
+            return None;
         }
+        let before = (st.window.size(), st.unscheduled.len(), st.retired.len());
         let decay = &self.settings.decay;
         let mut whole: HashSet<String> = HashSet::new();
         for (m, c) in due {
-            let live = st.cache.get(&m).map(|x| x.live(&c).is_some());
+            let cached = st.cache.get(&m);
+            let done = !sweep && cached.is_some_and(|x| x.as_of(&c).is_some_and(|a| a >= as_of));
+            if done {
+                continue;
+            }
+            let live = cached.map(|x| x.live(&c).is_some());
+            let dormant = cached.is_some_and(|x| decay.dormant(x.last_event, as_of));
             if live.is_some() {
                 whole.insert(m.clone());
             }
-            let dormant = st
-                .cache
-                .get(&m)
-                .is_some_and(|x| decay.dormant(x.last_event, as_of));
             match live {
                 Some(true) if dormant => st.retired.push((p, m, c)),
                 Some(true) => st.window.pair(&m, &c, as_of),
@@ -398,9 +463,8 @@ impl Worker {
             let due_now: Vec<String> = mem
                 .live_pairs()
                 .filter(|(c, pair)| {
-                    mem.as_of
-                        .get(*c)
-                        .is_none_or(|a| decay.next_due(*a, pair.ts) <= as_of)
+                    mem.as_of(c)
+                        .is_none_or(|a| decay.next_due(a, pair.ts) <= as_of)
                 })
                 .map(|(c, _)| c.clone())
                 .collect();
@@ -408,7 +472,6 @@ impl Worker {
                 st.window.pair(m, &c, as_of);
             }
         }
-        st.window.touch_deadline();
-        true
+        Some((st.window.size(), st.unscheduled.len(), st.retired.len()) != before)
     }
 }

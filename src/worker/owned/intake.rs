@@ -68,14 +68,8 @@ impl Worker {
                 }
                 Ok(Decoded::Event(Event::Tick(t))) => {
                     handled(topic, "applied", &mref).emit(&self.metrics);
-                    st.ticks.push_back(TickJob {
-                        partition: msg.partition(),
-                        as_of: t.ts,
-                        msg: mref,
-                        waiting: false,
-                        in_write: None,
-                        last_first: None,
-                    });
+                    st.ticks
+                        .push_back(TickJob::new(msg.partition(), t.ts, mref));
                     continue;
                 }
                 Ok(Decoded::Event(Event::Features(u))) if u.entity == Entity::Candidate => {
