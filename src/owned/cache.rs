@@ -61,6 +61,9 @@ pub struct Member {
     /// Per candidate: the pair (tombstones included), its as_of and score, what Redis holds.
     slots: Map<String, Slot>,
     dirty_features: BTreeSet<String>,
+    /// Pairs the model refused (stored features it rejects, a score that is not finite), and
+    /// when to try again: in memory only (a reload tries once more).
+    refused: Option<Box<Map<String, i64>>>,
     /// A pair or an as_of changed since the last plan.
     dirty_slots: bool,
     /// When the output's TTL was last set (ms, wall clock), as far as this owner knows.
@@ -208,7 +211,44 @@ impl Member {
         slot.as_of = Some(as_of);
         slot.dirty_as_of = true;
         self.dirty_slots = true;
+        if let Some(r) = self.refused.as_mut() {
+            r.remove(candidate);
+            if r.is_empty() {
+                self.refused = None;
+            }
+        }
         true
+    }
+
+    /// A pair the model refused is tried again at `at`, not before.
+    pub fn refuse(&mut self, candidate: &str, at: i64) {
+        self.refused
+            .get_or_insert_default()
+            .insert(candidate.to_owned(), at);
+    }
+
+    /// When the pair with candidate `c` is due next, by `next_due(as_of, moment ts)` (a pair
+    /// never scored is due at once).
+    fn pair_due(&self, c: &str, p: &PairState, next_due: &impl Fn(i64, i64) -> i64) -> i64 {
+        if let Some(at) = self.refused.as_ref().and_then(|r| r.get(c)) {
+            return *at;
+        }
+        self.as_of(c).map_or(i64::MIN, |a| next_due(a, p.ts))
+    }
+
+    /// When the member is due next: its earliest live pair (None: no live pair).
+    pub fn next_due(&self, next_due: impl Fn(i64, i64) -> i64) -> Option<i64> {
+        self.live_pairs()
+            .map(|(c, p)| self.pair_due(c, p, &next_due))
+            .min()
+    }
+
+    /// The live pairs due by `at`.
+    pub fn due_by(&self, at: i64, next_due: impl Fn(i64, i64) -> i64) -> Vec<String> {
+        self.live_pairs()
+            .filter(|(c, p)| self.pair_due(c, p, &next_due) <= at)
+            .map(|(c, _)| c.clone())
+            .collect()
     }
 
     /// Whether this member has changes not written yet (scores change only with a pair or an

@@ -26,7 +26,7 @@ use redis::{Cmd, Pipeline, RedisFuture, Value};
 pub use apply::Applied;
 pub use fenced::{Fenced, TxConn};
 pub use keys::Keys;
-pub use owned::{Loaded, MemberKey, MemberWrite, OwnedLoad, WriteOp};
+pub use owned::{scheduled_member, Loaded, MemberKey, MemberWrite, OwnedLoad, WriteOp};
 pub use state::{FeatureOutcome, LoadedMember, PairState, ScoreWrite, WriteFlag};
 
 /// A Redis operation failed; the caller retries (it is never a reason to skip data), except

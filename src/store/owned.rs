@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use redis::{Cmd, FromRedisValue, Value};
 
 use super::fenced::{Fenced, TxConn};
-use super::state::{due_member, parse_map, protocol, PairState};
+use super::state::{parse_map, protocol, PairState};
 use super::{Store, StoreError};
 use crate::model::FeatureMap;
 
@@ -227,14 +227,14 @@ impl Store {
         Ok(out)
     }
 
-    /// Writes each member's window (fenced) and the decay schedule changes
-    /// `(partition, member, candidate, due)` and `(partition, member, candidate)`. Returns, per
-    /// member, whether it was written (false: a later owner has taken it).
+    /// Writes each member's window (fenced) and the decay schedule changes `(partition, member,
+    /// due)` and `(partition, entry)`. Returns, per member, whether it was written (false: a
+    /// later owner has taken it).
     async fn write_scripted(
         &self,
         members: &[MemberWrite],
-        due: &[(i32, &str, &str, i64)],
-        unscheduled: &[(i32, &str, &str)],
+        due: &[(i32, &str, i64)],
+        unscheduled: &[(i32, &str)],
     ) -> Result<Vec<bool>, StoreError> {
         let sha = self.scripts.owned_write.get_hash().to_owned();
         let schedule = self.schedule_cmds(due, unscheduled);
@@ -283,20 +283,17 @@ impl Store {
         Ok(out)
     }
 
-    /// The schedule's changes as `ZADD`s and `ZREM`s per partition.
-    fn schedule_cmds(
-        &self,
-        due: &[(i32, &str, &str, i64)],
-        unscheduled: &[(i32, &str, &str)],
-    ) -> Vec<Cmd> {
+    /// The schedule's changes as `ZADD`s and `ZREM`s per partition: a member scheduled at its
+    /// earliest due pair, and entries removed (members, or pair entries of the earlier layout).
+    fn schedule_cmds(&self, due: &[(i32, &str, i64)], unscheduled: &[(i32, &str)]) -> Vec<Cmd> {
         let mut schedule: Vec<Cmd> = Vec::new();
-        let mut adds: HashMap<i32, Vec<(i64, String)>> = HashMap::new();
-        for (p, m, c, at) in due {
-            adds.entry(*p).or_default().push((*at, due_member(m, c)));
+        let mut adds: HashMap<i32, Vec<(i64, &str)>> = HashMap::new();
+        for (p, m, at) in due {
+            adds.entry(*p).or_default().push((*at, m));
         }
-        let mut rems: HashMap<i32, Vec<String>> = HashMap::new();
-        for (p, m, c) in unscheduled {
-            rems.entry(*p).or_default().push(due_member(m, c));
+        let mut rems: HashMap<i32, Vec<&str>> = HashMap::new();
+        for (p, e) in unscheduled {
+            rems.entry(*p).or_default().push(e);
         }
         for (p, entries) in adds {
             for chunk in entries.chunks(512) {
@@ -422,8 +419,8 @@ impl Store {
         }
     }
 
-    /// Writes each member's window and the decay schedule changes `(partition, member,
-    /// candidate, due)` and `(partition, member, candidate)`: one fenced transaction on a single
+    /// Writes each member's window and the decay schedule changes `(partition, member, due)` and
+    /// `(partition, entry)`: one fenced transaction on a single
     /// Redis (retried without the partitions another owner has taken), fenced script calls per
     /// member on a cluster. Returns, per member, whether it was written (false: a later owner
     /// has taken it).
@@ -432,8 +429,8 @@ impl Store {
         tx: &TxConn,
         gens: &[(i32, u64)],
         members: &[MemberWrite],
-        due: &[(i32, &str, &str, i64)],
-        unscheduled: &[(i32, &str, &str)],
+        due: &[(i32, &str, i64)],
+        unscheduled: &[(i32, &str)],
     ) -> Result<Vec<bool>, StoreError> {
         if !self.transactional() {
             return self.write_scripted(members, due, unscheduled).await;
@@ -503,25 +500,27 @@ impl Store {
         partition: i32,
         until: i64,
         limit: usize,
-    ) -> Result<Vec<(String, String)>, StoreError> {
-        self.due_in(&self.keys.partition_due(partition), until, limit)
-            .await
+    ) -> Result<Vec<String>, StoreError> {
+        let due = self
+            .partition_due_after(partition, None, until, limit)
+            .await?;
+        Ok(due.into_iter().map(|(e, _)| e).collect())
     }
 
-    /// Up to `limit` entries of `partition`'s schedule due after `after` (exclusive) and by
-    /// `until`, in due order, with their due times: a walk that goes on while the writes of its
-    /// earlier chunks are in flight.
+    /// Up to `limit` entries of `partition`'s schedule due after `after` (exclusive; None: from
+    /// the start) and by `until`, in due order, with their due times: a walk that goes on while
+    /// the writes of its earlier chunks are in flight.
     pub async fn partition_due_after(
         &self,
         partition: i32,
-        after: i64,
+        after: Option<i64>,
         until: i64,
         limit: usize,
-    ) -> Result<Vec<(String, String, i64)>, StoreError> {
+    ) -> Result<Vec<(String, i64)>, StoreError> {
         let mut c = self.conn();
         let r = redis::cmd("ZRANGE")
             .arg(self.keys.partition_due(partition))
-            .arg(format!("({after}"))
+            .arg(after.map_or_else(|| "-inf".to_owned(), |a| format!("({a}")))
             .arg(until)
             .arg("BYSCORE")
             .arg("LIMIT")
@@ -536,13 +535,22 @@ impl Store {
                 let [entry, at] = e else {
                     return Err(protocol("due entry", "odd reply"));
                 };
-                let (m, c) = serde_json::from_str::<(String, String)>(entry)
-                    .map_err(|e| protocol("due entry", e))?;
                 let at = at.parse::<f64>().map_err(|e| protocol("due time", e))?;
-                Ok((m, c, at as i64))
+                Ok((entry.clone(), at as i64))
             })
             .collect()
     }
+}
+
+/// The member a schedule entry of `pdue:{part-p}` names, and whether it is an entry of the
+/// earlier layout (one per pair, `["member","candidate"]`), which is removed once read.
+pub fn scheduled_member(entry: &str) -> (String, bool) {
+    if entry.starts_with('[') {
+        if let Ok((m, _)) = serde_json::from_str::<(String, String)>(entry) {
+            return (m, true);
+        }
+    }
+    (entry.to_owned(), false)
 }
 
 fn parse_load(v: &Value) -> Result<Loaded, StoreError> {
@@ -587,4 +595,17 @@ fn parse_load(v: &Value) -> Result<Loaded, StoreError> {
         }
     }
     Ok(Loaded::Taken(Box::new(out)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::scheduled_member;
+
+    #[test]
+    fn schedule_entries_name_members_and_pair_entries_of_the_earlier_layout_are_read_as_theirs() {
+        assert_eq!(scheduled_member("m1"), ("m1".to_owned(), false));
+        assert_eq!(scheduled_member(r#"["m1","c2"]"#), ("m1".to_owned(), true));
+        // Not a pair: a member id that happens to start with a bracket.
+        assert_eq!(scheduled_member("[m1"), ("[m1".to_owned(), false));
+    }
 }

@@ -73,7 +73,7 @@ struct TickJob {
     in_write: Option<u64>,
     /// The sweep's previous chunk's first entry: a chunk that starts where the last one did made
     /// no progress (its pairs could not be rescheduled), and the tick ends.
-    last_first: Option<(String, String)>,
+    last_first: Option<String>,
 }
 
 impl TickJob {
@@ -98,11 +98,11 @@ struct Owned {
     window: Window,
     /// Members changed since the last write (their rows, if any, are in the window).
     touched: HashSet<String>,
-    /// Schedule entries to drop with the next write: (partition, member, candidate).
-    unscheduled: Vec<(i32, String, String)>,
-    /// Schedule entries of dormant members' live pairs, dropped with the next write unless the
-    /// same write schedules them again.
-    retired: Vec<(i32, String, String)>,
+    /// Schedule entries to drop with the next write: (partition, entry).
+    unscheduled: Vec<(i32, String)>,
+    /// Dormant members, dropped from the schedule with the next write unless the same write
+    /// schedules them again: (partition, member).
+    retired: Vec<(i32, String)>,
     /// This worker's generation of each member partition it owns (taken on first use).
     gens: HashMap<i32, u64>,
     /// Partitions a later owner took (a refused write or load), and since when: skipped until
@@ -143,8 +143,8 @@ impl Owned {
             .retain(|m, _| partition_of(m, n) != partition);
         self.window.messages.retain(|m| m.tp.1 != partition);
         self.touched.retain(|m| partition_of(m, n) != partition);
-        self.unscheduled.retain(|(p, _, _)| *p != partition);
-        self.retired.retain(|(p, _, _)| *p != partition);
+        self.unscheduled.retain(|(p, _)| *p != partition);
+        self.retired.retain(|(p, _)| *p != partition);
         self.ticks.retain(|t| t.partition != partition);
     }
 }

@@ -204,3 +204,35 @@ fn a_tombstone_expired_in_the_plan_that_removes_it_still_leaves_the_ranking() {
     // Nothing left to write: the slot is gone altogether.
     assert!(m.plan("model", 1, 1000, 0).is_empty());
 }
+
+#[test]
+fn a_member_is_due_at_its_earliest_pair_and_a_refused_pair_waits() {
+    let next_due = |as_of: i64, _ts: i64| as_of + 100;
+    let mut m = Member::default();
+    m.apply_pair("a", pair(0, 0, false));
+    m.apply_pair("b", pair(0, 1, false));
+    assert_eq!(
+        m.next_due(next_due),
+        Some(i64::MIN),
+        "never scored: due at once"
+    );
+    m.set_score("a", 1.0, 50);
+    m.set_score("b", 1.0, 20);
+    assert_eq!(m.next_due(next_due), Some(120));
+    assert_eq!(m.due_by(130, next_due), vec!["b".to_owned()]);
+    // Refused at 130: tried again at 500, and no longer due meanwhile.
+    m.refuse("b", 500);
+    assert_eq!(m.next_due(next_due), Some(150));
+    assert!(m.due_by(200, next_due).contains(&"a".to_owned()));
+    assert!(!m.due_by(200, next_due).contains(&"b".to_owned()));
+    // Scored again: due by its as_of once more.
+    m.set_score("b", 1.0, 300);
+    assert_eq!(m.next_due(next_due), Some(150));
+    let mut due = m.due_by(400, next_due);
+    due.sort();
+    assert_eq!(due, ["a", "b"]);
+    // No live pair: not scheduled.
+    m.apply_pair("a", pair(1, 2, true));
+    m.apply_pair("b", pair(1, 3, true));
+    assert_eq!(m.next_due(next_due), None);
+}

@@ -12,7 +12,7 @@ use super::Owned;
 use crate::coalesce::MsgRef;
 use crate::model::{FeatureMap, PairInput};
 use crate::owned::route::partition_of;
-use crate::store::MemberWrite;
+use crate::store::{scheduled_member, MemberWrite};
 use crate::worker::retry::{retry, Stop};
 use crate::worker::{chrono_now_ms, Worker};
 
@@ -77,9 +77,9 @@ impl Worker {
             return None;
         }
         let window = st.window.take();
-        let n = st.partitions;
         let flush_started = Instant::now();
         let mut rows: Vec<Row> = Vec::new();
+        // Schedule entries to remove: (partition, entry).
         let mut gone = std::mem::take(&mut st.unscheduled);
         for (m, work) in &window.members {
             let Some(mem) = st.cache.get(m) else {
@@ -92,11 +92,12 @@ impl Worker {
                     rows.push((m.clone(), c.clone(), t.max(prev(c)), p.ts));
                 }
             }
+            // A pair gone since is not scored: the member's schedule follows from its live pairs.
             for (c, t) in &work.pairs {
                 match mem.live(c) {
                     Some(_) if work.all.is_some() => {}
                     Some(p) => rows.push((m.clone(), c.clone(), (*t).max(prev(c)), p.ts)),
-                    None => gone.push((mem.partition, m.clone(), c.clone())),
+                    None => {}
                 }
             }
         }
@@ -105,7 +106,8 @@ impl Worker {
         let empty = FeatureMap::new();
         let mut matrix = Vec::with_capacity(rows.len() * layout.width());
         let mut kept: Vec<usize> = Vec::with_capacity(rows.len());
-        let mut due: Vec<(i32, String, String, i64)> = Vec::new();
+        // Pairs the model refused, tried again later: (member, candidate, at).
+        let mut refused: Vec<(String, String, i64)> = Vec::new();
         let max_ms = self.settings.decay.max_interval_secs.saturating_mul(1000);
         let later = |as_of: i64| as_of.saturating_add(i64::try_from(max_ms).unwrap_or(i64::MAX));
         for (i, (m, c, as_of, _)) in rows.iter().enumerate() {
@@ -127,7 +129,7 @@ impl Worker {
                         .pairs_skipped_total
                         .with_label_values(&["features_refused"])
                         .inc();
-                    due.push((mem.partition, m.clone(), c.clone(), later(*as_of)));
+                    refused.push((m.clone(), c.clone(), later(*as_of)));
                 }
             }
         }
@@ -144,27 +146,26 @@ impl Worker {
             }
         }
         for (&i, s) in kept.iter().zip(&scores) {
-            let (m, c, as_of, moment) = &rows[i];
-            let p = partition_of(m, n);
+            let (m, c, as_of, _) = &rows[i];
             if !s.is_finite() {
                 self.metrics
                     .pairs_skipped_total
                     .with_label_values(&["non_finite_score"])
                     .inc();
-                due.push((p, m.clone(), c.clone(), later(*as_of)));
+                refused.push((m.clone(), c.clone(), later(*as_of)));
                 continue;
             }
             let Some(mem) = st.cache.get_mut(m) else {
                 continue;
             };
             if mem.set_score(c, f64::from(*s), *as_of) {
-                due.push((
-                    p,
-                    m.clone(),
-                    c.clone(),
-                    self.settings.decay.next_due(*as_of, *moment),
-                ));
                 st.touched.insert(m.clone());
+            }
+        }
+        for (m, c, at) in refused {
+            if let Some(mem) = st.cache.get_mut(&m) {
+                mem.refuse(&c, at);
+                st.touched.insert(m);
             }
         }
 
@@ -179,6 +180,9 @@ impl Worker {
         let tombstones =
             (horizon > 0).then(|| i64::try_from(horizon.saturating_mul(1000)).unwrap_or(i64::MAX));
         let mut writes: Vec<MemberWrite> = Vec::new();
+        // Each changed member is scheduled at its earliest due pair: (partition, member, due).
+        let decay = &self.settings.decay;
+        let mut due: Vec<(i32, String, i64)> = Vec::new();
         for m in std::mem::take(&mut st.touched) {
             let Some(mem) = st.cache.get_mut(&m) else {
                 continue;
@@ -189,6 +193,10 @@ impl Worker {
             let partition = mem.partition;
             mem.set_tombstone_horizon(tombstones);
             let ops = mem.plan(&model, top_n, ttl_ms, now);
+            match mem.next_due(|a, ts| decay.next_due(a, ts)) {
+                Some(at) => due.push((partition, m.clone(), at)),
+                None => gone.push((partition, m.clone())),
+            }
             if !ops.is_empty() {
                 writes.push(MemberWrite {
                     member: m,
@@ -198,18 +206,12 @@ impl Worker {
                 });
             }
         }
-        // A pair removed and added again since the last write is scheduled, not dropped: only
-        // pairs not live now leave the schedule (the ZREMs run after the ZADDs).
-        gone.retain(|(_, m, c)| st.cache.get(m).is_none_or(|x| x.live(c).is_none()));
-        // Dormant members' pairs leave the schedule, unless this write schedules them again (an
-        // event woke the member).
-        let again: HashSet<(&str, &str)> = due
-            .iter()
-            .map(|(_, m, c, _)| (m.as_str(), c.as_str()))
-            .collect();
-        let retired: Vec<(i32, String, String)> = std::mem::take(&mut st.retired)
+        // Dormant members leave the schedule, unless this write schedules them again (an event
+        // woke the member).
+        let again: HashSet<&str> = due.iter().map(|(_, m, _)| m.as_str()).collect();
+        let retired: Vec<(i32, String)> = std::mem::take(&mut st.retired)
             .into_iter()
-            .filter(|(_, m, c)| !again.contains(&(m.as_str(), c.as_str())))
+            .filter(|(_, m)| !again.contains(m.as_str()))
             .collect();
         gone.extend(retired);
         st.seq += 1;
@@ -240,14 +242,9 @@ impl Worker {
         );
         let (give_up, hard_stop) = (self.give_up_after(), hard_stop.clone());
         let handle = tokio::spawn(async move {
-            let due_refs: Vec<(i32, &str, &str, i64)> = due
-                .iter()
-                .map(|(p, m, c, t)| (*p, m.as_str(), c.as_str(), *t))
-                .collect();
-            let gone_refs: Vec<(i32, &str, &str)> = gone
-                .iter()
-                .map(|(p, m, c)| (*p, m.as_str(), c.as_str()))
-                .collect();
+            let due_refs: Vec<(i32, &str, i64)> =
+                due.iter().map(|(p, m, t)| (*p, m.as_str(), *t)).collect();
+            let gone_refs: Vec<(i32, &str)> = gone.iter().map(|(p, e)| (*p, e.as_str())).collect();
             retry("write", &metrics, &health, give_up, &hard_stop, || {
                 store.write_owned(&tx, &gens, &writes, &due_refs, &gone_refs)
             })
@@ -339,7 +336,7 @@ impl Worker {
             let (p, as_of, sweep, after) = (job.partition, job.as_of, job.sweep, job.after);
             let id = (job.msg.tp.clone(), job.msg.offset);
             let chunk = self.settings.decay.chunk;
-            let due: Vec<(String, String)> = if sweep {
+            let due: Vec<String> = if sweep {
                 let Some(due) = self
                     .attempt(&mut st.fatal, "read schedule", hard_stop, || {
                         self.store.partition_due(p, as_of, chunk)
@@ -370,8 +367,7 @@ impl Worker {
             } else {
                 let Some(due) = self
                     .attempt(&mut st.fatal, "read schedule", hard_stop, || {
-                        self.store
-                            .partition_due_after(p, after.unwrap_or(i64::MIN), as_of, chunk)
+                        self.store.partition_due_after(p, after, as_of, chunk)
                     })
                     .await
                 else {
@@ -384,10 +380,10 @@ impl Worker {
                     job.sweep = true;
                     continue;
                 };
-                job.after = Some(last.2);
-                due.into_iter().map(|(m, c, _)| (m, c)).collect()
+                job.after = Some(last.1);
+                due.into_iter().map(|(e, _)| e).collect()
             };
-            match self.take_due(st, p, as_of, sweep, due, hard_stop).await {
+            match self.take_due(st, p, as_of, due, hard_stop).await {
                 None => return false,
                 // Nothing to write (all rescored already, or not this worker's): read on.
                 Some(false) => {}
@@ -407,71 +403,68 @@ impl Worker {
         }
     }
 
-    /// Puts a chunk of `p`'s schedule due by `as_of` into the window: Some(true) when it added
-    /// work to write, None when the members could not be loaded. Outside the sweep, pairs this
-    /// tick already rescored (an earlier chunk's write may still be in flight) are passed over.
+    /// Puts a chunk of `p`'s schedule due by `as_of` into the window: each member's pairs due
+    /// by then (so a member is written once per tick). Some(true) when it added work to write,
+    /// None when the members could not be loaded. A member with nothing due (rescored by this
+    /// tick already, or an entry older than its state) is written again only to correct its entry.
     async fn take_due(
         &self,
         st: &mut Owned,
         p: i32,
         as_of: i64,
-        sweep: bool,
-        due: Vec<(String, String)>,
+        due: Vec<String>,
         hard_stop: &CancellationToken,
     ) -> Option<bool> {
         let n = st.partitions;
-        let members: Vec<String> = due.iter().map(|(m, _)| m.clone()).collect();
+        let entries: Vec<(String, String, bool)> = due
+            .into_iter()
+            .map(|e| {
+                let (m, legacy) = scheduled_member(&e);
+                (e, m, legacy)
+            })
+            .collect();
+        let members: Vec<String> = entries
+            .iter()
+            .filter(|(_, m, _)| partition_of(m, n) == p)
+            .map(|(_, m, _)| m.clone())
+            .collect();
         if !self.ensure_loaded(st, members, hard_stop).await {
             return None;
         }
-        let before = (st.window.size(), st.unscheduled.len(), st.retired.len());
+        let size = |st: &Owned| {
+            (
+                st.window.size(),
+                st.unscheduled.len(),
+                st.retired.len(),
+                st.touched.len(),
+            )
+        };
+        let before = size(st);
         let decay = &self.settings.decay;
-        let mut whole: HashSet<String> = HashSet::new();
-        for (m, c) in due {
-            let cached = st.cache.get(&m);
-            let done = !sweep && cached.is_some_and(|x| x.as_of(&c).is_some_and(|a| a >= as_of));
-            if done {
+        for (entry, m, legacy) in entries {
+            let here = partition_of(&m, n) == p;
+            // An entry of the earlier layout, or one that is not this partition's, goes.
+            if legacy || !here {
+                st.unscheduled.push((p, entry));
+            }
+            let Some(mem) = st.cache.get(&m).filter(|_| here) else {
                 continue;
-            }
-            let live = cached.map(|x| x.live(&c).is_some());
-            let dormant = cached.is_some_and(|x| decay.dormant(x.last_event, as_of));
-            if live.is_some() {
-                whole.insert(m.clone());
-            }
-            match live {
-                Some(true) if dormant => st.retired.push((p, m, c)),
-                Some(true) => st.window.pair(&m, &c, as_of),
-                // A pair that is gone, or an entry that is not this partition's.
-                Some(false) => st.unscheduled.push((p, m, c)),
-                None if partition_of(&m, n) != p => st.unscheduled.push((p, m, c)),
-                None => {}
-            }
-        }
-        // The schedule is in due order, so one chunk holds a pair or two of many members: each
-        // member it touches has every pair due by the tick rescored now (the owner knows when
-        // each is due), so a member is written once per tick, not once per pair.
-        for m in &whole {
-            let Some(mem) = st.cache.get(m) else { continue };
+            };
             if decay.dormant(mem.last_event, as_of) {
-                // No decay for a dormant member: its pairs leave the schedule, its output's TTL
-                // runs out, its next event rescores it whole.
-                let pairs: Vec<String> = mem.live_pairs().map(|(c, _)| c.clone()).collect();
-                st.retired
-                    .extend(pairs.into_iter().map(|c| (p, m.clone(), c)));
+                // No decay for a dormant member: it leaves the schedule, its output's TTL runs
+                // out, its next event rescores it whole.
+                st.retired.push((p, m));
                 continue;
             }
-            let due_now: Vec<String> = mem
-                .live_pairs()
-                .filter(|(c, pair)| {
-                    mem.as_of(c)
-                        .is_none_or(|a| decay.next_due(a, pair.ts) <= as_of)
-                })
-                .map(|(c, _)| c.clone())
-                .collect();
-            for c in due_now {
-                st.window.pair(m, &c, as_of);
+            let pairs = mem.due_by(as_of, |a, ts| decay.next_due(a, ts));
+            if pairs.is_empty() {
+                st.touched.insert(m);
+                continue;
+            }
+            for c in pairs {
+                st.window.pair(&m, &c, as_of);
             }
         }
-        Some((st.window.size(), st.unscheduled.len(), st.retired.len()) != before)
+        Some(size(st) != before)
     }
 }

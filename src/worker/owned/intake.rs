@@ -316,8 +316,6 @@ impl Worker {
                     let a = st.cache.apply_pair(&member, &r.candidate_id, state);
                     if a.applied {
                         rev.push((r.candidate_id.clone(), member.clone(), r.ts, offset, false));
-                        st.unscheduled
-                            .push((p, member.clone(), r.candidate_id.clone()));
                     }
                     a.applied
                 }
