@@ -18,6 +18,9 @@ use crate::store::{MemberKey, OwnedLoad, PairState, WriteOp};
 /// Maps keyed by member or candidate id (foldhash: fast, seeded per process).
 type Map<K, V> = foldhash::HashMap<K, V>;
 
+/// A ranking set of at least this many entries, most of them changed, is written afresh.
+const REWRITE_FROM: usize = 8;
+
 /// Candidates with their scores, best first.
 pub type Ranked<'a> = Vec<(&'a String, f64)>;
 
@@ -338,14 +341,12 @@ impl Member {
             let held_rest = self.slots.values().any(|s| s.in_rest.is_some());
             let (top, rest) = self.ranking(top_n);
             let top_ids: HashSet<String> = top.iter().map(|(c, _)| (*c).clone()).collect();
-            let adds = |want: &Ranked<'_>, held: fn(&Slot) -> Option<f64>| -> Vec<String> {
+            let entries = |want: &Ranked<'_>, held: fn(&Slot) -> Option<f64>, all: bool| {
                 want.iter()
-                    .filter(|(c, s)| self.slots.get(*c).and_then(held) != Some(*s))
+                    .filter(|(c, s)| all || self.slots.get(*c).and_then(held) != Some(*s))
                     .flat_map(|(c, s)| [s.to_string(), (*c).clone()])
-                    .collect()
+                    .collect::<Vec<String>>()
             };
-            let add_top = adds(&top, |s| s.in_top);
-            let add_rest = adds(&rest, |s| s.in_rest);
             let (mut rem_top, mut rem_rest) = (Vec::new(), Vec::new());
             for (c, slot) in &self.slots {
                 let in_top = top_ids.contains(c);
@@ -356,12 +357,35 @@ impl Member {
                     rem_rest.push(c.clone());
                 }
             }
-            let changed = as_of_changed || !(add_top.is_empty() && rem_top.is_empty());
+            let mut changed = as_of_changed;
             let mut created = Vec::new();
-            for (key, add, rem, held) in [
-                (MemberKey::Top, add_top, rem_top, held_top),
-                (MemberKey::Rest, add_rest, rem_rest, held_rest),
+            for (key, want, held_of, rem, held) in [
+                (
+                    MemberKey::Top,
+                    &top,
+                    (|s| s.in_top) as fn(&Slot) -> Option<f64>,
+                    rem_top,
+                    held_top,
+                ),
+                (MemberKey::Rest, &rest, |s| s.in_rest, rem_rest, held_rest),
             ] {
+                let add = entries(want, held_of, false);
+                if key == MemberKey::Top && !(add.is_empty() && rem.is_empty()) {
+                    changed = true;
+                }
+                // Most entries of a larger set changed (a member rescored whole): the set is
+                // written afresh, best first, so that each insert into Redis's small sorted set
+                // lands at its head instead of after a scan parsing every stored score.
+                if held && add.len() >= want.len() && want.len() >= REWRITE_FROM {
+                    ops.push(WriteOp {
+                        key,
+                        cmd: "DEL",
+                        args: Vec::new(),
+                    });
+                    ops.extend(WriteOp::split(key, "ZADD", entries(want, held_of, true), 2));
+                    created.push(key);
+                    continue;
+                }
                 if !add.is_empty() && !held {
                     created.push(key);
                 }

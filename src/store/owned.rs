@@ -77,6 +77,9 @@ impl WriteOp {
     /// `stride`-sized groups (2 for HSET and ZADD, 1 for ZREM and HDEL).
     pub fn split(key: MemberKey, cmd: &'static str, args: Vec<String>, stride: usize) -> Vec<Self> {
         let per = (MAX_OP_ARGS / stride) * stride;
+        if args.len() <= per.max(stride) {
+            return vec![WriteOp { key, cmd, args }];
+        }
         args.chunks(per.max(stride))
             .map(|c| WriteOp {
                 key,

@@ -236,3 +236,44 @@ fn a_member_is_due_at_its_earliest_pair_and_a_refused_pair_waits() {
     m.apply_pair("b", pair(1, 3, true));
     assert_eq!(m.next_due(next_due), None);
 }
+
+#[test]
+fn a_member_rescored_whole_rewrites_its_sets_best_first_and_a_single_change_is_a_diff() {
+    let ids: Vec<String> = (0..10).map(|i| format!("c{i}")).collect();
+    let mut m = Member::default();
+    for (i, c) in ids.iter().enumerate() {
+        m.apply_pair(c, pair(0, i as i64, false));
+        m.set_score(c, i as f64, 10);
+    }
+    m.plan("model", 1, 1_000_000, 0);
+    for (i, c) in ids.iter().enumerate() {
+        m.set_score(c, i as f64 / 2.0, 20);
+    }
+    let ops = m.plan("model", 1, 1_000_000, 0);
+    let rest: Vec<(&str, Vec<String>)> = ops
+        .iter()
+        .filter(|o| o.key == MemberKey::Rest)
+        .map(|o| (o.cmd, o.args.clone()))
+        .collect();
+    // The top is c9; the rest, best first, each insert at the head of the new set.
+    let all: Vec<String> = (0..9)
+        .rev()
+        .flat_map(|i| [(i as f64 / 2.0).to_string(), format!("c{i}")])
+        .collect();
+    assert_eq!(
+        rest,
+        [
+            ("DEL", vec![]),
+            ("ZADD", all),
+            ("PEXPIRE", vec!["1000000".to_owned()]),
+        ]
+    );
+    m.set_score("c0", 0.25, 30);
+    let ops = m.plan("model", 1, 1_000_000, 0);
+    let rest: Vec<(&str, Vec<String>)> = ops
+        .iter()
+        .filter(|o| o.key == MemberKey::Rest)
+        .map(|o| (o.cmd, o.args.clone()))
+        .collect();
+    assert_eq!(rest, [("ZADD", vec!["0.25".to_owned(), "c0".to_owned()])]);
+}
