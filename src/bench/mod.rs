@@ -10,6 +10,7 @@ mod probe;
 mod report;
 pub use report::freshness_table;
 mod state;
+mod takeover;
 mod tick;
 mod watch;
 
@@ -179,6 +180,9 @@ pub struct Report {
     /// The full rescoring after a tick (absent in older reports).
     #[serde(default)]
     pub tick: Option<tick::TickRun>,
+    /// A worker starting on the pre-loaded state (only with `--preload-members`).
+    #[serde(default)]
+    pub takeover: Option<takeover::TakeoverRun>,
 }
 
 /// Quantiles without observations are NaN, which JSON writes as null: read null back as NaN.
@@ -535,10 +539,15 @@ pub async fn run(base: &Settings, opts: &BenchOptions) -> anyhow::Result<Report>
         freshness: Vec::new(),
         backlog_live: None,
         tick: None,
+        takeover: None,
     };
     if opts.tick_members > 0 {
         eprintln!("a full rescoring after a tick");
         report.tick = Some(tick::tick_rescore(base, opts).await?);
+    }
+    if opts.preload_members > 0 {
+        eprintln!("a takeover of the stored state");
+        report.takeover = Some(takeover::takeover(base, opts).await?);
     }
     if opts.drain_only {
         return Ok(report);

@@ -107,6 +107,22 @@ impl Report {
                 if t.complete { "" } else { " (the phase limit ran out first)" }
             );
         }
+        if let Some(t) = &self.takeover {
+            s += &format!(
+                "## A takeover\n\nA worker owning nothing yet starts on partitions holding {} stored \
+                 pairs: assigned {:.2} s after its start; the first fresh event (a member update \
+                 produced right then) had its scores published **{:.0} ms** after it was produced, \
+                 {:.2} s after the start. {} members never touched, one after another: p50 {:.0} ms, \
+                 max {:.0} ms.\n\n",
+                t.stored_pairs,
+                t.assigned_s,
+                t.first_ms,
+                t.start_to_first_s,
+                t.probes,
+                t.p50_ms,
+                t.max_ms
+            );
+        }
         if self.freshness.is_empty() {
             return s;
         }

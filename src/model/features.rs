@@ -19,12 +19,29 @@ const MS_PER_HOUR: f64 = 3_600_000.0;
 pub struct PairInput<'a> {
     pub member: &'a FeatureMap,
     pub candidate: &'a FeatureMap,
-    pub pair: &'a FeatureMap,
+    pub pair: &'a dyn Lookup,
     pub reason: &'a str,
     /// When the Catch Up moment happened (event time, ms since the epoch).
     pub moment_ts_ms: i64,
     /// The event time the pair is scored at (ms); never the wall clock.
     pub as_of_ms: i64,
+}
+
+/// Features by name: a map, or the short list a cached pair keeps (less memory a pair).
+pub trait Lookup: std::fmt::Debug {
+    fn feature(&self, name: &str) -> Option<f64>;
+}
+
+impl Lookup for FeatureMap {
+    fn feature(&self, name: &str) -> Option<f64> {
+        self.get(name).copied()
+    }
+}
+
+impl Lookup for Box<[(Box<str>, f64)]> {
+    fn feature(&self, name: &str) -> Option<f64> {
+        self.iter().find(|(n, _)| &**n == name).map(|(_, v)| *v)
+    }
 }
 
 /// A row that cannot be built.
@@ -119,12 +136,12 @@ impl FeatureLayout {
                     default,
                     transform,
                 } => {
-                    let map = match source {
-                        Source::Member => pair.member,
-                        Source::Candidate => pair.candidate,
-                        _ => pair.pair,
-                    };
-                    let raw = map.get(name).copied().unwrap_or(*default);
+                    let raw = match source {
+                        Source::Member => pair.member.get(name).copied(),
+                        Source::Candidate => pair.candidate.get(name).copied(),
+                        _ => pair.pair.feature(name),
+                    }
+                    .unwrap_or(*default);
                     finite(*source, name, raw, *transform)?
                 }
                 Column::Reason(name) => {

@@ -6,5 +6,5 @@ pub mod features;
 pub mod spec;
 
 pub use engine::{Engine, EngineError, ResolvedDevice};
-pub use features::{FeatureError, FeatureLayout, FeatureMap, PairInput};
+pub use features::{FeatureError, FeatureLayout, FeatureMap, Lookup, PairInput};
 pub use spec::{ModelSpec, SpecError};

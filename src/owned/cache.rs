@@ -24,34 +24,118 @@ const REWRITE_FROM: usize = 8;
 /// Candidates with their scores, best first.
 pub type Ranked<'a> = Vec<(&'a String, f64)>;
 
+/// A pair as the cache holds it: [`PairState`] in less memory (boxed strings, its few features
+/// as a list).
+#[derive(Debug, Clone, PartialEq)]
+pub struct CachedPair {
+    pub reason: Box<str>,
+    pub features: Box<[(Box<str>, f64)]>,
+    /// Moment time (ms) and offset: the pair's last-writer-wins version.
+    pub ts: i64,
+    pub o: i64,
+    pub rm: bool,
+}
+
+impl From<PairState> for CachedPair {
+    fn from(p: PairState) -> Self {
+        let mut features: Vec<(Box<str>, f64)> = p
+            .pair_features
+            .into_iter()
+            .map(|(k, v)| (k.into_boxed_str(), v))
+            .collect();
+        features.sort_by(|a, b| a.0.cmp(&b.0));
+        Self {
+            reason: p.reason.into_boxed_str(),
+            features: features.into_boxed_slice(),
+            ts: p.ts,
+            o: p.o,
+            rm: p.rm,
+        }
+    }
+}
+
+impl CachedPair {
+    /// The pair as stored in Redis (`pairs:{m}`).
+    pub fn state(&self) -> PairState {
+        PairState {
+            reason: self.reason.to_string(),
+            pair_features: self
+                .features
+                .iter()
+                .map(|(k, v)| (k.to_string(), *v))
+                .collect(),
+            ts: self.ts,
+            o: self.o,
+            rm: self.rm,
+        }
+    }
+}
+
+/// No value: the sentinel of a slot's `as_of` (scores are always finite, so theirs is NaN).
+const NO_AS_OF: i64 = i64::MIN;
+
+fn some_score(s: f64) -> Option<f64> {
+    (!s.is_nan()).then_some(s)
+}
+
 /// What a member holds of one candidate: one entry per candidate, so a pair costs one key and one
-/// lookup however many of these it has.
-#[derive(Debug, Clone, Default)]
+/// lookup however many of these it has (sentinels rather than options keep the slot small).
+#[derive(Debug, Clone)]
 struct Slot {
     /// The pair, a removal tombstone included (None: only an as_of or a written score is left).
-    pair: Option<PairState>,
-    /// As of when the pair's score was computed (kept after a removal, so a pair added again
-    /// never scores as of an earlier time).
-    as_of: Option<i64>,
-    /// The current score (live scored pairs only).
-    score: Option<f64>,
-    /// What Redis holds: the score in the top N, and in the rest.
-    in_top: Option<f64>,
-    in_rest: Option<f64>,
+    pair: Option<CachedPair>,
+    /// As of when the pair's score was computed ([`NO_AS_OF`]: never; kept after a removal, so
+    /// a pair added again never scores as of an earlier time).
+    as_of: i64,
+    /// The current score (live scored pairs only; NaN: none).
+    score: f64,
+    /// What Redis holds: the score in the top N, and in the rest (NaN: not there).
+    in_top: f64,
+    in_rest: f64,
     dirty_pair: bool,
     dirty_as_of: bool,
 }
 
+impl Default for Slot {
+    fn default() -> Self {
+        Self {
+            pair: None,
+            as_of: NO_AS_OF,
+            score: f64::NAN,
+            in_top: f64::NAN,
+            in_rest: f64::NAN,
+            dirty_pair: false,
+            dirty_as_of: false,
+        }
+    }
+}
+
 impl Slot {
-    fn live(&self) -> Option<&PairState> {
+    fn live(&self) -> Option<&CachedPair> {
         self.pair.as_ref().filter(|p| !p.rm)
+    }
+
+    fn as_of(&self) -> Option<i64> {
+        (self.as_of != NO_AS_OF).then_some(self.as_of)
+    }
+
+    fn score(&self) -> Option<f64> {
+        some_score(self.score)
+    }
+
+    fn top(&self) -> Option<f64> {
+        some_score(self.in_top)
+    }
+
+    fn rest(&self) -> Option<f64> {
+        some_score(self.in_rest)
     }
 
     fn is_empty(&self) -> bool {
         self.pair.is_none()
-            && self.as_of.is_none()
-            && self.in_top.is_none()
-            && self.in_rest.is_none()
+            && self.as_of().is_none()
+            && self.top().is_none()
+            && self.rest().is_none()
     }
 }
 
@@ -95,20 +179,20 @@ impl Member {
         let mut slots: Map<String, Slot> = Map::default();
         slots.reserve(l.pairs.len());
         for (c, p) in l.pairs {
-            slots.entry(c).or_default().pair = Some(p);
+            slots.entry(c).or_default().pair = Some(p.into());
         }
         for (c, a) in l.as_of {
-            slots.entry(c).or_default().as_of = Some(a);
+            slots.entry(c).or_default().as_of = a;
         }
         for (c, s) in l.top {
-            slots.entry(c).or_default().in_top = Some(s);
+            slots.entry(c).or_default().in_top = s;
         }
         for (c, s) in l.rest {
-            slots.entry(c).or_default().in_rest = Some(s);
+            slots.entry(c).or_default().in_rest = s;
         }
         for slot in slots.values_mut() {
             if slot.live().is_some() {
-                slot.score = slot.in_rest.or(slot.in_top);
+                slot.score = slot.rest().or(slot.top()).unwrap_or(f64::NAN);
             }
         }
         let mut m = Member {
@@ -130,17 +214,17 @@ impl Member {
     }
 
     /// The live pair with candidate `c`.
-    pub fn live(&self, c: &str) -> Option<&PairState> {
+    pub fn live(&self, c: &str) -> Option<&CachedPair> {
         self.slots.get(c)?.live()
     }
 
-    pub fn live_pairs(&self) -> impl Iterator<Item = (&String, &PairState)> {
+    pub fn live_pairs(&self) -> impl Iterator<Item = (&String, &CachedPair)> {
         self.slots.iter().filter_map(|(c, s)| Some((c, s.live()?)))
     }
 
     /// As of when the pair with candidate `c` was last scored.
     pub fn as_of(&self, c: &str) -> Option<i64> {
-        self.slots.get(c)?.as_of
+        self.slots.get(c)?.as_of()
     }
 
     /// Whether the member holds a pair (or its tombstone) with candidate `c`.
@@ -190,9 +274,9 @@ impl Member {
             None => self.slots.entry(candidate.to_owned()).or_default(),
         };
         if !is_live {
-            slot.score = None;
+            slot.score = f64::NAN;
         }
-        slot.pair = Some(st);
+        slot.pair = Some(st.into());
         slot.dirty_pair = true;
         self.dirty_slots = true;
         PairApplied {
@@ -210,8 +294,8 @@ impl Member {
         if slot.live().is_none() {
             return false;
         }
-        slot.score = Some(score);
-        slot.as_of = Some(as_of);
+        slot.score = score;
+        slot.as_of = as_of;
         slot.dirty_as_of = true;
         self.dirty_slots = true;
         if let Some(r) = self.refused.as_mut() {
@@ -232,7 +316,7 @@ impl Member {
 
     /// When the pair with candidate `c` is due next, by `next_due(as_of, moment ts)` (a pair
     /// never scored is due at once).
-    fn pair_due(&self, c: &str, p: &PairState, next_due: &impl Fn(i64, i64) -> i64) -> i64 {
+    fn pair_due(&self, c: &str, p: &CachedPair, next_due: &impl Fn(i64, i64) -> i64) -> i64 {
         if let Some(at) = self.refused.as_ref().and_then(|r| r.get(c)) {
             return *at;
         }
@@ -266,7 +350,7 @@ impl Member {
         let mut all: Vec<(&String, f64)> = self
             .slots
             .iter()
-            .filter_map(|(c, s)| Some((c, s.score?)))
+            .filter_map(|(c, s)| Some((c, s.score()?)))
             .collect();
         all.sort_unstable_by(|a, b| {
             b.1.total_cmp(&a.1)
@@ -292,16 +376,13 @@ impl Member {
         if self.dirty_slots {
             for (c, slot) in self.slots.iter_mut() {
                 if std::mem::take(&mut slot.dirty_pair) {
-                    if let Some(j) = slot
-                        .pair
-                        .as_ref()
-                        .and_then(|p| serde_json::to_string(p).ok())
-                    {
+                    let state = slot.pair.as_ref().map(CachedPair::state);
+                    if let Some(j) = state.and_then(|p| serde_json::to_string(&p).ok()) {
                         pairs.extend([c.clone(), j]);
                     }
                 }
                 if std::mem::take(&mut slot.dirty_as_of) {
-                    if let Some(a) = slot.as_of {
+                    if let Some(a) = slot.as_of() {
                         as_of.extend([c.clone(), a.to_string()]);
                     }
                 }
@@ -333,12 +414,12 @@ impl Member {
             // not ours), so the ranking is written whole rather than as a diff.
             if age.is_none_or(|a| a < 0 || a >= ttl / 2) {
                 for slot in self.slots.values_mut() {
-                    slot.in_top = None;
-                    slot.in_rest = None;
+                    slot.in_top = f64::NAN;
+                    slot.in_rest = f64::NAN;
                 }
             }
-            let held_top = self.slots.values().any(|s| s.in_top.is_some());
-            let held_rest = self.slots.values().any(|s| s.in_rest.is_some());
+            let held_top = self.slots.values().any(|s| s.top().is_some());
+            let held_rest = self.slots.values().any(|s| s.rest().is_some());
             let (top, rest) = self.ranking(top_n);
             let top_ids: HashSet<String> = top.iter().map(|(c, _)| (*c).clone()).collect();
             let entries = |want: &Ranked<'_>, held: fn(&Slot) -> Option<f64>, all: bool| {
@@ -350,10 +431,10 @@ impl Member {
             let (mut rem_top, mut rem_rest) = (Vec::new(), Vec::new());
             for (c, slot) in &self.slots {
                 let in_top = top_ids.contains(c);
-                if slot.in_top.is_some() && !in_top {
+                if slot.top().is_some() && !in_top {
                     rem_top.push(c.clone());
                 }
-                if slot.in_rest.is_some() && (in_top || slot.score.is_none()) {
+                if slot.rest().is_some() && (in_top || slot.score().is_none()) {
                     rem_rest.push(c.clone());
                 }
             }
@@ -363,11 +444,11 @@ impl Member {
                 (
                     MemberKey::Top,
                     &top,
-                    (|s| s.in_top) as fn(&Slot) -> Option<f64>,
+                    Slot::top as fn(&Slot) -> Option<f64>,
                     rem_top,
                     held_top,
                 ),
-                (MemberKey::Rest, &rest, |s| s.in_rest, rem_rest, held_rest),
+                (MemberKey::Rest, &rest, Slot::rest, rem_rest, held_rest),
             ] {
                 let add = entries(want, held_of, false);
                 if key == MemberKey::Top && !(add.is_empty() && rem.is_empty()) {
@@ -399,8 +480,11 @@ impl Member {
             // What Redis holds from now on, as if this write had landed.
             for (c, slot) in self.slots.iter_mut() {
                 let top = top_ids.contains(c);
-                slot.in_top = slot.score.filter(|_| top);
-                slot.in_rest = slot.score.filter(|_| !top);
+                (slot.in_top, slot.in_rest) = if top {
+                    (slot.score, f64::NAN)
+                } else {
+                    (f64::NAN, slot.score)
+                };
             }
             changed.then_some(created)
         };
@@ -412,7 +496,7 @@ impl Member {
                 "updated_at".to_owned(),
                 now_ms.to_string(),
             ];
-            if let Some(max) = self.slots.values().filter_map(|s| s.as_of).max() {
+            if let Some(max) = self.slots.values().filter_map(Slot::as_of).max() {
                 meta.extend(["as_of".to_owned(), max.to_string()]);
             }
             if refresh {
@@ -471,7 +555,7 @@ impl Member {
         for c in &expired {
             if let Some(slot) = self.slots.get_mut(c) {
                 slot.pair = None;
-                slot.as_of = None;
+                slot.as_of = NO_AS_OF;
                 slot.dirty_pair = false;
                 slot.dirty_as_of = false;
             }
@@ -487,18 +571,21 @@ impl Member {
         self.tombstone_horizon_ms = ms;
     }
 
-    /// Bytes this member holds, estimated.
+    /// Bytes this member holds, estimated: a slot is 120 bytes in a table kept at most 7/8 full,
+    /// plus its heap (allocations rounded up to 16 bytes).
     fn estimate(&self) -> usize {
         let feats = |f: &FeatureMap| f.keys().map(|k| k.len() + 48).sum::<usize>();
+        let heap = |n: usize| n.div_ceil(16) * 16;
         let pairs: usize = self
             .slots
             .iter()
             .map(|(c, s)| {
-                c.len()
-                    + 160
-                    + s.pair
-                        .as_ref()
-                        .map_or(0, |p| p.reason.len() + feats(&p.pair_features))
+                150 + heap(c.len())
+                    + s.pair.as_ref().map_or(0, |p| {
+                        heap(p.reason.len())
+                            + heap(p.features.len() * 24)
+                            + p.features.iter().map(|(k, _)| heap(k.len())).sum::<usize>()
+                    })
             })
             .sum();
         256 + feats(&self.features) * 2 + pairs

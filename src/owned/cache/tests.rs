@@ -277,3 +277,19 @@ fn a_member_rescored_whole_rewrites_its_sets_best_first_and_a_single_change_is_a
         .collect();
     assert_eq!(rest, [("ZADD", vec!["0.25".to_owned(), "c0".to_owned()])]);
 }
+
+#[test]
+fn a_cached_pair_gives_back_the_stored_pair_and_its_features_by_name() {
+    use crate::model::Lookup;
+    let stored = PairState {
+        reason: "job_change".into(),
+        pair_features: FeatureMap::from([("affinity".into(), 0.5), ("messages".into(), 3.0)]),
+        ts: 7,
+        o: 2,
+        rm: false,
+    };
+    let cached = super::CachedPair::from(stored.clone());
+    assert_eq!(cached.state(), stored);
+    assert_eq!(cached.features.feature("messages"), Some(3.0));
+    assert_eq!(cached.features.feature("absent"), None);
+}

@@ -116,7 +116,7 @@ impl Worker {
             let input = PairInput {
                 member: &mem.features,
                 candidate: st.cache.candidate(c).unwrap_or(&empty),
-                pair: &p.pair_features,
+                pair: &p.features,
                 reason: &p.reason,
                 moment_ts_ms: p.ts,
                 as_of_ms: *as_of,
