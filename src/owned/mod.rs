@@ -3,4 +3,5 @@
 //! `worker/owned.rs`.
 
 pub mod cache;
+pub mod member;
 pub mod route;

@@ -127,6 +127,17 @@ impl Keys {
     }
 }
 
+/// The member a schedule entry of `pdue:{part-p}` names, and whether it is an entry of the
+/// earlier layout (one per pair, `["member","candidate"]`), which is removed once read.
+pub fn scheduled_member(entry: &str) -> (String, bool) {
+    if entry.starts_with('[') {
+        if let Ok((m, _)) = serde_json::from_str::<(String, String)>(entry) {
+            return (m, true);
+        }
+    }
+    (entry.to_owned(), false)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -200,5 +211,13 @@ mod tests {
         let used: std::collections::HashSet<u32> =
             (0..1000).map(|i| k.shard_of(&format!("m{i}"))).collect();
         assert_eq!(used.len(), 8, "a thousand members use every shard");
+    }
+
+    #[test]
+    fn schedule_entries_name_members_and_pair_entries_of_the_earlier_layout_are_read_as_theirs() {
+        assert_eq!(scheduled_member("m1"), ("m1".to_owned(), false));
+        assert_eq!(scheduled_member(r#"["m1","c2"]"#), ("m1".to_owned(), true));
+        // Not a pair: a member id that happens to start with a bracket.
+        assert_eq!(scheduled_member("[m1"), ("[m1".to_owned(), false));
     }
 }

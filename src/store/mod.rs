@@ -25,8 +25,8 @@ use redis::{Cmd, Pipeline, RedisFuture, Value};
 
 pub use apply::Applied;
 pub use fenced::{Fenced, TxConn};
-pub use keys::Keys;
-pub use owned::{scheduled_member, Loaded, MemberKey, MemberWrite, OwnedLoad, WriteOp};
+pub use keys::{scheduled_member, Keys};
+pub use owned::{Loaded, MemberKey, MemberWrite, OwnedLoad, WriteOp};
 pub use state::{FeatureOutcome, LoadedMember, PairState, ScoreWrite, WriteFlag};
 
 /// A Redis operation failed; the caller retries (it is never a reason to skip data), except

@@ -545,17 +545,6 @@ impl Store {
     }
 }
 
-/// The member a schedule entry of `pdue:{part-p}` names, and whether it is an entry of the
-/// earlier layout (one per pair, `["member","candidate"]`), which is removed once read.
-pub fn scheduled_member(entry: &str) -> (String, bool) {
-    if entry.starts_with('[') {
-        if let Ok((m, _)) = serde_json::from_str::<(String, String)>(entry) {
-            return (m, true);
-        }
-    }
-    (entry.to_owned(), false)
-}
-
 fn parse_load(v: &Value) -> Result<Loaded, StoreError> {
     let parts: Vec<Value> = FromRedisValue::from_redis_value(v)?;
     let flag = parts
@@ -598,17 +587,4 @@ fn parse_load(v: &Value) -> Result<Loaded, StoreError> {
         }
     }
     Ok(Loaded::Taken(Box::new(out)))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::scheduled_member;
-
-    #[test]
-    fn schedule_entries_name_members_and_pair_entries_of_the_earlier_layout_are_read_as_theirs() {
-        assert_eq!(scheduled_member("m1"), ("m1".to_owned(), false));
-        assert_eq!(scheduled_member(r#"["m1","c2"]"#), ("m1".to_owned(), true));
-        // Not a pair: a member id that happens to start with a bracket.
-        assert_eq!(scheduled_member("[m1"), ("[m1".to_owned(), false));
-    }
 }

@@ -2,6 +2,8 @@
 
 use super::*;
 use crate::decode::Entity;
+use crate::decode::FeatureUpdate;
+use crate::store::{MemberKey, WriteOp};
 
 fn pair(ts: i64, o: i64, rm: bool) -> PairState {
     PairState {
@@ -249,12 +251,14 @@ fn a_member_rescored_whole_rewrites_its_sets_best_first_and_a_single_change_is_a
     for (i, c) in ids.iter().enumerate() {
         m.set_score(c, i as f64 / 2.0, 20);
     }
-    let ops = m.plan("model", 1, 1_000_000, 0);
-    let rest: Vec<(&str, Vec<String>)> = ops
-        .iter()
-        .filter(|o| o.key == MemberKey::Rest)
-        .map(|o| (o.cmd, o.args.clone()))
-        .collect();
+    let rest_ops = |m: &mut Member| -> Vec<(&'static str, Vec<String>)> {
+        m.plan("model", 1, 1_000_000, 0)
+            .into_iter()
+            .filter(|o| o.key == MemberKey::Rest)
+            .map(|o| (o.cmd, o.args))
+            .collect()
+    };
+    let rest = rest_ops(&mut m);
     // The top is c9; the rest, best first, each insert at the head of the new set.
     let all: Vec<String> = (0..9)
         .rev()
@@ -269,13 +273,10 @@ fn a_member_rescored_whole_rewrites_its_sets_best_first_and_a_single_change_is_a
         ]
     );
     m.set_score("c0", 0.25, 30);
-    let ops = m.plan("model", 1, 1_000_000, 0);
-    let rest: Vec<(&str, Vec<String>)> = ops
-        .iter()
-        .filter(|o| o.key == MemberKey::Rest)
-        .map(|o| (o.cmd, o.args.clone()))
-        .collect();
-    assert_eq!(rest, [("ZADD", vec!["0.25".to_owned(), "c0".to_owned()])]);
+    assert_eq!(
+        rest_ops(&mut m),
+        [("ZADD", vec!["0.25".to_owned(), "c0".to_owned()])]
+    );
 }
 
 #[test]

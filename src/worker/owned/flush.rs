@@ -328,7 +328,7 @@ impl Worker {
             let Some(i) = st
                 .ticks
                 .iter()
-                .position(|j| !j.queued && !(j.sweep && j.in_write.is_some()))
+                .position(|j| !(j.queued || j.sweep && j.in_write.is_some()))
             else {
                 return false;
             };
