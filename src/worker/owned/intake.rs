@@ -153,13 +153,17 @@ impl Worker {
             return;
         }
         let loaded = started.elapsed();
+        let size0 = st.window.size();
         self.apply_owned(st, events, hard_stop).await;
         if st.fatal.is_some() {
             return;
         }
         let applied = started.elapsed();
+        let size1 = st.window.size();
+        let request_members: usize = requests.iter().map(|(r, _)| r.members.len()).sum();
         self.requests_owned(st, requests, hard_stop).await;
         let requested = started.elapsed();
+        let size2 = st.window.size();
         if !candidate_updates.is_empty() && st.fatal.is_none() {
             self.fan_out(st, candidate_updates, hard_stop).await;
         }
@@ -172,6 +176,9 @@ impl Worker {
             apply_us = (applied - loaded).as_micros() as u64,
             requests_us = (requested - applied).as_micros() as u64,
             fan_out_us = (started.elapsed() - requested).as_micros() as u64,
+            window_from_events = size1.saturating_sub(size0),
+            request_members,
+            window_from_requests = size2.saturating_sub(size1),
             "intake"
         );
     }
