@@ -300,8 +300,12 @@ impl Worker {
                 }
                 msg = consumer.recv(), if !full => match msg {
                     Ok(first) => {
-                        let batch = take_fetched(&consumer, first, MAX_INTAKE);
-                        let drained = batch.len() < MAX_INTAKE;
+                        // No more messages than a window may grow to (a message is a row or
+                        // more), so an intake never outgrows the window it fills.
+                        let room = (max_pairs * LIVE_GROWTH).saturating_sub(st.window.size());
+                        let take = MAX_INTAKE.min(room).max(1);
+                        let batch = take_fetched(&consumer, first, take);
+                        let drained = batch.len() < take;
                         self.health.set_pending(true, chrono_now_ms());
                         self.intake_owned(&mut st, &batch, &hard_stop).await;
                         drop(batch);
