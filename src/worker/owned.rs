@@ -31,6 +31,7 @@ use crate::owned::cache::Cache;
 use crate::owned::route::{partition_of, RescoreRequest, FORWARDED_FROM};
 use crate::store::TxConn;
 
+mod fanout;
 mod flush;
 mod intake;
 
@@ -113,6 +114,8 @@ struct Owned {
     tx: TxConn,
     writer_tx: TxConn,
     ticks: VecDeque<TickJob>,
+    /// Candidate fan-outs waiting for their interval.
+    fanouts: fanout::Fanouts,
     /// Partition count of every input topic.
     partitions: i32,
     kinds: HashMap<String, Input>,
@@ -146,6 +149,7 @@ impl Owned {
         self.unscheduled.retain(|(p, _)| *p != partition);
         self.retired.retain(|(p, _)| *p != partition);
         self.ticks.retain(|t| t.partition != partition);
+        self.fanouts.drop_partitions(&HashSet::from([partition]));
     }
 }
 
@@ -242,6 +246,10 @@ impl Worker {
             tx: self.store.tx_conn(),
             writer_tx: self.store.tx_conn(),
             ticks: VecDeque::new(),
+            fanouts: fanout::Fanouts::new(
+                Duration::from_millis(self.settings.batch.fanout_min_interval_ms),
+                self.settings.batch.fanout_interval_members,
+            ),
             partitions,
             kinds,
             seq: 0,
@@ -294,6 +302,9 @@ impl Worker {
                     // The window in flight is written (with this owner's generation) first.
                     self.flush_owned(&mut st, &mut flight, &hard_stop).await;
                     self.rebalanced_owned(&mut st, ev);
+                }
+                _ = sleep_until(st.fanouts.next_wake().unwrap_or_else(Instant::now)), if !st.fanouts.is_empty() => {
+                    self.run_fanouts(&mut st, &hard_stop).await;
                 }
                 _ = sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() && flight.is_none() => {
                     flight = self.start_write(&mut st, &hard_stop).await;
@@ -363,6 +374,7 @@ impl Worker {
                     parts.insert(tp.1);
                     self.forget_partition(&mut st.tracker, tp);
                 }
+                st.fanouts.drop_partitions(&parts);
                 for p in parts {
                     let members = st.cache.drop_partition(p);
                     st.gens.remove(&p);

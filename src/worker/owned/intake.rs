@@ -2,7 +2,7 @@
 //! apply it in memory, and fold its triggers into the window. Candidate updates are applied to the
 //! shared candidate table and fanned out as rescore requests to their members' owners.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::HashSet;
 
 use rdkafka::message::BorrowedMessage;
 use rdkafka::Message;
@@ -17,7 +17,7 @@ use crate::decode::{Entity, Event, FeatureUpdate};
 use crate::internal_events::EventHandled;
 use crate::owned::cache::Member;
 use crate::owned::route::{partition_of, RescoreRequest};
-use crate::store::{Applied, Loaded, PairState};
+use crate::store::{Loaded, PairState};
 use crate::worker::Worker;
 
 /// Most members loaded in one round trip.
@@ -422,107 +422,6 @@ impl Worker {
             }
             handled("rescore_requests", "applied", &mref).emit(&self.metrics);
             st.window.message(mref);
-        }
-    }
-
-    /// Candidate updates: applied to the shared candidate table (guarded by event time), then
-    /// fanned out over the reverse index as rescore requests to the members' partitions. Their
-    /// offsets are stored once the broker acknowledged every request.
-    async fn fan_out(
-        &self,
-        st: &mut Owned,
-        updates: Vec<(FeatureUpdate, MsgRef)>,
-        hard_stop: &CancellationToken,
-    ) {
-        let events: Vec<Event> = updates
-            .iter()
-            .map(|(u, _)| Event::Features(u.clone()))
-            .collect();
-        let refs: Vec<(&Event, i64)> = events
-            .iter()
-            .zip(&updates)
-            .map(|(e, (_, m))| (e, m.offset))
-            .collect();
-        let top_n = self.settings.output.top_n;
-        let Some(applied) = self
-            .attempt(&mut st.fatal, "apply candidate features", hard_stop, || {
-                self.store.apply(&refs, top_n)
-            })
-            .await
-        else {
-            return;
-        };
-        // One fan-out per candidate, as of its latest update in this run.
-        let mut fan: BTreeMap<String, (i64, Option<i64>, Vec<MsgRef>)> = BTreeMap::new();
-        for ((u, mref), a) in updates.into_iter().zip(applied) {
-            if matches!(a, Applied::Features(o) if o.applied == 0) && !u.features.is_empty() {
-                handled(mref.topic_label, "stale", &mref).emit(&self.metrics);
-                self.complete_tracked(&mut st.tracker, &[mref], false);
-                continue;
-            }
-            handled(mref.topic_label, "applied", &mref).emit(&self.metrics);
-            let e = fan.entry(u.id).or_insert((i64::MIN, None, Vec::new()));
-            e.0 = e.0.max(u.ts);
-            e.1 = e.1.max(mref.timestamp_ms);
-            e.2.push(mref);
-        }
-        let n = st.partitions;
-        let chunk = self.settings.batch.fanout_chunk;
-        let topic = self.settings.topics.rescore_requests.clone();
-        // Every candidate's scan advances together: one Redis round trip and one round of
-        // produce acknowledgements per chunk, however many candidates.
-        let mut active: Vec<(String, i64, Option<i64>, u64)> = fan
-            .iter()
-            .map(|(c, (as_of, ts, _))| (c.clone(), *as_of, *ts, 0))
-            .collect();
-        while !active.is_empty() {
-            let scans: Vec<(&str, u64)> =
-                active.iter().map(|(c, .., k)| (c.as_str(), *k)).collect();
-            let Some(chunks) = self
-                .attempt(&mut st.fatal, "scan reverse index", hard_stop, || {
-                    self.store.scan_reverse_many(&scans, chunk)
-                })
-                .await
-            else {
-                return;
-            };
-            let mut records: Vec<OutRecord> = Vec::new();
-            for ((candidate, as_of, timestamp_ms, cursor), (next, members)) in
-                active.iter_mut().zip(chunks)
-            {
-                let mut by_partition: HashMap<i32, Vec<String>> = HashMap::new();
-                for m in members {
-                    by_partition.entry(partition_of(&m, n)).or_default().push(m);
-                }
-                records.extend(by_partition.into_iter().map(|(p, members)| {
-                    OutRecord {
-                        topic: topic.clone(),
-                        partition: p,
-                        key: Some(candidate.as_bytes().to_vec()),
-                        value: serde_json::to_vec(&RescoreRequest {
-                            candidate: candidate.clone(),
-                            as_of: *as_of,
-                            members,
-                        })
-                        .ok(),
-                        headers: Vec::new(),
-                        timestamp_ms: *timestamp_ms,
-                    }
-                }));
-                *cursor = next;
-            }
-            match self.produce_acked(records, hard_stop).await {
-                Ok(()) => {}
-                Err(None) => return,
-                Err(Some(fatal)) => {
-                    st.fatal.get_or_insert(fatal);
-                    return;
-                }
-            }
-            active.retain(|(.., cursor)| *cursor != 0);
-        }
-        for (_, (_, _, msgs)) in fan {
-            self.complete_tracked(&mut st.tracker, &msgs, false);
         }
     }
 }
