@@ -142,7 +142,9 @@ impl ResumeAudit {
         let text = std::fs::read_to_string(log).unwrap_or_default();
         let split = text.contains("partition far behind");
         let mut handled = HashSet::new();
-        for line in text.lines().filter(|l| l.contains("event handled")) {
+        // What it took in: an outcome, or (owned state) the receipt logged before any outcome.
+        let taken = |l: &&str| l.contains("event handled") || l.contains("message received");
+        for line in text.lines().filter(taken) {
             let field = |k: &str| {
                 line.split_whitespace()
                     .find_map(|w| w.strip_prefix(k)?.strip_prefix('='))
@@ -272,9 +274,18 @@ async fn drain_under_kill_9(engine: Engine, seed: u64, mode: StateMode) {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         w.kill_9().await;
-        // A commit the instance sent just before it died may still reach the broker: the next
-        // resume point is read once it has.
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        // A commit the instance sent just before it died may still reach the broker (later on a
+        // loaded machine): the next resume point is read once the committed offsets have held
+        // still for a second (nothing else commits until the next instance starts).
+        let mut last = h.committed_with(&reader).await;
+        for _ in 0..10 {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let now = h.committed_with(&reader).await;
+            if now == last {
+                break;
+            }
+            last = now;
+        }
         audit.read_log(&log, &names);
     }
     let log = logs.path().join("worker-last.log");

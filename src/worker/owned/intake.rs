@@ -61,6 +61,15 @@ impl Worker {
                 Input::Events(k) => k.label(),
                 Input::Requests => "rescore_requests",
             };
+            // Taken in: a message's outcome may be logged after later ones' (a candidate update's
+            // after the member events of its intake), or not at all if the worker dies first.
+            tracing::debug!(
+                target: "rescorer::internal_events",
+                topic,
+                partition = mref.tp.1,
+                offset = mref.offset,
+                "message received"
+            );
             let reason = match decode_input(input, msg.payload()) {
                 Ok(Decoded::Request(r)) => {
                     requests.push((r, mref));
