@@ -18,7 +18,6 @@ use crate::coalesce::MsgRef;
 use crate::decode::{Event, FeatureUpdate};
 use crate::owned::route::{partition_of, RescoreRequest};
 use crate::store::Applied;
-use crate::worker::retry::{retry, Stop};
 use crate::worker::Worker;
 
 /// A candidate's fan-out waiting for its interval.
@@ -143,22 +142,13 @@ impl Worker {
             .map(|(e, (_, m))| (e, m.offset))
             .collect();
         let top_n = self.settings.output.top_n;
-        let applied = match retry(
-            "apply candidate features",
-            &self.metrics,
-            &self.health,
-            self.give_up_after(),
-            hard_stop,
-            || self.store.apply(&refs, top_n),
-        )
-        .await
-        {
-            Ok(a) => a,
-            Err(Stop::Cancelled) => return,
-            Err(Stop::Fatal(e)) => {
-                st.fatal.get_or_insert(e);
-                return;
-            }
+        let Some(applied) = self
+            .attempt(&mut st.fatal, "apply candidate features", hard_stop, || {
+                self.store.apply(&refs, top_n)
+            })
+            .await
+        else {
+            return;
         };
         let now = Instant::now();
         for ((u, mref), a) in updates.into_iter().zip(applied) {
@@ -196,22 +186,13 @@ impl Worker {
                 .iter()
                 .map(|(c, _, _, k, _)| (c.as_str(), *k))
                 .collect();
-            let chunks = match retry(
-                "scan reverse index",
-                &self.metrics,
-                &self.health,
-                self.give_up_after(),
-                hard_stop,
-                || self.store.scan_reverse_many(&scans, chunk),
-            )
-            .await
-            {
-                Ok(r) => r,
-                Err(Stop::Cancelled) => return,
-                Err(Stop::Fatal(e)) => {
-                    st.fatal.get_or_insert(e);
-                    return;
-                }
+            let Some(chunks) = self
+                .attempt(&mut st.fatal, "scan reverse index", hard_stop, || {
+                    self.store.scan_reverse_many(&scans, chunk)
+                })
+                .await
+            else {
+                return;
             };
             let mut records: Vec<OutRecord> = Vec::new();
             for ((candidate, as_of, timestamp_ms, cursor, seen), (next, members)) in
