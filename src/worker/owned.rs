@@ -7,8 +7,7 @@
 //! acknowledged the writes of everything it caused (a forwarded message, or a candidate update,
 //! once the broker acknowledged what it sent on). A worker that lost a partition without knowing
 //! (a zombie) is refused by the generation fence on every member a later owner has touched, and
-//! drops that partition. Limits: one window is written at a time and intake waits meanwhile; a
-//! candidate update's fan-out runs inline (its requests are produced before intake goes on);
+//! drops that partition. Limits: one window and one round of fan-outs are in flight at a time;
 //! `[catchup]` splitting does not apply.
 
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -16,7 +15,7 @@ use std::time::Duration;
 
 use rdkafka::consumer::{CommitMode, Consumer};
 use rdkafka::message::{BorrowedMessage, Header, Headers, OwnedHeaders};
-use rdkafka::producer::FutureRecord;
+use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::Message;
 use tokio::time::{sleep, sleep_until, Instant};
 use tokio_util::sync::CancellationToken;
@@ -262,9 +261,14 @@ impl Worker {
         lag_timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         let consumer = self.consumer.clone();
         let mut flight: Option<Writing> = None;
+        let mut fanning: Option<fanout::Fanning> = None;
         while st.fatal.is_none() {
-            // Decide: a tick chunk while the window has room; a write once the writer is free
-            // and the window is full (or a tick chunk waits in it).
+            // Decide: the fan-outs that are due while none runs; a tick chunk while the window
+            // has room; a write once the writer is free and the window is full (or a tick chunk
+            // waits in it).
+            if fanning.is_none() {
+                fanning = self.start_fanouts(&mut st, &hard_stop);
+            }
             let mut write_now = st.window.size() >= max_pairs;
             if !write_now && st.window.size() < max_pairs {
                 write_now = self.step_tick(&mut st, &hard_stop).await;
@@ -297,15 +301,24 @@ impl Worker {
                         flight = self.start_write(&mut st, &hard_stop).await;
                     }
                 }
+                result = async { match fanning.as_mut() {
+                    Some(f) => f.wait().await,
+                    None => std::future::pending().await,
+                } }, if fanning.is_some() => {
+                    if let Some(f) = fanning.take() {
+                        self.finish_fanouts(&mut st, f, result);
+                    }
+                }
                 ev = self.rebalances.recv() => {
                     let Some(ev) = ev else { break };
-                    // The window in flight is written (with this owner's generation) first.
+                    // The fan-out and the window in flight end (with this owner's generation)
+                    // first.
+                    self.finish_fanning(&mut st, &mut fanning).await;
                     self.flush_owned(&mut st, &mut flight, &hard_stop).await;
                     self.rebalanced_owned(&mut st, ev);
                 }
-                _ = sleep_until(st.fanouts.next_wake().unwrap_or_else(Instant::now)), if !st.fanouts.is_empty() => {
-                    self.run_fanouts(&mut st, &hard_stop).await;
-                }
+                // A waiting fan-out's interval passed: the loop's top starts it.
+                _ = sleep_until(st.fanouts.next_wake().unwrap_or_else(Instant::now)), if !st.fanouts.is_empty() && fanning.is_none() => {}
                 _ = sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() && flight.is_none() => {
                     flight = self.start_write(&mut st, &hard_stop).await;
                 }
@@ -351,6 +364,9 @@ impl Worker {
             }
         }
         if let Some(fatal) = st.fatal.take() {
+            if let Some(f) = fanning.take() {
+                f.abort();
+            }
             // Only what Redis acknowledged was stored; a write in flight is left to finish.
             if let Some(mut w) = flight.take() {
                 let _ = w.wait().await;
@@ -361,6 +377,7 @@ impl Worker {
             return Err(fatal);
         }
         tracing::info!("shutting down: writing the current window, then committing");
+        self.finish_fanning(&mut st, &mut fanning).await;
         self.flush_owned(&mut st, &mut flight, &hard_stop).await;
         self.commit_and_leave();
         Ok(())
@@ -415,61 +432,61 @@ impl Worker {
         st.gens.insert(partition, g);
         Some(g)
     }
+}
 
-    /// Produces records until the broker acknowledges each: Err(None) when the hard stop fires
-    /// first, Err(Some) when the broker refuses for good (the worker exits).
-    async fn produce_acked(
-        &self,
-        records: Vec<OutRecord>,
-        hard_stop: &CancellationToken,
-    ) -> Result<(), Option<anyhow::Error>> {
-        let sends = records.into_iter().map(|r| async move {
-            let mut delay = Duration::from_millis(100);
-            loop {
-                let mut headers = OwnedHeaders::new();
-                for (k, v) in &r.headers {
-                    headers = headers.insert(Header {
-                        key: k,
-                        value: v.as_deref(),
-                    });
+/// Produces records until the broker acknowledges each: Err(None) when the hard stop fires first,
+/// Err(Some) when the broker refuses for good (the worker exits).
+async fn produce_acked(
+    producer: &FutureProducer,
+    records: Vec<OutRecord>,
+    hard_stop: &CancellationToken,
+) -> Result<(), Option<anyhow::Error>> {
+    let sends = records.into_iter().map(|r| async move {
+        let mut delay = Duration::from_millis(100);
+        loop {
+            let mut headers = OwnedHeaders::new();
+            for (k, v) in &r.headers {
+                headers = headers.insert(Header {
+                    key: k,
+                    value: v.as_deref(),
+                });
+            }
+            let mut rec = FutureRecord::to(&r.topic)
+                .partition(r.partition)
+                .headers(headers);
+            if let Some(k) = &r.key {
+                rec = rec.key(k.as_slice());
+            }
+            if let Some(v) = &r.value {
+                rec = rec.payload(v.as_slice());
+            }
+            if let Some(ts) = r.timestamp_ms {
+                rec = rec.timestamp(ts);
+            }
+            match producer.send(rec, Duration::from_secs(30)).await {
+                Ok(_) => return Ok(()),
+                Err((e, _)) if crate::dlq::permanent(&e) => {
+                    return Err(Some(anyhow::anyhow!(
+                        "producing to {} partition {} can never succeed: {e}",
+                        r.topic,
+                        r.partition
+                    )))
                 }
-                let mut rec = FutureRecord::to(&r.topic)
-                    .partition(r.partition)
-                    .headers(headers);
-                if let Some(k) = &r.key {
-                    rec = rec.key(k.as_slice());
-                }
-                if let Some(v) = &r.value {
-                    rec = rec.payload(v.as_slice());
-                }
-                if let Some(ts) = r.timestamp_ms {
-                    rec = rec.timestamp(ts);
-                }
-                match self.producer.send(rec, Duration::from_secs(30)).await {
-                    Ok(_) => return Ok(()),
-                    Err((e, _)) if crate::dlq::permanent(&e) => {
-                        return Err(Some(anyhow::anyhow!(
-                            "producing to {} partition {} can never succeed: {e}",
-                            r.topic,
-                            r.partition
-                        )))
+                Err((e, _)) => {
+                    tracing::warn!(error = %e, topic = %r.topic, "produce failed; retrying");
+                    tokio::select! {
+                        _ = hard_stop.cancelled() => return Err(None),
+                        _ = sleep(delay) => {}
                     }
-                    Err((e, _)) => {
-                        tracing::warn!(error = %e, topic = %r.topic, "produce failed; retrying");
-                        tokio::select! {
-                            _ = hard_stop.cancelled() => return Err(None),
-                            _ = sleep(delay) => {}
-                        }
-                        delay = (delay * 2).min(Duration::from_secs(5));
-                    }
+                    delay = (delay * 2).min(Duration::from_secs(5));
                 }
             }
-        });
-        for r in futures::future::join_all(sends).await {
-            r?;
         }
-        Ok(())
+    });
+    for r in futures::future::join_all(sends).await {
+        r?;
     }
+    Ok(())
 }
 
 /// A record this worker sends on: a forwarded message or a rescore request.

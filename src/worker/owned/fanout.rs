@@ -8,16 +8,22 @@
 //! for at most the interval; a stop or a revocation meanwhile leaves it to be replayed.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
 use std::time::Duration;
 
+use rdkafka::producer::FutureProducer;
+use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::{handled, OutRecord, Owned};
+use super::{handled, produce_acked, OutRecord, Owned};
 use crate::coalesce::MsgRef;
 use crate::decode::{Event, FeatureUpdate};
 use crate::owned::route::{partition_of, RescoreRequest};
-use crate::store::Applied;
+use crate::metrics::Metrics;
+use crate::store::{Applied, Store};
+use crate::worker::health::Health;
+use crate::worker::retry::{retry, Stop};
 use crate::worker::Worker;
 
 /// A candidate's fan-out waiting for its interval.
@@ -102,7 +108,20 @@ impl Fanouts {
         self.pending.is_empty()
     }
 
+    /// A candidate's fan-out starts: an update meanwhile waits at least one interval (the
+    /// members it covers are not known yet).
+    fn starting(&mut self, candidate: &str, started: Instant) {
+        let members = self.last.get(candidate).map_or(0, |(_, n)| *n);
+        self.last.insert(candidate.to_owned(), (started, members));
+    }
+
+    /// A candidate's fan-out that started at `started` covered `members`: its next one waits an
+    /// interval for each `members_per_interval` of them.
     fn ran(&mut self, candidate: &str, members: usize, started: Instant) {
+        let next = started + self.interval_after(members);
+        if let Some(p) = self.pending.get_mut(candidate) {
+            p.not_before = p.not_before.max(next);
+        }
         if self.last.len() > 100_000 {
             let (base, per) = (self.min_interval, self.members_per_interval);
             self.last.retain(|_, (t, n)| {
@@ -125,7 +144,7 @@ impl Fanouts {
 
 impl Worker {
     /// Applies candidate updates to the shared table and merges each applied one into its
-    /// candidate's next fan-out; then runs the fan-outs that are due.
+    /// candidate's next fan-out (the loop starts the fan-outs that are due).
     pub(super) async fn fan_out(
         &self,
         st: &mut Owned,
@@ -160,25 +179,136 @@ impl Worker {
             handled(mref.topic_label, "applied", &mref).emit(&self.metrics);
             st.fanouts.add(u.id, u.ts, mref, now);
         }
-        self.run_fanouts(st, hard_stop).await;
     }
 
-    /// Runs every fan-out whose interval has passed: its requests produced (all candidates'
-    /// scans advance together: one Redis round trip and one round of produce acknowledgements a
-    /// chunk), then its messages done.
-    pub(super) async fn run_fanouts(&self, st: &mut Owned, hard_stop: &CancellationToken) {
-        let now = Instant::now();
-        let fan = st.fanouts.due(now);
+    /// Starts every fan-out whose interval has passed on a task of its own (None: none due):
+    /// intake goes on while its members are read from the reverse index and its requests
+    /// produced. One runs at a time; updates meanwhile merge into the next.
+    pub(super) fn start_fanouts(
+        &self,
+        st: &mut Owned,
+        hard_stop: &CancellationToken,
+    ) -> Option<Fanning> {
+        let started = Instant::now();
+        let fan = st.fanouts.due(started);
         if fan.is_empty() {
-            return;
+            return None;
         }
-        let n = st.partitions;
-        let chunk = self.settings.batch.fanout_chunk;
-        let topic = self.settings.topics.rescore_requests.clone();
-        // (candidate, as_of, timestamp, cursor, members covered)
-        let mut active: Vec<(String, i64, Option<i64>, u64, usize)> = fan
+        for (candidate, ..) in &fan {
+            st.fanouts.starting(candidate, started);
+        }
+        let jobs: Vec<(String, i64, Option<i64>)> = fan
             .iter()
-            .map(|(c, as_of, ts, _)| (c.clone(), *as_of, *ts, 0, 0))
+            .map(|(c, as_of, ts, _)| (c.clone(), *as_of, *ts))
+            .collect();
+        let run = FanoutRun {
+            store: self.store.clone(),
+            producer: self.producer.clone(),
+            metrics: self.metrics.clone(),
+            health: self.health.clone(),
+            give_up: self.give_up_after(),
+            hard_stop: hard_stop.clone(),
+            topic: self.settings.topics.rescore_requests.clone(),
+            chunk: self.settings.batch.fanout_chunk,
+            partitions: st.partitions,
+        };
+        Some(Fanning {
+            fan,
+            started,
+            handle: tokio::spawn(run.run(jobs)),
+        })
+    }
+
+    /// Waits for the fan-out in flight, if any, and finishes it (a rebalance, a shutdown).
+    pub(super) async fn finish_fanning(&self, st: &mut Owned, fanning: &mut Option<Fanning>) {
+        if let Some(mut f) = fanning.take() {
+            let result = f.wait().await;
+            self.finish_fanouts(st, f, result);
+        }
+    }
+
+    /// A fan-out ended: its candidates' intervals follow the members it covered, and its messages
+    /// are done (unless a later owner took their partition).
+    pub(super) fn finish_fanouts(
+        &self,
+        st: &mut Owned,
+        f: Fanning,
+        result: Result<HashMap<String, usize>, Stop>,
+    ) {
+        let covered = match result {
+            Ok(c) => c,
+            // Hard stop: nothing acknowledged, replayed later.
+            Err(Stop::Cancelled) => return,
+            Err(Stop::Fatal(e)) => {
+                st.fatal.get_or_insert(e);
+                return;
+            }
+        };
+        tracing::debug!(
+            candidates = f.fan.len(),
+            members = covered.values().sum::<usize>(),
+            fan_out_us = f.started.elapsed().as_micros() as u64,
+            "fan-out produced"
+        );
+        for (candidate, _, _, msgs) in f.fan {
+            let members = covered.get(&candidate).copied().unwrap_or(0);
+            st.fanouts.ran(&candidate, members, f.started);
+            let msgs: Vec<MsgRef> = msgs
+                .into_iter()
+                .filter(|m| !st.fenced.contains_key(&m.tp.1))
+                .collect();
+            self.complete_tracked(&mut st.tracker, &msgs, false);
+        }
+    }
+}
+
+/// Fan-outs running on their task.
+pub(in crate::worker) struct Fanning {
+    fan: Vec<Due>,
+    started: Instant,
+    handle: JoinHandle<Result<HashMap<String, usize>, Stop>>,
+}
+
+impl Fanning {
+    /// Stops the task (a fatal exit: its messages are replayed).
+    pub(in crate::worker) fn abort(self) {
+        self.handle.abort();
+    }
+
+    /// The members each candidate's fan-out covered (a panicked task is fatal).
+    pub(in crate::worker) async fn wait(&mut self) -> Result<HashMap<String, usize>, Stop> {
+        match (&mut self.handle).await {
+            Ok(r) => r,
+            Err(e) => Err(Stop::Fatal(anyhow::anyhow!("the fan-out task failed: {e}"))),
+        }
+    }
+}
+
+/// What a fan-out task needs of the worker.
+struct FanoutRun {
+    store: Store,
+    producer: FutureProducer,
+    metrics: Metrics,
+    health: Arc<Health>,
+    give_up: Duration,
+    hard_stop: CancellationToken,
+    topic: String,
+    chunk: usize,
+    partitions: i32,
+}
+
+impl FanoutRun {
+    /// Every candidate's requests produced (all candidates' scans advance together: one Redis
+    /// round trip and one round of produce acknowledgements a chunk); the members each covered.
+    async fn run(
+        self,
+        jobs: Vec<(String, i64, Option<i64>)>,
+    ) -> Result<HashMap<String, usize>, Stop> {
+        let n = self.partitions;
+        // (candidate, as_of, timestamp, cursor, members covered)
+        let mut active: Vec<(String, i64, Option<i64>, u64, usize)> = jobs
+            .into_iter()
+            .map(|(c, as_of, ts)| (c, as_of, ts, 0, 0))
             .collect();
         let mut covered: HashMap<String, usize> = HashMap::new();
         while !active.is_empty() {
@@ -186,14 +316,15 @@ impl Worker {
                 .iter()
                 .map(|(c, _, _, k, _)| (c.as_str(), *k))
                 .collect();
-            let Some(chunks) = self
-                .attempt(&mut st.fatal, "scan reverse index", hard_stop, || {
-                    self.store.scan_reverse_many(&scans, chunk)
-                })
-                .await
-            else {
-                return;
-            };
+            let chunks = retry(
+                "scan reverse index",
+                &self.metrics,
+                &self.health,
+                self.give_up,
+                &self.hard_stop,
+                || self.store.scan_reverse_many(&scans, self.chunk),
+            )
+            .await?;
             let mut records: Vec<OutRecord> = Vec::new();
             for ((candidate, as_of, timestamp_ms, cursor, seen), (next, members)) in
                 active.iter_mut().zip(chunks)
@@ -203,48 +334,32 @@ impl Worker {
                 for m in members {
                     by_partition.entry(partition_of(&m, n)).or_default().push(m);
                 }
-                records.extend(by_partition.into_iter().map(|(p, members)| {
-                    OutRecord {
-                        topic: topic.clone(),
-                        partition: p,
-                        key: Some(candidate.as_bytes().to_vec()),
-                        value: serde_json::to_vec(&RescoreRequest {
-                            candidate: candidate.clone(),
-                            as_of: *as_of,
-                            members,
-                        })
-                        .ok(),
-                        headers: Vec::new(),
-                        timestamp_ms: *timestamp_ms,
-                    }
+                records.extend(by_partition.into_iter().map(|(p, members)| OutRecord {
+                    topic: self.topic.clone(),
+                    partition: p,
+                    key: Some(candidate.as_bytes().to_vec()),
+                    value: serde_json::to_vec(&RescoreRequest {
+                        candidate: candidate.clone(),
+                        as_of: *as_of,
+                        members,
+                    })
+                    .ok(),
+                    headers: Vec::new(),
+                    timestamp_ms: *timestamp_ms,
                 }));
                 *cursor = next;
                 if next == 0 {
                     covered.insert(candidate.clone(), *seen);
                 }
             }
-            match self.produce_acked(records, hard_stop).await {
+            match produce_acked(&self.producer, records, &self.hard_stop).await {
                 Ok(()) => {}
-                Err(None) => return,
-                Err(Some(fatal)) => {
-                    st.fatal.get_or_insert(fatal);
-                    return;
-                }
+                Err(None) => return Err(Stop::Cancelled),
+                Err(Some(fatal)) => return Err(Stop::Fatal(fatal)),
             }
             active.retain(|(.., cursor, _)| *cursor != 0);
         }
-        for (candidate, _, _, msgs) in fan {
-            st.fanouts.ran(
-                &candidate,
-                covered.get(&candidate).copied().unwrap_or(0),
-                now,
-            );
-            let msgs: Vec<MsgRef> = msgs
-                .into_iter()
-                .filter(|m| !st.fenced.contains_key(&m.tp.1))
-                .collect();
-            self.complete_tracked(&mut st.tracker, &msgs, false);
-        }
+        Ok(covered)
     }
 }
 
@@ -278,6 +393,25 @@ mod tests {
             "merged as of the latest"
         );
         assert!(f.is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_update_during_a_running_fan_out_waits_for_its_interval() {
+        let mut f = Fanouts::new(Duration::from_secs(1), 250);
+        let start = Instant::now();
+        f.add("hot".into(), 10, MsgRef::for_test(0, false), start);
+        assert_eq!(f.due(start).len(), 1);
+        f.starting("hot", start);
+        tokio::time::advance(Duration::from_millis(300)).await;
+        f.add("hot".into(), 20, MsgRef::for_test(1, false), Instant::now());
+        assert!(
+            f.due(Instant::now()).is_empty(),
+            "it does not run again while the first one is in flight"
+        );
+        assert_eq!(f.next_wake(), Some(start + Duration::from_secs(1)));
+        // The running fan-out covered 600 members: three intervals from its start.
+        f.ran("hot", 600, start);
+        assert_eq!(f.next_wake(), Some(start + Duration::from_secs(3)));
     }
 
     #[test]

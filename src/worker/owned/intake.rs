@@ -9,7 +9,8 @@ use rdkafka::Message;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    decode_input, fresh, handled, is_forwarded, label, member_of, Decoded, Input, OutRecord, Owned,
+    decode_input, fresh, handled, is_forwarded, label, member_of, produce_acked, Decoded, Input,
+    OutRecord, Owned,
     TickJob,
 };
 use crate::coalesce::MsgRef;
@@ -127,7 +128,7 @@ impl Worker {
 
         if !forwards.is_empty() {
             let (records, refs): (Vec<_>, Vec<_>) = forwards.into_iter().unzip();
-            match self.produce_acked(records, hard_stop).await {
+            match produce_acked(&self.producer, records, hard_stop).await {
                 Ok(()) => {
                     for m in &refs {
                         handled(m.topic_label, "forwarded", m).emit(&self.metrics);
