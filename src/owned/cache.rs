@@ -173,9 +173,10 @@ impl Cache {
     }
 
     /// Over budget: evicts the least recently used members that have nothing unwritten or
-    /// unacknowledged, down to
-    /// 90% of the budget. Returns how many were evicted.
-    pub fn evict(&mut self) -> usize {
+    /// unacknowledged and that `keep` does not hold (the members of the window being filled:
+    /// their rows are scored from memory), down to 90% of the budget. Returns how many were
+    /// evicted.
+    pub fn evict(&mut self, keep: impl Fn(&str) -> bool) -> usize {
         if self.bytes <= self.budget {
             return 0;
         }
@@ -183,7 +184,7 @@ impl Cache {
         let mut cold: Vec<(u64, String)> = self
             .members
             .iter()
-            .filter(|(_, m)| !m.dirty() && m.pending == 0)
+            .filter(|(id, m)| !m.dirty() && m.pending == 0 && !keep(id))
             .map(|(id, m)| (m.used, id.clone()))
             .collect();
         cold.sort_unstable();

@@ -307,7 +307,8 @@ impl Worker {
                 t.in_write = None;
             }
         }
-        let evicted = st.cache.evict();
+        let window = &st.window.members;
+        let evicted = st.cache.evict(|m| window.contains_key(m));
         if evicted > 0 {
             tracing::debug!(
                 evicted,
