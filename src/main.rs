@@ -135,6 +135,10 @@ enum BenchCommand {
         /// Seconds of open-loop traffic per freshness level.
         #[arg(long, default_value_t = 15)]
         seconds: u64,
+        /// Seconds of the same traffic before each freshness level's measured seconds (another
+        /// seed), so that the level measures a worker whose cache has warmed up; 0: none.
+        #[arg(long, default_value_t = 0)]
+        warmup: u64,
         /// Batch sizes drained besides the default (the ablation; comma-separated).
         #[arg(long, value_delimiter = ',', default_value = "1,16,128")]
         batch_sizes: Vec<usize>,
@@ -456,6 +460,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             preload_per_member,
             partitions,
             seconds,
+            warmup,
             batch_sizes,
             live_fraction,
             backlog_minutes,
@@ -483,6 +488,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 backlog,
                 partitions,
                 freshness_seconds: seconds,
+                freshness_warmup_seconds: warmup,
                 batch_sizes,
                 live_fraction,
                 backlog_minutes,

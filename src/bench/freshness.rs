@@ -21,13 +21,23 @@ pub(super) async fn freshness(
     preload(&s, opts).await?;
     let worker = WorkerProcess::start(&s, &[]).await?;
     worker.wait_ready().await?;
+    // A warm-up at the same rate (another seed: other events), outside the quantiles.
+    let warmup = opts.freshness_warmup_seconds;
+    if warmup > 0 {
+        let mut lo = load_options(opts, rate.max(1), 0, warmup, false);
+        lo.seed = 7;
+        let sent = loadgen(&s, &lo).await?.sent;
+        eprintln!("    warm-up: {sent} events in {warmup} s");
+    }
+    let before = worker.scrape().await?;
     let (tx, stop, seen) = watcher(&s, Duration::from_secs(30)).await?;
     let mut lo = load_options(opts, rate.max(1), 0, opts.freshness_seconds, false);
     lo.watch = Some((WATCH_EVERY, tx));
     let report = loadgen(&s, &lo).await?;
     let until = Instant::now() + Duration::from_secs(60);
     let mut m = worker.scrape().await?;
-    while m.input_events() < report.sent as f64 && Instant::now() < until {
+    let total = report.sent as f64 + before.input_events();
+    while m.input_events() < total && Instant::now() < until {
         tokio::time::sleep(Duration::from_millis(200)).await;
         m = worker.scrape().await?;
     }
@@ -36,10 +46,10 @@ pub(super) async fn freshness(
     worker.stop().await;
     for topic in ["feature_updates", "new_candidates"] {
         let f = format!("topic=\"{topic}\"");
-        let tq = |p| m.histogram_quantile_where("rescorer_event_to_score_seconds", &f, p) * 1000.0;
+        let tq = |p| m.interval_quantile(&before, "rescorer_event_to_score_seconds", &f, p) * 1000.0;
         eprintln!("    {topic}: p50 {:.1} ms, p99 {:.1} ms", tq(0.5), tq(0.99));
     }
-    let q = |p| m.histogram_quantile("rescorer_event_to_score_seconds", p) * 1000.0;
+    let q = |p| m.interval_quantile(&before, "rescorer_event_to_score_seconds", "", p) * 1000.0;
     let f = Freshness {
         target_fraction: fraction,
         rate,
@@ -47,6 +57,7 @@ pub(super) async fn freshness(
         p50_ms: q(0.5),
         p95_ms: q(0.95),
         p99_ms: q(0.99),
+        warmup_s: warmup,
         seen,
     };
     eprintln!(

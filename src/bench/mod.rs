@@ -39,6 +39,8 @@ pub struct BenchOptions {
     pub backlog: u64,
     pub partitions: i32,
     pub freshness_seconds: u64,
+    /// Seconds of the same traffic (another seed) before each freshness level is measured.
+    pub freshness_warmup_seconds: u64,
     /// Batch sizes drained besides the default (ablation).
     pub batch_sizes: Vec<usize>,
     /// Backlog + live phase: live rate as a fraction of the default drain rate, and the backlog
@@ -87,6 +89,9 @@ pub struct Freshness {
     pub p95_ms: f64,
     #[serde(deserialize_with = "nan_if_null")]
     pub p99_ms: f64,
+    /// Seconds of traffic before the measured ones (not in the quantiles).
+    #[serde(default)]
+    pub warmup_s: u64,
     /// Load generator's side: send → the member's published as_of reaches the event's time.
     pub seen: Seen,
 }

@@ -106,6 +106,7 @@ impl Scrape {
     }
 
     /// `histogram_quantile` over every label set of a histogram family, linear in the bucket.
+    #[cfg(test)]
     pub fn histogram_quantile(&self, name: &str, q: f64) -> f64 {
         quantile(&self.buckets(name, ""), q)
     }

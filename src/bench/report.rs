@@ -241,5 +241,10 @@ pub fn freshness_table(levels: &[Freshness]) -> String {
             f.seen.unobserved
         );
     }
+    if let Some(w) = levels.iter().map(|f| f.warmup_s).max().filter(|w| *w > 0) {
+        s += &format!(
+            "\nEach level's quantiles leave out its first {w} s of traffic (a warm-up at the same rate, other events): the worker's cache has warmed up.\n"
+        );
+    }
     s
 }
