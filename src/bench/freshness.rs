@@ -46,7 +46,8 @@ pub(super) async fn freshness(
     worker.stop().await;
     for topic in ["feature_updates", "new_candidates"] {
         let f = format!("topic=\"{topic}\"");
-        let tq = |p| m.interval_quantile(&before, "rescorer_event_to_score_seconds", &f, p) * 1000.0;
+        let tq =
+            |p| m.interval_quantile(&before, "rescorer_event_to_score_seconds", &f, p) * 1000.0;
         eprintln!("    {topic}: p50 {:.1} ms, p99 {:.1} ms", tq(0.5), tq(0.99));
     }
     let q = |p| m.interval_quantile(&before, "rescorer_event_to_score_seconds", "", p) * 1000.0;

@@ -10,8 +10,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{
     decode_input, fresh, handled, is_forwarded, label, member_of, produce_acked, Decoded, Input,
-    OutRecord, Owned,
-    TickJob,
+    OutRecord, Owned, TickJob,
 };
 use crate::coalesce::MsgRef;
 use crate::decode::{Entity, Event, FeatureUpdate};
