@@ -184,7 +184,7 @@ impl Worker {
             load_us = loaded.as_micros() as u64,
             apply_us = (applied - loaded).as_micros() as u64,
             requests_us = (requested - applied).as_micros() as u64,
-            fan_out_us = (started.elapsed() - requested).as_micros() as u64,
+            candidates_us = (started.elapsed() - requested).as_micros() as u64,
             window_from_events = size1.saturating_sub(size0),
             request_members,
             window_from_requests = size2.saturating_sub(size1),
