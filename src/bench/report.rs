@@ -219,7 +219,7 @@ impl BacklogLive {
 pub fn freshness_table(levels: &[Freshness]) -> String {
     let mut s = String::from(
         "## Freshness, open loop\n\nWorker: its histogram, Kafka timestamp → Redis acknowledgement. Seen: the load generator's side, \
-         send → the member's published `as_of` reaches the event's time (every 5th member update, polled every 2 ms).\n\n\
+         send → the member's published `as_of` reaches the event's time (every 5th member update, polled every 2 ms, or once per twentieth of its age when that is longer).\n\n\
          | load | events/s | worker p50 ms | p95 | p99 | seen p50 ms | p95 | p99 | samples (unobserved) |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     for f in levels {

@@ -18,8 +18,15 @@ use crate::store::Store;
 /// How long to go on watching after the load generator stopped.
 const LINGER: Duration = Duration::from_secs(30);
 
-/// Poll period: the resolution of the measurement.
+/// Poll period: the resolution of the measurement for a sample younger than
+/// `PERIOD` × `RESOLUTION`.
 const PERIOD: Duration = Duration::from_millis(2);
+
+/// An older sample is polled once per this fraction of its age (a 2 s old one every 100 ms), so
+/// its measure is within 1/`RESOLUTION` of its latency: samples that are never seen (a member
+/// with no pair publishes no `as_of`) would otherwise be polled every 2 ms until `give_up`, and
+/// those reads took a share of the Redis under test.
+const RESOLUTION: u32 = 20;
 
 #[derive(Debug, Default, Clone)]
 pub struct Observed {
@@ -50,12 +57,14 @@ pub async fn watch(
     give_up: Duration,
 ) -> Observed {
     let started = Instant::now();
-    let mut pending: Vec<Watched> = Vec::new();
+    // Samples not seen yet, each with when it is polled next.
+    let mut pending: Vec<(Watched, Instant)> = Vec::new();
     let mut out = Observed::default();
     let mut stopped_at: Option<Instant> = None;
     loop {
         while let Ok(w) = rx.try_recv() {
-            pending.push(w);
+            let at = w.sent;
+            pending.push((w, at));
         }
         if stop.is_cancelled() && stopped_at.is_none() {
             stopped_at = Some(Instant::now());
@@ -64,31 +73,43 @@ pub async fn watch(
             out.unobserved += pending.len();
             return out;
         }
-        if !pending.is_empty() {
+        let polled = Instant::now();
+        let due: Vec<usize> = (0..pending.len())
+            .filter(|i| pending[*i].1 <= polled)
+            .collect();
+        if !due.is_empty() {
             let mut pipe = redis::pipe();
-            for w in &pending {
+            for i in &due {
                 pipe.cmd("HGET")
-                    .arg(store.keys().meta(&w.member))
+                    .arg(store.keys().meta(&pending[*i].0.member))
                     .arg("as_of");
             }
             let mut conn = store.conn();
             if let Ok(vals) = pipe.query_async::<Vec<Value>>(&mut conn).await {
                 let now = Instant::now();
-                let mut keep = Vec::with_capacity(pending.len());
-                for (w, v) in pending.drain(..).zip(vals) {
+                let mut gone = vec![false; pending.len()];
+                for (i, v) in due.into_iter().zip(vals) {
+                    let (w, next) = &mut pending[i];
                     let as_of: Option<i64> = redis::from_redis_value(&v).ok().flatten();
+                    let age = now.duration_since(w.sent);
                     if as_of.is_some_and(|a| a >= w.ts) {
                         out.points.push((
                             w.sent.duration_since(started).as_secs_f64(),
-                            now.duration_since(w.sent).as_secs_f64() * 1000.0,
+                            age.as_secs_f64() * 1000.0,
                         ));
-                    } else if now.duration_since(w.sent) > give_up {
+                        gone[i] = true;
+                    } else if age > give_up {
                         out.unobserved += 1;
+                        gone[i] = true;
                     } else {
-                        keep.push(w);
+                        *next = now + (age / RESOLUTION).max(PERIOD);
                     }
                 }
-                pending = keep;
+                let mut i = 0;
+                pending.retain(|_| {
+                    i += 1;
+                    !gone[i - 1]
+                });
             }
         }
         tokio::time::sleep(PERIOD).await;
