@@ -54,6 +54,17 @@ pub async fn broker_latency(
     topic: &str,
     seconds: f64,
 ) -> anyhow::Result<(f64, f64)> {
+    broker_latency_at(settings, topic, seconds, 200).await
+}
+
+/// [`broker_latency`] at `rate` messages/s of events like the load generator's: the freshness
+/// floor at that rate when nothing but a plain consumer reads them.
+pub async fn broker_latency_at(
+    settings: &Settings,
+    topic: &str,
+    seconds: f64,
+    rate: u64,
+) -> anyhow::Result<(f64, f64)> {
     let producer: FutureProducer = crate::consume::base_config(settings)
         .set("linger.ms", "5")
         .create()?;
@@ -74,7 +85,8 @@ pub async fn broker_latency(
         let _ = tokio::time::timeout(Duration::from_millis(100), consumer.recv()).await;
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let n = (seconds * 200.0) as usize;
+    let rate = rate.max(1);
+    let n = (seconds * rate as f64) as usize;
     let reader = async {
         let mut lat = Vec::with_capacity(n);
         while lat.len() < n {
@@ -89,13 +101,27 @@ pub async fn broker_latency(
         anyhow::Ok(lat)
     };
     let writer = async {
-        let mut tick = tokio::time::interval(Duration::from_millis(5));
-        for i in 0..n {
+        // Timer ticks are 1 ms apart at best: each sends the messages due by then.
+        let mut traffic =
+            crate::traffic::Traffic::new(9, 100_000, 100_000, 1.1, Default::default());
+        let mut tick = tokio::time::interval(Duration::from_millis(1));
+        let started = Instant::now();
+        let mut sent = 0;
+        while sent < n {
             tick.tick().await;
-            let key = i.to_string();
-            let rec: FutureRecord<'_, str, str> =
-                FutureRecord::to(topic).key(key.as_str()).payload("{}");
-            let _ = producer.send_result(rec);
+            let due = ((started.elapsed().as_secs_f64() * rate as f64) as usize).min(n);
+            while sent < due {
+                let ev = traffic.next(crate::worker::chrono_now_ms());
+                let payload = ev.value.to_string();
+                let rec: FutureRecord<'_, str, str> = FutureRecord::to(topic)
+                    .key(ev.key.as_str())
+                    .payload(payload.as_str());
+                if producer.send_result(rec).is_err() {
+                    producer.poll(Duration::from_millis(1));
+                    continue;
+                }
+                sent += 1;
+            }
         }
         producer.flush(Duration::from_secs(30))?;
         anyhow::Ok(())

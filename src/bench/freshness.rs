@@ -5,7 +5,8 @@ use std::time::{Duration, Instant};
 
 use super::probe::WorkerProcess;
 use super::{
-    load_options, phase_settings, preload, watcher, BenchOptions, Freshness, Seen, WATCH_EVERY,
+    ceilings, load_options, phase_settings, preload, watcher, BenchOptions, Freshness, Seen,
+    WATCH_EVERY,
 };
 use crate::cli::loadgen::run as loadgen;
 use crate::config::Settings;
@@ -18,6 +19,11 @@ pub(super) async fn freshness(
     rate: u64,
 ) -> anyhow::Result<Freshness> {
     let s = phase_settings(base, opts.partitions).await?;
+    // The raw floor at this rate, on topics of its own, before the worker starts.
+    let probe = phase_settings(base, opts.partitions).await?;
+    let (broker_p50_ms, broker_p99_ms) =
+        ceilings::broker_latency_at(&probe, &probe.topics.new_candidates, 5.0, rate).await?;
+    eprintln!("    broker alone at {rate}/s: p50 {broker_p50_ms:.1} ms, p99 {broker_p99_ms:.1} ms");
     preload(&s, opts).await?;
     let worker = WorkerProcess::start(&s, &[]).await?;
     worker.wait_ready().await?;
@@ -59,6 +65,8 @@ pub(super) async fn freshness(
         p95_ms: q(0.95),
         p99_ms: q(0.99),
         warmup_s: warmup,
+        broker_p50_ms,
+        broker_p99_ms,
         seen,
     };
     eprintln!(

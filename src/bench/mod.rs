@@ -92,6 +92,13 @@ pub struct Freshness {
     /// Seconds of traffic before the measured ones (not in the quantiles).
     #[serde(default)]
     pub warmup_s: u64,
+    /// The raw floor at this rate: produce → consume through the broker for a plain consumer
+    /// with the worker's fetch settings, events like the load's, no worker running (ms; 0 in
+    /// reports taken before it was measured).
+    #[serde(default)]
+    pub broker_p50_ms: f64,
+    #[serde(default)]
+    pub broker_p99_ms: f64,
     /// Load generator's side: send → the member's published as_of reaches the event's time.
     pub seen: Seen,
 }

@@ -220,11 +220,12 @@ pub fn freshness_table(levels: &[Freshness]) -> String {
     let mut s = String::from(
         "## Freshness, open loop\n\nWorker: its histogram, Kafka timestamp → Redis acknowledgement. Seen: the load generator's side, \
          send → the member's published `as_of` reaches the event's time (every 5th member update, polled every 2 ms, or once per twentieth of its age when that is longer).\n\n\
-         | load | events/s | worker p50 ms | p95 | p99 | seen p50 ms | p95 | p99 | samples (unobserved) |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+         Broker alone: the raw floor at the same rate, a plain consumer with the worker's fetch settings and no worker running.\n\n\
+         | load | events/s | worker p50 ms | p95 | p99 | seen p50 ms | p95 | p99 | samples (unobserved) | broker alone p50 / p99 ms |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     for f in levels {
         s += &format!(
-            "| {} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {} ({}) |\n",
+            "| {} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {} ({}) | {:.1} / {:.1} |\n",
             if f.target_fraction > 0.0 {
                 format!("{:.0}%", f.target_fraction * 100.0)
             } else {
@@ -238,7 +239,9 @@ pub fn freshness_table(levels: &[Freshness]) -> String {
             f.seen.p95_ms,
             f.seen.p99_ms,
             f.seen.samples,
-            f.seen.unobserved
+            f.seen.unobserved,
+            f.broker_p50_ms,
+            f.broker_p99_ms
         );
     }
     if let Some(w) = levels.iter().map(|f| f.warmup_s).max().filter(|w| *w > 0) {
