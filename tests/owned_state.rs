@@ -275,6 +275,74 @@ async fn a_zombie_owners_transaction_is_refused_once_a_later_owner_took_the_part
     );
 }
 
+/// A window's write larger than one transaction's worth of commands goes out as several fenced
+/// transactions: all of it lands for the owner, and none of it for a zombie once a later owner
+/// took the partition.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_of_several_transactions_lands_whole_and_a_zombies_is_refused_whole() {
+    let redis = common::services::RedisServer::start();
+    let store = Store::connect(
+        &redis.url(),
+        false,
+        Duration::from_secs(2),
+        None,
+        Keys::new("chunks", 1),
+    )
+    .await
+    .unwrap();
+    let tx = store.tx_conn();
+    let writes = |g: u64, score: &str| -> Vec<MemberWrite> {
+        (0..5000)
+            .map(|i| MemberWrite {
+                member: format!("m{i}"),
+                partition: 3,
+                generation: g,
+                ops: vec![WriteOp {
+                    key: MemberKey::Top,
+                    cmd: "ZADD",
+                    args: vec![score.into(), "c1".into()],
+                }],
+            })
+            .collect()
+    };
+    let top = |m: &str| -> Vec<(String, f64)> {
+        redis::cmd("ZRANGE")
+            .arg(store.keys().scores(m))
+            .arg(0)
+            .arg(-1)
+            .arg("WITHSCORES")
+            .query(&mut redis.client())
+            .unwrap()
+    };
+    let old = store.take_generation(3).await.unwrap();
+    let w = writes(old, "1");
+    let flags = store
+        .write_owned(&tx, &[(3, old)], &w, &[(3, "m4999", 100)], &[])
+        .await
+        .unwrap();
+    assert!(flags.iter().all(|f| *f) && flags.len() == 5000);
+    for m in ["m0", "m2500", "m4999"] {
+        assert_eq!(top(m), [("c1".to_owned(), 1.0)], "{m} written");
+    }
+    let due: Vec<(String, f64)> = redis::cmd("ZRANGE")
+        .arg(store.keys().partition_due(3))
+        .arg(0)
+        .arg(-1)
+        .arg("WITHSCORES")
+        .query(&mut redis.client())
+        .unwrap();
+    assert_eq!(due, [("m4999".to_owned(), 100.0)], "the schedule too");
+    store.take_generation(3).await.unwrap();
+    let flags = store
+        .write_owned(&tx, &[(3, old)], &writes(old, "9"), &[], &[])
+        .await
+        .unwrap();
+    assert!(flags.iter().all(|f| !*f), "the zombie's write is refused");
+    for m in ["m0", "m2500", "m4999"] {
+        assert_eq!(top(m), [("c1".to_owned(), 1.0)], "{m} left as it was");
+    }
+}
+
 /// A worker paused past its session timeout (as a long GC-like pause would) loses its partitions
 /// without knowing; resumed, it still holds members and a window it was writing, and writes with
 /// its old generation: every write for a member the new owner has touched is refused, it drops

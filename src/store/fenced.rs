@@ -1,4 +1,4 @@
-//! Owned state on a single Redis: each write is a transaction (`MULTI`/`EXEC`) of plain commands,
+//! Owned state on a single Redis: each write is transactions (`MULTI`/`EXEC`) of plain commands,
 //! fenced by the generations of the partitions it touches (`WATCH gen:{part-p}`), on a connection
 //! of its own (a `WATCH` belongs to its connection).
 //!

@@ -111,6 +111,11 @@ fn version(s: &str) -> Option<(i64, i64)> {
 /// it must stay in one slot.
 const PER_CALL: usize = 64;
 
+/// Most commands in one fenced transaction of a window's write: Redis runs a transaction whole,
+/// so a large one would hold every other client (intake's reads and reverse-index changes) for
+/// its whole run; a window's write is a sequence of such transactions.
+const MAX_TX_COMMANDS: usize = 2048;
+
 impl Store {
     /// Items one script call may cover.
     fn per_call(&self) -> usize {
@@ -423,8 +428,8 @@ impl Store {
     }
 
     /// Writes each member's window and the decay schedule changes `(partition, member, due)` and
-    /// `(partition, entry)`: one fenced transaction on a single
-    /// Redis (retried without the partitions another owner has taken), fenced script calls per
+    /// `(partition, entry)`: fenced transactions of at most `MAX_TX_COMMANDS` commands on a
+    /// single Redis (retried without the partitions another owner has taken), fenced script calls per
     /// member on a cluster. Returns, per member, whether it was written (false: a later owner
     /// has taken it).
     pub async fn write_owned(
@@ -439,10 +444,19 @@ impl Store {
             return self.write_scripted(members, due, unscheduled).await;
         }
         let mut taken: Vec<i32> = Vec::new();
-        loop {
-            let mut cmds = Vec::new();
+        'write: loop {
+            // Transactions of at most MAX_TX_COMMANDS commands (a member's commands never split),
+            // the schedule's in the last.
+            let mut chunks: Vec<Vec<Cmd>> = vec![Vec::new()];
             for w in members.iter().filter(|w| !taken.contains(&w.partition)) {
+                let mut cmds = Vec::new();
                 self.plain_cmds(w, &mut cmds);
+                let last = chunks.last_mut().expect("one chunk at least");
+                if !last.is_empty() && last.len() + cmds.len() > MAX_TX_COMMANDS {
+                    chunks.push(cmds);
+                } else {
+                    last.extend(cmds);
+                }
             }
             let due: Vec<_> = due
                 .iter()
@@ -454,21 +468,27 @@ impl Store {
                 .filter(|d| !taken.contains(&d.0))
                 .copied()
                 .collect();
-            cmds.extend(self.schedule_cmds(&due, &gone));
+            chunks
+                .last_mut()
+                .expect("one chunk at least")
+                .extend(self.schedule_cmds(&due, &gone));
             let gens: Vec<(i32, u64)> = gens
                 .iter()
                 .filter(|(p, _)| !taken.contains(p))
                 .copied()
                 .collect();
-            match tx.fenced(&gens, &cmds).await? {
-                Fenced::Applied(_) => {
-                    return Ok(members
-                        .iter()
-                        .map(|w| !taken.contains(&w.partition))
-                        .collect())
+            for cmds in chunks.iter().filter(|c| !c.is_empty()) {
+                // Taken: the write starts again without those partitions (plain writes: the
+                // chunks already applied are applied again, to the same values).
+                if let Fenced::Taken(moved) = tx.fenced(&gens, cmds).await? {
+                    taken.extend(moved);
+                    continue 'write;
                 }
-                Fenced::Taken(moved) => taken.extend(moved),
             }
+            return Ok(members
+                .iter()
+                .map(|w| !taken.contains(&w.partition))
+                .collect());
         }
     }
 
