@@ -267,6 +267,8 @@ impl Worker {
             // has room; a write once the writer is free and the window is full (or a tick chunk
             // waits in it).
             if fanning.is_none() {
+                let waiting = st.window.size() + flight.as_ref().map_or(0, Writing::rows);
+                st.fanouts.set_load(waiting, max_pairs);
                 fanning = self.start_fanouts(&mut st, &hard_stop);
             }
             let mut write_now = st.window.size() >= max_pairs;

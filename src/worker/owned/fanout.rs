@@ -35,15 +35,21 @@ struct Pending {
     not_before: Instant,
 }
 
-/// Candidates' fan-outs: waiting ones, and when each candidate last fanned out.
+/// Candidates' fan-outs: waiting ones, and when each candidate may fan out next.
 #[derive(Debug)]
 pub(in crate::worker) struct Fanouts {
     pending: BTreeMap<String, Pending>,
-    /// When each candidate's last fan-out ran, and the members it covered.
+    /// When each candidate that fanned out may fan out again, and the members it covered.
     last: HashMap<String, (Instant, usize)>,
     min_interval: Duration,
     members_per_interval: usize,
+    /// How many times the interval is stretched (1 ..= [`MAX_STRETCH`]): by the rows waiting to
+    /// be written, in windows of `batch.max_pairs`.
+    stretch: u32,
 }
+
+/// The most a fan-out interval is stretched under load.
+pub(in crate::worker) const MAX_STRETCH: u32 = 8;
 
 /// A fan-out to run: candidate, as_of, Kafka timestamp for its requests, its messages.
 type Due = (String, i64, Option<i64>, Vec<MsgRef>);
@@ -55,16 +61,29 @@ impl Fanouts {
             last: HashMap::new(),
             min_interval,
             members_per_interval: members_per_interval.max(1),
+            stretch: 1,
         }
     }
 
-    /// One interval per `members_per_interval` members: a hot candidate costs at most that many
-    /// rows an interval. Its merged updates' offsets are held until its fan-out's requests are
-    /// acknowledged, so a candidate in 12,000 members' lists holds its partition's committed
-    /// offset for up to 48 intervals (a durable record of pending fan-outs would release them).
+    /// The writer's load: `waiting` rows not yet written (the window being filled and the one
+    /// in flight) against windows of `max_pairs`. Each window's worth past the first stretches
+    /// the next intervals by one more (at most [`MAX_STRETCH`] times): under load a hot
+    /// candidate's updates merge into fewer fan-outs, and fresh member events keep the writer.
+    pub(in crate::worker) fn set_load(&mut self, waiting: usize, max_pairs: usize) {
+        let windows = waiting / max_pairs.max(1);
+        self.stretch = u32::try_from(windows)
+            .unwrap_or(u32::MAX)
+            .clamp(1, MAX_STRETCH);
+    }
+
+    /// One interval per `members_per_interval` members (a hot candidate costs at most that many
+    /// rows an interval), stretched by the load. Limit: its merged updates' offsets are held until
+    /// its fan-out's requests are acknowledged, so a candidate in 12,000 members' lists holds its
+    /// partition's committed offset for 48 intervals or more (a durable record of pending
+    /// fan-outs would release them).
     fn interval_after(&self, members: usize) -> Duration {
         let n = members.div_ceil(self.members_per_interval).max(1);
-        self.min_interval * u32::try_from(n).unwrap_or(u32::MAX)
+        self.min_interval * u32::try_from(n).unwrap_or(u32::MAX) * self.stretch
     }
 
     /// Merges an applied update of `candidate` into its next fan-out.
@@ -72,7 +91,7 @@ impl Fanouts {
         let not_before = self
             .last
             .get(&candidate)
-            .map(|(t, n)| *t + self.interval_after(*n))
+            .map(|(t, _)| *t)
             .filter(|t| *t > now)
             .unwrap_or(now);
         let p = self.pending.entry(candidate).or_insert(Pending {
@@ -112,11 +131,12 @@ impl Fanouts {
         self.pending.is_empty()
     }
 
-    /// A candidate's fan-out starts: an update meanwhile waits at least one interval (the
-    /// members it covers are not known yet).
+    /// A candidate's fan-out starts: an update meanwhile waits at least the interval of its
+    /// last fan-out's members (the members this one covers are not known yet).
     fn starting(&mut self, candidate: &str, started: Instant) {
         let members = self.last.get(candidate).map_or(0, |(_, n)| *n);
-        self.last.insert(candidate.to_owned(), (started, members));
+        let next = started + self.interval_after(members);
+        self.last.insert(candidate.to_owned(), (next, members));
     }
 
     /// A candidate's fan-out that started at `started` covered `members`: its next one waits an
@@ -127,13 +147,10 @@ impl Fanouts {
             p.not_before = p.not_before.max(next);
         }
         if self.last.len() > 100_000 {
-            let (base, per) = (self.min_interval, self.members_per_interval);
-            self.last.retain(|_, (t, n)| {
-                started.duration_since(*t)
-                    < base * u32::try_from(n.div_ceil(per).max(1)).unwrap_or(u32::MAX)
-            });
+            let now = Instant::now();
+            self.last.retain(|_, (t, _)| *t > now);
         }
-        self.last.insert(candidate.to_owned(), (started, members));
+        self.last.insert(candidate.to_owned(), (next, members));
     }
 
     /// Forgets the messages of `partitions` (revoked, or taken by a later owner): their updates
@@ -418,6 +435,30 @@ mod tests {
         // The running fan-out covered 600 members: three intervals from its start.
         f.ran("hot", 600, start);
         assert_eq!(f.next_wake(), Some(start + Duration::from_secs(3)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn intervals_stretch_with_the_rows_waiting_to_be_written() {
+        let mut f = Fanouts::new(Duration::from_secs(1), 250);
+        let now = Instant::now();
+        f.set_load(500, 1024);
+        f.ran("light", 10, now);
+        f.set_load(3 * 1024 + 1, 1024);
+        f.ran("loaded", 10, now);
+        f.set_load(100 * 1024, 1024);
+        f.ran("overloaded", 600, now);
+        f.set_load(0, 1024);
+        for c in ["light", "loaded", "overloaded"] {
+            f.add(c.into(), 1, MsgRef::for_test(0, false), now);
+        }
+        let wake = |f: &Fanouts, c: &str| f.pending[c].not_before - now;
+        assert_eq!(wake(&f, "light"), Duration::from_secs(1));
+        assert_eq!(wake(&f, "loaded"), Duration::from_secs(3));
+        assert_eq!(
+            wake(&f, "overloaded"),
+            Duration::from_secs(3 * u64::from(MAX_STRETCH)),
+            "three intervals for 600 members, stretched at most MAX_STRETCH times"
+        );
     }
 
     #[test]

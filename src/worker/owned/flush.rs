@@ -32,6 +32,11 @@ pub(in crate::worker) struct Writing {
 }
 
 impl Writing {
+    /// Rows this write scored.
+    pub(in crate::worker) fn rows(&self) -> usize {
+        self.rows
+    }
+
     /// The write's outcome (a panicked write task is fatal).
     pub(in crate::worker) async fn wait(&mut self) -> Result<Vec<bool>, Stop> {
         match (&mut self.handle).await {
