@@ -148,9 +148,30 @@ fn member_write(generation: u64, score: &str) -> MemberWrite {
     }
 }
 
+/// A store connected by URL: fenced transactions on a single Redis.
+async fn transactional_store(redis: &common::services::RedisServer, prefix: &str) -> Store {
+    Store::connect(
+        &redis.url(),
+        false,
+        Duration::from_secs(2),
+        None,
+        Keys::new(prefix, 1),
+    )
+    .await
+    .unwrap()
+}
+
 fn top_of(redis: &common::services::RedisServer, store: &Store) -> Vec<(String, f64)> {
+    top_of_member(redis, store, "m1")
+}
+
+fn top_of_member(
+    redis: &common::services::RedisServer,
+    store: &Store,
+    member: &str,
+) -> Vec<(String, f64)> {
     redis::cmd("ZRANGE")
-        .arg(store.keys().scores("m1"))
+        .arg(store.keys().scores(member))
         .arg(0)
         .arg(-1)
         .arg("WITHSCORES")
@@ -212,15 +233,7 @@ async fn a_zombie_owner_cannot_write_a_member_a_later_owner_has_loaded() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_zombie_owners_transaction_is_refused_once_a_later_owner_took_the_partition() {
     let redis = common::services::RedisServer::start();
-    let store = Store::connect(
-        &redis.url(),
-        false,
-        Duration::from_secs(2),
-        None,
-        Keys::new("fence", 1),
-    )
-    .await
-    .unwrap();
+    let store = transactional_store(&redis, "fence").await;
     assert!(store.transactional());
     let (tx, other) = (store.tx_conn(), store.tx_conn());
     let old = store.take_generation(3).await.unwrap();
@@ -281,15 +294,7 @@ async fn a_zombie_owners_transaction_is_refused_once_a_later_owner_took_the_part
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_of_several_transactions_lands_whole_and_a_zombies_is_refused_whole() {
     let redis = common::services::RedisServer::start();
-    let store = Store::connect(
-        &redis.url(),
-        false,
-        Duration::from_secs(2),
-        None,
-        Keys::new("chunks", 1),
-    )
-    .await
-    .unwrap();
+    let store = transactional_store(&redis, "chunks").await;
     let tx = store.tx_conn();
     let writes = |g: u64, score: &str| -> Vec<MemberWrite> {
         (0..5000)
@@ -305,15 +310,7 @@ async fn a_write_of_several_transactions_lands_whole_and_a_zombies_is_refused_wh
             })
             .collect()
     };
-    let top = |m: &str| -> Vec<(String, f64)> {
-        redis::cmd("ZRANGE")
-            .arg(store.keys().scores(m))
-            .arg(0)
-            .arg(-1)
-            .arg("WITHSCORES")
-            .query(&mut redis.client())
-            .unwrap()
-    };
+    let top = |m: &str| top_of_member(&redis, &store, m);
     let old = store.take_generation(3).await.unwrap();
     let w = writes(old, "1");
     let flags = store

@@ -13,6 +13,7 @@ mod state;
 mod takeover;
 mod tick;
 mod watch;
+use watch::{watcher, WATCH_EVERY};
 
 use std::time::{Duration, Instant};
 
@@ -266,25 +267,6 @@ fn load_options(
         kafka_time: false,
         stop: None,
     }
-}
-
-/// Every n-th member update is watched from the producer's side.
-const WATCH_EVERY: u64 = 5;
-
-/// Starts watching for the scores of sampled member updates of phase `s`.
-async fn watcher(
-    s: &Settings,
-    give_up: Duration,
-) -> anyhow::Result<(
-    tokio::sync::mpsc::UnboundedSender<crate::cli::loadgen::Watched>,
-    tokio_util::sync::CancellationToken,
-    tokio::task::JoinHandle<watch::Observed>,
-)> {
-    let store = ceilings::scratch_store(s, &s.output.key_prefix).await?;
-    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-    let stop = tokio_util::sync::CancellationToken::new();
-    let handle = tokio::spawn(watch::watch(store, rx, stop.clone(), give_up));
-    Ok((tx, stop, handle))
 }
 
 /// Pre-loads the backlog, then times the worker consuming all of it.

@@ -115,3 +115,22 @@ pub async fn watch(
         tokio::time::sleep(PERIOD).await;
     }
 }
+
+/// Every n-th member update is watched from the producer's side.
+pub(super) const WATCH_EVERY: u64 = 5;
+
+/// Starts watching for the scores of sampled member updates of phase `s`.
+pub(super) async fn watcher(
+    s: &crate::config::Settings,
+    give_up: Duration,
+) -> anyhow::Result<(
+    tokio::sync::mpsc::UnboundedSender<crate::cli::loadgen::Watched>,
+    tokio_util::sync::CancellationToken,
+    tokio::task::JoinHandle<Observed>,
+)> {
+    let store = super::ceilings::scratch_store(s, &s.output.key_prefix).await?;
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let handle = tokio::spawn(watch(store, rx, stop.clone(), give_up));
+    Ok((tx, stop, handle))
+}

@@ -13,6 +13,7 @@ mod apply;
 mod fenced;
 mod keys;
 mod owned;
+mod schedule;
 mod state;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
