@@ -1,24 +1,34 @@
 //! A waiting candidate fan-out no longer holds its messages' offsets: its intent is recorded in
 //! Redis, the message is committed, and whoever owns the partition next (after a stop, a crash or
-//! a rebalance) resumes the fan-out from the intent. Remote state only: with owned state a
-//! candidate update's fan-out is its rescore requests in Kafka (`tests/owned_state.rs`).
+//! a rebalance) resumes the fan-out from the intent. With remote and with owned state (where the
+//! fan-out, once it runs, is rescore requests routed to the members' owners).
 
 mod common;
 
 use std::time::{Duration, Instant};
 
 use common::harness::Harness;
+use rescorer::config::StateMode;
 use serde_json::json;
 
 const T0: i64 = 1_764_000_000_000;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_queued_fanout_commits_its_message_and_the_next_owner_resumes_it() {
+    queued_fanout_is_resumed(StateMode::Remote).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queued_fanout_commits_its_message_and_the_next_owner_resumes_it_with_owned_state() {
+    queued_fanout_is_resumed(StateMode::Owned).await;
+}
+
+async fn queued_fanout_is_resumed(mode: StateMode) {
     let h = Harness::new(2).await;
     let scorer = common::scorer();
     let members: Vec<String> = (0..40).map(|i| format!("m{i}")).collect();
     let mut settings = h.settings.clone();
-    settings.state.mode = rescorer::config::StateMode::Remote;
+    settings.state.mode = mode;
     // A candidate fans out at most once a minute: its second update waits in the queue.
     settings.batch.fanout_min_interval_ms = 60_000;
     let w = h.start_worker_with(settings).await;
@@ -72,7 +82,9 @@ async fn a_queued_fanout_commits_its_message_and_the_next_owner_resumes_it() {
     w.stop().await.unwrap();
 
     // The next owner finds the intent and runs the fan-out.
-    let w = h.start_worker().await;
+    let mut settings = h.settings.clone();
+    settings.state.mode = mode;
+    let w = h.start_worker_with(settings).await;
     let second = score_as(0.9, T0 + 2);
     let until = Instant::now() + Duration::from_secs(30);
     for m in &members {

@@ -115,6 +115,8 @@ struct Owned {
     ticks: VecDeque<TickJob>,
     /// Candidate fan-outs waiting for their interval.
     fanouts: fanout::Fanouts,
+    /// Feature-updates partitions whose recorded fan-out intents were taken in.
+    resumed: HashSet<i32>,
     /// Partition count of every input topic.
     partitions: i32,
     kinds: HashMap<String, Input>,
@@ -149,6 +151,7 @@ impl Owned {
         self.retired.retain(|(p, _)| *p != partition);
         self.ticks.retain(|t| t.partition != partition);
         self.fanouts.drop_partitions(&HashSet::from([partition]));
+        self.resumed.remove(&partition);
     }
 }
 
@@ -249,6 +252,7 @@ impl Worker {
                 Duration::from_millis(self.settings.batch.fanout_min_interval_ms),
                 self.settings.batch.fanout_interval_members,
             ),
+            resumed: HashSet::new(),
             partitions,
             kinds,
             seq: 0,
@@ -318,6 +322,7 @@ impl Worker {
                     self.finish_fanning(&mut st, &mut fanning).await;
                     self.flush_owned(&mut st, &mut flight, &hard_stop).await;
                     self.rebalanced_owned(&mut st, ev);
+                    self.resume_owned_fanouts(&mut st, &hard_stop).await;
                 }
                 // A waiting fan-out's interval passed: the loop's top starts it.
                 _ = sleep_until(st.fanouts.next_wake().unwrap_or_else(Instant::now)), if !st.fanouts.is_empty() && fanning.is_none() => {}
@@ -348,6 +353,7 @@ impl Worker {
                     }
                 },
                 _ = lag_timer.tick() => {
+                    self.resume_owned_fanouts(&mut st, &hard_stop).await;
                     let lag = self.update_lag(&st.tracker);
                     let pending = lag > 0 || !st.window.is_empty() || !st.ticks.is_empty() || flight.is_some();
                     self.health.set_pending(pending, chrono_now_ms());
@@ -395,6 +401,7 @@ impl Worker {
                 }
                 st.fanouts.drop_partitions(&parts);
                 for p in parts {
+                    st.resumed.remove(&p);
                     let members = st.cache.drop_partition(p);
                     st.gens.remove(&p);
                     st.fenced.remove(&p);

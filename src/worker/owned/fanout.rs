@@ -3,9 +3,11 @@
 //!
 //! A candidate fans out at most once per `batch.fanout_min_interval_ms` (one interval per
 //! `batch.fanout_interval_members` members its last fan-out covered); its updates in between
-//! merge into the next fan-out, as of the latest. Their offsets are stored once the broker
-//! acknowledged every request of that fan-out, so a merged update holds its partition's offsets
-//! for at most the interval; a stop or a revocation meanwhile leaves it to be replayed.
+//! merge into the next fan-out, as of the latest. An applied update's fan-out intent is recorded
+//! in Redis (`fanouts:{part-P}`: candidate → as_of and the partition's highest offset it covers)
+//! before its offset is stored, so a waiting fan-out holds no offset; the intent is cleared once
+//! a fan-out that took the update in has its requests acknowledged. Whoever owns the partition
+//! next (after a stop, a crash or a rebalance) resumes the recorded fan-outs.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
@@ -31,9 +33,13 @@ use crate::worker::Worker;
 struct Pending {
     as_of: i64,
     timestamp_ms: Option<i64>,
-    msgs: Vec<MsgRef>,
+    /// The recorded intents it fulfils: each partition's highest offset merged in.
+    covers: Covers,
     not_before: Instant,
 }
+
+/// Partition → the highest offset of that partition's updates a fan-out takes in.
+pub(in crate::worker) type Covers = BTreeMap<i32, i64>;
 
 /// Candidates' fan-outs: waiting ones, and when each candidate may fan out next.
 #[derive(Debug)]
@@ -51,8 +57,13 @@ pub(in crate::worker) struct Fanouts {
 /// The most a fan-out interval is stretched under load.
 pub(in crate::worker) const MAX_STRETCH: u32 = 8;
 
-/// A fan-out to run: candidate, as_of, Kafka timestamp for its requests, its messages.
-type Due = (String, i64, Option<i64>, Vec<MsgRef>);
+/// The most candidates one round of fan-outs takes (the longest waiting first): a round is
+/// awaited by a rebalance or a stop, and after a takeover thousands of resumed intents are due
+/// at once.
+pub(in crate::worker) const MAX_ROUND: usize = 1024;
+
+/// A fan-out to run: candidate, as_of, Kafka timestamp for its requests, the intents it fulfils.
+type Due = (String, i64, Option<i64>, Covers);
 
 impl Fanouts {
     pub(in crate::worker) fn new(min_interval: Duration, members_per_interval: usize) -> Self {
@@ -86,8 +97,16 @@ impl Fanouts {
         self.min_interval * u32::try_from(n).unwrap_or(u32::MAX) * self.stretch
     }
 
-    /// Merges an applied update of `candidate` into its next fan-out.
-    fn add(&mut self, candidate: String, as_of: i64, msg: MsgRef, now: Instant) {
+    /// Merges an applied update of `candidate` (recorded as an intent of `partition` at
+    /// `offset`) into its next fan-out.
+    pub(in crate::worker) fn add(
+        &mut self,
+        candidate: String,
+        as_of: i64,
+        timestamp_ms: Option<i64>,
+        (partition, offset): (i32, i64),
+        now: Instant,
+    ) {
         let not_before = self
             .last
             .get(&candidate)
@@ -97,27 +116,31 @@ impl Fanouts {
         let p = self.pending.entry(candidate).or_insert(Pending {
             as_of: i64::MIN,
             timestamp_ms: None,
-            msgs: Vec::new(),
+            covers: Covers::new(),
             not_before,
         });
         p.as_of = p.as_of.max(as_of);
-        p.timestamp_ms = p.timestamp_ms.max(msg.timestamp_ms);
-        p.msgs.push(msg);
+        p.timestamp_ms = p.timestamp_ms.max(timestamp_ms);
+        let o = p.covers.entry(partition).or_insert(offset);
+        *o = (*o).max(offset);
     }
 
-    /// The fan-outs whose interval has passed, taken out.
+    /// The fan-outs whose interval has passed (at most [`MAX_ROUND`], the longest waiting
+    /// first), taken out.
     fn due(&mut self, now: Instant) -> Vec<Due> {
-        let ready: Vec<String> = self
+        let mut ready: Vec<(Instant, String)> = self
             .pending
             .iter()
             .filter(|(_, p)| p.not_before <= now)
-            .map(|(c, _)| c.clone())
+            .map(|(c, p)| (p.not_before, c.clone()))
             .collect();
+        ready.sort_unstable();
+        ready.truncate(MAX_ROUND);
         ready
             .into_iter()
-            .filter_map(|c| {
+            .filter_map(|(_, c)| {
                 let p = self.pending.remove(&c)?;
-                Some((c, p.as_of, p.timestamp_ms, p.msgs))
+                Some((c, p.as_of, p.timestamp_ms, p.covers))
             })
             .collect()
     }
@@ -153,12 +176,12 @@ impl Fanouts {
         self.last.insert(candidate.to_owned(), (next, members));
     }
 
-    /// Forgets the messages of `partitions` (revoked, or taken by a later owner): their updates
-    /// are replayed by the next owner; a fan-out left with no message is dropped.
+    /// Forgets the intents of `partitions` (revoked, or taken by a later owner): the next owner
+    /// resumes them; a fan-out left with none is dropped.
     pub(in crate::worker) fn drop_partitions(&mut self, partitions: &HashSet<i32>) {
         self.pending.retain(|_, p| {
-            p.msgs.retain(|m| !partitions.contains(&m.tp.1));
-            !p.msgs.is_empty()
+            p.covers.retain(|part, _| !partitions.contains(part));
+            !p.covers.is_empty()
         });
     }
 }
@@ -190,15 +213,79 @@ impl Worker {
         else {
             return;
         };
-        let now = Instant::now();
+        let mut recorded: Vec<(FeatureUpdate, MsgRef)> = Vec::new();
         for ((u, mref), a) in updates.into_iter().zip(applied) {
             if matches!(a, Applied::Features(o) if o.applied == 0) && !u.features.is_empty() {
                 handled(mref.topic_label, "stale", &mref).emit(&self.metrics);
                 self.complete_tracked(&mut st.tracker, &[mref], false);
                 continue;
             }
+            recorded.push((u, mref));
+        }
+        if recorded.is_empty() {
+            return;
+        }
+        // The intents are recorded before the offsets are stored: a fan-out waiting for its
+        // interval holds no offset, and a crash leaves it to the partition's next owner.
+        let intents: Vec<(i32, &str, i64, i64)> = recorded
+            .iter()
+            .map(|(u, m)| (m.tp.1, u.id.as_str(), u.ts, m.offset))
+            .collect();
+        if self
+            .attempt(&mut st.fatal, "record fan-out intents", hard_stop, || {
+                self.store.fanout_intents(true, &intents)
+            })
+            .await
+            .is_none()
+        {
+            // Not recorded: the offsets stay unstored and the messages are replayed.
+            return;
+        }
+        let now = Instant::now();
+        for (u, mref) in recorded {
             handled(mref.topic_label, "applied", &mref).emit(&self.metrics);
-            st.fanouts.add(u.id, u.ts, mref, now);
+            st.fanouts
+                .add(u.id, u.ts, mref.timestamp_ms, (mref.tp.1, mref.offset), now);
+            self.complete_tracked(&mut st.tracker, &[mref], false);
+        }
+    }
+
+    /// Takes in the fan-out intents recorded for the feature-updates partitions assigned here
+    /// and not taken in yet (a previous owner's, unfinished when it stopped, crashed or gave the
+    /// partition up). The assignment is read from the consumer's own record, so a lost rebalance
+    /// event delays this by a second at most.
+    pub(super) async fn resume_owned_fanouts(&self, st: &mut Owned, hard_stop: &CancellationToken) {
+        let topic = &self.settings.topics.feature_updates;
+        let (assigned, _) = self.shared.snapshot();
+        let now: HashSet<i32> = assigned
+            .iter()
+            .filter(|(t, p)| t == topic && !st.fenced.contains_key(p))
+            .map(|(_, p)| *p)
+            .collect();
+        st.resumed.retain(|p| now.contains(p));
+        let mut new: Vec<i32> = now.difference(&st.resumed).copied().collect();
+        new.sort_unstable();
+        for p in new {
+            let Some(intents) = self
+                .attempt(&mut st.fatal, "resume fan-out intents", hard_stop, || {
+                    self.store.fanout_intents_of(p)
+                })
+                .await
+            else {
+                return;
+            };
+            if !intents.is_empty() {
+                tracing::info!(
+                    partition = p,
+                    fanouts = intents.len(),
+                    "resuming recorded fan-outs"
+                );
+            }
+            let at = Instant::now();
+            for (candidate, as_of, offset) in intents {
+                st.fanouts.add(candidate, as_of, None, (p, offset), at);
+            }
+            st.resumed.insert(p);
         }
     }
 
@@ -222,6 +309,10 @@ impl Worker {
             .iter()
             .map(|(c, as_of, ts, _)| (c.clone(), *as_of, *ts))
             .collect();
+        let fulfils: Vec<(i32, String, i64)> = fan
+            .iter()
+            .flat_map(|(c, _, _, covers)| covers.iter().map(|(p, o)| (*p, c.clone(), *o)))
+            .collect();
         let run = FanoutRun {
             store: self.store.clone(),
             producer: self.producer.clone(),
@@ -236,7 +327,7 @@ impl Worker {
         Some(Fanning {
             fan,
             started,
-            handle: tokio::spawn(run.run(jobs)),
+            handle: tokio::spawn(run.run(jobs, fulfils)),
         })
     }
 
@@ -248,8 +339,7 @@ impl Worker {
         }
     }
 
-    /// A fan-out ended: its candidates' intervals follow the members it covered, and its messages
-    /// are done (unless a later owner took their partition).
+    /// A fan-out ended: its candidates' intervals follow the members it covered.
     pub(super) fn finish_fanouts(
         &self,
         st: &mut Owned,
@@ -271,14 +361,9 @@ impl Worker {
             fan_out_us = f.started.elapsed().as_micros() as u64,
             "fan-out produced"
         );
-        for (candidate, _, _, msgs) in f.fan {
+        for (candidate, ..) in f.fan {
             let members = covered.get(&candidate).copied().unwrap_or(0);
             st.fanouts.ran(&candidate, members, f.started);
-            let msgs: Vec<MsgRef> = msgs
-                .into_iter()
-                .filter(|m| !st.fenced.contains_key(&m.tp.1))
-                .collect();
-            self.complete_tracked(&mut st.tracker, &msgs, false);
         }
     }
 }
@@ -320,10 +405,13 @@ struct FanoutRun {
 
 impl FanoutRun {
     /// Every candidate's requests produced (all candidates' scans advance together: one Redis
-    /// round trip and one round of produce acknowledgements a chunk); the members each covered.
+    /// round trip and one round of produce acknowledgements a chunk), then the intents they
+    /// fulfil cleared (each only up to the offset this round took in: a later update's stays);
+    /// the members each covered.
     async fn run(
         self,
         jobs: Vec<(String, i64, Option<i64>)>,
+        fulfils: Vec<(i32, String, i64)>,
     ) -> Result<HashMap<String, usize>, Stop> {
         let n = self.partitions;
         // (candidate, as_of, timestamp, cursor, members covered)
@@ -382,6 +470,19 @@ impl FanoutRun {
             }
             active.retain(|(.., cursor, _)| *cursor != 0);
         }
+        let intents: Vec<(i32, &str, i64, i64)> = fulfils
+            .iter()
+            .map(|(p, c, o)| (*p, c.as_str(), 0, *o))
+            .collect();
+        retry(
+            "clear fan-out intents",
+            &self.metrics,
+            &self.health,
+            self.give_up,
+            &self.hard_stop,
+            || self.store.fanout_intents(false, &intents),
+        )
+        .await?;
         Ok(covered)
     }
 }
@@ -394,13 +495,13 @@ mod tests {
     async fn a_candidate_fans_out_once_per_interval_and_its_updates_merge() {
         let mut f = Fanouts::new(Duration::from_secs(1), 250);
         let now = Instant::now();
-        f.add("hot".into(), 10, MsgRef::for_test(0, false), now);
+        f.add("hot".into(), 10, None, (0, 0), now);
         let due = f.due(now);
         assert_eq!(due.len(), 1, "a first fan-out runs at once");
         f.ran("hot", 600, now);
-        f.add("hot".into(), 20, MsgRef::for_test(1, false), now);
-        f.add("hot".into(), 15, MsgRef::for_test(2, false), now);
-        f.add("cold".into(), 5, MsgRef::for_test(3, false), now);
+        f.add("hot".into(), 20, None, (0, 1), now);
+        f.add("hot".into(), 15, None, (0, 2), now);
+        f.add("cold".into(), 5, None, (0, 3), now);
         let due = f.due(now);
         assert_eq!(due.len(), 1, "only the cold candidate runs now");
         assert_eq!(due[0].0, "cold");
@@ -409,11 +510,11 @@ mod tests {
         tokio::time::advance(Duration::from_secs(3)).await;
         let due = f.due(Instant::now());
         assert_eq!(due.len(), 1);
-        let (c, as_of, _, msgs) = &due[0];
+        let (c, as_of, _, covers) = &due[0];
         assert_eq!(
-            (c.as_str(), *as_of, msgs.len()),
-            ("hot", 20, 2),
-            "merged as of the latest"
+            (c.as_str(), *as_of, covers.clone()),
+            ("hot", 20, Covers::from([(0, 2)])),
+            "merged as of the latest, fulfilling the partition's intents up to its last offset"
         );
         assert!(f.is_empty());
     }
@@ -422,11 +523,11 @@ mod tests {
     async fn an_update_during_a_running_fan_out_waits_for_its_interval() {
         let mut f = Fanouts::new(Duration::from_secs(1), 250);
         let start = Instant::now();
-        f.add("hot".into(), 10, MsgRef::for_test(0, false), start);
+        f.add("hot".into(), 10, None, (0, 0), start);
         assert_eq!(f.due(start).len(), 1);
         f.starting("hot", start);
         tokio::time::advance(Duration::from_millis(300)).await;
-        f.add("hot".into(), 20, MsgRef::for_test(1, false), Instant::now());
+        f.add("hot".into(), 20, None, (0, 1), Instant::now());
         assert!(
             f.due(Instant::now()).is_empty(),
             "it does not run again while the first one is in flight"
@@ -449,7 +550,7 @@ mod tests {
         f.ran("overloaded", 600, now);
         f.set_load(0, 1024);
         for c in ["light", "loaded", "overloaded"] {
-            f.add(c.into(), 1, MsgRef::for_test(0, false), now);
+            f.add(c.into(), 1, None, (0, 0), now);
         }
         let wake = |f: &Fanouts, c: &str| f.pending[c].not_before - now;
         assert_eq!(wake(&f, "light"), Duration::from_secs(1));
@@ -461,16 +562,46 @@ mod tests {
         );
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn a_round_takes_the_longest_waiting_and_at_most_max_round() {
+        let mut f = Fanouts::new(Duration::from_secs(1), 250);
+        let start = Instant::now();
+        f.add(
+            "late".into(),
+            1,
+            None,
+            (1, 7),
+            start + Duration::from_secs(1),
+        );
+        for i in 0..MAX_ROUND {
+            f.add(format!("c{i:05}"), 1, None, (0, i as i64), start);
+        }
+        f.add("c00000".into(), 2, None, (1, 3), start);
+        tokio::time::advance(Duration::from_secs(2)).await;
+        let due = f.due(Instant::now());
+        assert_eq!(due.len(), MAX_ROUND);
+        assert!(due.iter().all(|(c, ..)| c != "late"), "it waited least");
+        assert_eq!(
+            due.iter()
+                .find(|(c, ..)| c == "c00000")
+                .map(|d| d.3.clone()),
+            Some(Covers::from([(0, 0), (1, 3)])),
+            "intents of two partitions"
+        );
+        assert_eq!(
+            f.due(Instant::now()).len(),
+            1,
+            "the next round takes the rest"
+        );
+    }
+
     #[test]
-    fn a_revoked_partitions_messages_leave_their_fan_outs() {
+    fn a_revoked_partitions_intents_leave_their_fan_outs() {
         let mut f = Fanouts::new(Duration::from_secs(1), 250);
         let now = Instant::now();
         f.ran("c", 10, now);
-        f.add("c".into(), 1, MsgRef::for_test(0, false), now);
+        f.add("c".into(), 1, None, (0, 0), now);
         f.drop_partitions(&HashSet::from([0]));
-        assert!(
-            f.is_empty(),
-            "its only message was on the revoked partition"
-        );
+        assert!(f.is_empty(), "its only intent was the revoked partition's");
     }
 }
