@@ -88,10 +88,8 @@ impl Fanouts {
     }
 
     /// One interval per `members_per_interval` members (a hot candidate costs at most that many
-    /// rows an interval), stretched by the load. Limit: its merged updates' offsets are held until
-    /// its fan-out's requests are acknowledged, so a candidate in 12,000 members' lists holds its
-    /// partition's committed offset for 48 intervals or more (a durable record of pending
-    /// fan-outs would release them).
+    /// rows an interval), stretched by the load. The merged updates' offsets are stored at once
+    /// (their intents are recorded), so a long interval delays the candidate's rescoring only.
     fn interval_after(&self, members: usize) -> Duration {
         let n = members.div_ceil(self.members_per_interval).max(1);
         self.min_interval * u32::try_from(n).unwrap_or(u32::MAX) * self.stretch
