@@ -33,6 +33,7 @@ use crate::store::TxConn;
 mod fanout;
 mod flush;
 mod intake;
+mod policy;
 
 /// A partition a later owner has taken that is still assigned here this long after: the group
 /// did not tell this worker (or Redis lost the generation counter); the worker exits so that it
@@ -126,6 +127,34 @@ struct Owned {
 }
 
 impl Owned {
+    /// What the policy decides on.
+    fn view(
+        &self,
+        flight: &Option<Writing>,
+        fanning: &Option<fanout::Fanning>,
+        input_idle: bool,
+        last_write_ended: Option<Instant>,
+    ) -> policy::View {
+        policy::View {
+            window_rows: self.window.size(),
+            window_has_work: !(self.window.is_empty()
+                && self.touched.is_empty()
+                && self.unscheduled.is_empty()
+                && self.retired.is_empty()),
+            window_started: self.window.started,
+            writing: flight.as_ref().map(Writing::rows),
+            last_write_ended,
+            input_idle,
+            fanning: fanning.is_some(),
+            next_fanout: self.fanouts.next_wake(),
+            tick_ready: self
+                .ticks
+                .iter()
+                .any(|j| !(j.queued || j.sweep && j.in_write.is_some())),
+            tick_queued: self.ticks.iter().any(|j| j.queued),
+        }
+    }
+
     /// Forgets a partition taken by a later owner: its members, its window work (its messages
     /// are left to the new owner) and its ticks.
     fn fence(&mut self, partition: i32, newer: Option<u64>) {
@@ -217,6 +246,146 @@ impl Worker {
         let Some(partitions) = self.owned_partitions(&shutdown).await? else {
             return Ok(());
         };
+        let mut st = self.subscribe_owned(partitions)?;
+        let hard_stop = super::retry::hard_stop_after(&shutdown);
+        let policy = policy::Policy {
+            max_pairs: self.settings.batch.max_pairs,
+            max_wait: Duration::from_millis(self.settings.batch.max_wait_ms),
+            live_growth: LIVE_GROWTH,
+        };
+        let mut lag_timer = tokio::time::interval(Duration::from_secs(1));
+        lag_timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        let consumer = self.consumer.clone();
+        let mut flight: Option<Writing> = None;
+        let mut fanning: Option<fanout::Fanning> = None;
+        let (mut input_idle, mut last_write_ended) = (false, None);
+        while st.fatal.is_none() {
+            // Decide, then act; an act that changed the state decides again at once.
+            let view = st.view(&flight, &fanning, input_idle, last_write_ended);
+            let plan = policy.decide(&view, Instant::now());
+            if let Some(waiting) = plan.fan_out {
+                st.fanouts.set_load(waiting, policy.max_pairs);
+                fanning = self.start_fanouts(&mut st, &hard_stop);
+            }
+            if plan.tick && self.step_tick(&mut st, &hard_stop).await {
+                continue;
+            }
+            if plan.write {
+                flight = self.start_write(&mut st, &hard_stop).await;
+                if flight.is_some() {
+                    continue;
+                }
+            }
+            // Then wait for what can change the plan.
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break,
+                result = async { match flight.as_mut() {
+                    Some(w) => w.wait().await,
+                    None => std::future::pending().await,
+                } }, if flight.is_some() => {
+                    if let Some(w) = flight.take() {
+                        self.finish_write(&mut st, w, result);
+                    }
+                    last_write_ended = Some(Instant::now());
+                }
+                result = async { match fanning.as_mut() {
+                    Some(f) => f.wait().await,
+                    None => std::future::pending().await,
+                } }, if fanning.is_some() => {
+                    if let Some(f) = fanning.take() {
+                        self.finish_fanouts(&mut st, f, result);
+                    }
+                }
+                ev = self.rebalances.recv() => {
+                    let Some(ev) = ev else { break };
+                    // The fan-out and the window in flight end (with this owner's generation)
+                    // first.
+                    self.finish_fanning(&mut st, &mut fanning).await;
+                    self.flush_owned(&mut st, &mut flight, &hard_stop).await;
+                    self.rebalanced_owned(&mut st, ev);
+                    self.resume_owned_fanouts(&mut st, &hard_stop).await;
+                }
+                _ = sleep_until(plan.wake_at.unwrap_or_else(Instant::now)), if plan.wake_at.is_some() => {}
+                msg = consumer.recv(), if plan.take_input => match msg {
+                    Ok(first) => {
+                        // No more messages than a window may grow to (a message is a row or
+                        // more), so an intake never outgrows the window it fills.
+                        let room = (policy.max_pairs * LIVE_GROWTH).saturating_sub(st.window.size());
+                        let take = MAX_INTAKE.min(room).max(1);
+                        let batch = take_fetched(&consumer, first, take);
+                        input_idle = batch.len() < take;
+                        self.health.set_pending(true, chrono_now_ms());
+                        self.intake_owned(&mut st, &batch, &hard_stop).await;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "consumer error; librdkafka retries");
+                        sleep(Duration::from_millis(200)).await;
+                    }
+                },
+                _ = lag_timer.tick() => {
+                    self.resume_owned_fanouts(&mut st, &hard_stop).await;
+                    self.every_second(&mut st, flight.is_some());
+                }
+            }
+        }
+        self.leave_owned(st, flight, fanning, &hard_stop).await
+    }
+
+    /// The loop ended: on a fatal error, what Redis acknowledged is committed and the error
+    /// returned (the rest is replayed); on a stop, the fan-out and the write in flight finish,
+    /// the window is written, and the worker commits and leaves the group.
+    async fn leave_owned(
+        &self,
+        mut st: Owned,
+        mut flight: Option<Writing>,
+        mut fanning: Option<fanout::Fanning>,
+        hard_stop: &CancellationToken,
+    ) -> anyhow::Result<()> {
+        if let Some(fatal) = st.fatal.take() {
+            if let Some(f) = fanning.take() {
+                f.abort();
+            }
+            // Only what Redis acknowledged was stored; a write in flight is left to finish.
+            if let Some(mut w) = flight.take() {
+                let _ = w.wait().await;
+            }
+            if let Err(e) = self.consumer.commit_consumer_state(CommitMode::Sync) {
+                tracing::warn!(error = %e, "commit before the fatal exit failed");
+            }
+            return Err(fatal);
+        }
+        tracing::info!("shutting down: writing the current window, then committing");
+        self.finish_fanning(&mut st, &mut fanning).await;
+        self.flush_owned(&mut st, &mut flight, hard_stop).await;
+        self.commit_and_leave();
+        Ok(())
+    }
+
+    /// Once a second: lag, readiness and gauges, and the fence's exit (a partition a later owner
+    /// took that is still assigned here after [`FENCED_FOR`]).
+    fn every_second(&self, st: &mut Owned, writing: bool) {
+        let lag = self.update_lag(&st.tracker);
+        let pending = lag > 0 || !st.window.is_empty() || !st.ticks.is_empty() || writing;
+        self.health.set_pending(pending, chrono_now_ms());
+        self.metrics
+            .jobs_in_progress
+            .with_label_values(&["live"])
+            .set(st.ticks.len() as i64);
+        let (assigned, _) = self.shared.snapshot();
+        let stuck = st.fenced.iter().find(|(p, since)| {
+            since.elapsed() > FENCED_FOR && assigned.iter().any(|tp| tp.1 == **p)
+        });
+        if let Some((p, _)) = stuck {
+            st.fatal.get_or_insert(anyhow::anyhow!(
+                "partition {p} was taken by a later owner {} s ago but is still assigned to this worker: exiting to rejoin the group",
+                FENCED_FOR.as_secs()
+            ));
+        }
+    }
+
+    /// Subscribes to the input topics and the requests topic; the loop's state, empty.
+    fn subscribe_owned(&self, partitions: i32) -> anyhow::Result<Owned> {
         let t = &self.settings.topics;
         let kinds: HashMap<String, Input> = [
             (
@@ -234,7 +403,7 @@ impl Worker {
         let topics: Vec<&str> = kinds.keys().map(String::as_str).collect();
         self.consumer.subscribe(&topics)?;
         tracing::info!(topics = ?topics, partitions, group = %self.settings.kafka.group_id, "subscribed (owned state)");
-        let mut st = Owned {
+        Ok(Owned {
             tracker: OffsetTracker::new(),
             cache: Cache::new(
                 usize::try_from(self.settings.state.cache_bytes).unwrap_or(usize::MAX),
@@ -257,138 +426,7 @@ impl Worker {
             kinds,
             seq: 0,
             fatal: None,
-        };
-        let hard_stop = super::retry::hard_stop_after(&shutdown);
-        let max_wait = Duration::from_millis(self.settings.batch.max_wait_ms);
-        let max_pairs = self.settings.batch.max_pairs;
-        let mut lag_timer = tokio::time::interval(Duration::from_secs(1));
-        lag_timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-        let consumer = self.consumer.clone();
-        let mut flight: Option<Writing> = None;
-        let mut fanning: Option<fanout::Fanning> = None;
-        while st.fatal.is_none() {
-            // Decide: the fan-outs that are due while none runs; a tick chunk while the window
-            // has room; a write once the writer is free and the window is full (or a tick chunk
-            // waits in it).
-            if fanning.is_none() {
-                let waiting = st.window.size() + flight.as_ref().map_or(0, Writing::rows);
-                st.fanouts.set_load(waiting, max_pairs);
-                fanning = self.start_fanouts(&mut st, &hard_stop);
-            }
-            let mut write_now = st.window.size() >= max_pairs;
-            if !write_now && st.window.size() < max_pairs {
-                write_now = self.step_tick(&mut st, &hard_stop).await;
-            }
-            if write_now && flight.is_none() {
-                flight = self.start_write(&mut st, &hard_stop).await;
-                continue;
-            }
-            // While a window is written the next one may grow to LIVE_GROWTH × max_pairs (a group
-            // commit: under load, fewer and larger writes).
-            let cap = if flight.is_some() {
-                max_pairs * LIVE_GROWTH
-            } else {
-                max_pairs
-            };
-            let full = st.window.size() >= cap;
-            let deadline = st.window.started.map(|s| s + max_wait);
-            tokio::select! {
-                biased;
-                _ = shutdown.cancelled() => break,
-                result = async { match flight.as_mut() {
-                    Some(w) => w.wait().await,
-                    None => std::future::pending().await,
-                } }, if flight.is_some() => {
-                    if let Some(w) = flight.take() {
-                        self.finish_write(&mut st, w, result);
-                    }
-                    // The writer is free: what arrived meanwhile goes now (a group commit).
-                    if st.fatal.is_none() {
-                        flight = self.start_write(&mut st, &hard_stop).await;
-                    }
-                }
-                result = async { match fanning.as_mut() {
-                    Some(f) => f.wait().await,
-                    None => std::future::pending().await,
-                } }, if fanning.is_some() => {
-                    if let Some(f) = fanning.take() {
-                        self.finish_fanouts(&mut st, f, result);
-                    }
-                }
-                ev = self.rebalances.recv() => {
-                    let Some(ev) = ev else { break };
-                    // The fan-out and the window in flight end (with this owner's generation)
-                    // first.
-                    self.finish_fanning(&mut st, &mut fanning).await;
-                    self.flush_owned(&mut st, &mut flight, &hard_stop).await;
-                    self.rebalanced_owned(&mut st, ev);
-                    self.resume_owned_fanouts(&mut st, &hard_stop).await;
-                }
-                // A waiting fan-out's interval passed: the loop's top starts it.
-                _ = sleep_until(st.fanouts.next_wake().unwrap_or_else(Instant::now)), if !st.fanouts.is_empty() && fanning.is_none() => {}
-                _ = sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() && flight.is_none() => {
-                    flight = self.start_write(&mut st, &hard_stop).await;
-                }
-                msg = consumer.recv(), if !full => match msg {
-                    Ok(first) => {
-                        // No more messages than a window may grow to (a message is a row or
-                        // more), so an intake never outgrows the window it fills.
-                        let room = (max_pairs * LIVE_GROWTH).saturating_sub(st.window.size());
-                        let take = MAX_INTAKE.min(room).max(1);
-                        let batch = take_fetched(&consumer, first, take);
-                        let drained = batch.len() < take;
-                        self.health.set_pending(true, chrono_now_ms());
-                        self.intake_owned(&mut st, &batch, &hard_stop).await;
-                        drop(batch);
-                        // Nothing more fetched and the writer free: the window goes now (idle,
-                        // an event is scored as soon as it arrives; busy, windows grow with the
-                        // write time).
-                        if drained && flight.is_none() && st.fatal.is_none() {
-                            flight = self.start_write(&mut st, &hard_stop).await;
-                        }
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "consumer error; librdkafka retries");
-                        sleep(Duration::from_millis(200)).await;
-                    }
-                },
-                _ = lag_timer.tick() => {
-                    self.resume_owned_fanouts(&mut st, &hard_stop).await;
-                    let lag = self.update_lag(&st.tracker);
-                    let pending = lag > 0 || !st.window.is_empty() || !st.ticks.is_empty() || flight.is_some();
-                    self.health.set_pending(pending, chrono_now_ms());
-                    self.metrics.jobs_in_progress.with_label_values(&["live"]).set(st.ticks.len() as i64);
-                    let (assigned, _) = self.shared.snapshot();
-                    let stuck = st.fenced.iter().find(|(p, since)| {
-                        since.elapsed() > FENCED_FOR && assigned.iter().any(|tp| tp.1 == **p)
-                    });
-                    if let Some((p, _)) = stuck {
-                        st.fatal.get_or_insert(anyhow::anyhow!(
-                            "partition {p} was taken by a later owner {} s ago but is still assigned to this worker: exiting to rejoin the group",
-                            FENCED_FOR.as_secs()
-                        ));
-                    }
-                }
-            }
-        }
-        if let Some(fatal) = st.fatal.take() {
-            if let Some(f) = fanning.take() {
-                f.abort();
-            }
-            // Only what Redis acknowledged was stored; a write in flight is left to finish.
-            if let Some(mut w) = flight.take() {
-                let _ = w.wait().await;
-            }
-            if let Err(e) = self.consumer.commit_consumer_state(CommitMode::Sync) {
-                tracing::warn!(error = %e, "commit before the fatal exit failed");
-            }
-            return Err(fatal);
-        }
-        tracing::info!("shutting down: writing the current window, then committing");
-        self.finish_fanning(&mut st, &mut fanning).await;
-        self.flush_owned(&mut st, &mut flight, &hard_stop).await;
-        self.commit_and_leave();
-        Ok(())
+        })
     }
 
     fn rebalanced_owned(&self, st: &mut Owned, ev: RebalanceEvent) {

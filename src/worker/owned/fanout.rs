@@ -148,7 +148,8 @@ impl Fanouts {
         self.pending.values().map(|p| p.not_before).min()
     }
 
-    pub(in crate::worker) fn is_empty(&self) -> bool {
+    #[cfg(test)]
+    fn is_empty(&self) -> bool {
         self.pending.is_empty()
     }
 
